@@ -1,0 +1,123 @@
+"""Load a model once, from a hub name, a local HuggingFace directory or a bundled model name.
+
+One path serves all three: the name is resolved to something ``from_pretrained`` accepts, the
+architecture is checked against what the engine can patch *before* weights are read, and the
+result wraps the HF model, its tokenizer, its graph, the patching engine and (built on first use)
+a TransformerLens ``TransformerBridge`` with the per-head q/k/v-input and result hooks on.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from .architectures import UnsupportedArchitecture, describe_config, extract_weights, _architecture_name
+from .engine import PatchEngine
+from .graph import Graph
+
+BUNDLED_DIR = Path(__file__).parent / "bundled"
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+class ModelLoadError(ValueError):
+    """A model name or directory that cannot be loaded (the message says what was expected)."""
+
+
+def bundled_models() -> list[str]:
+    if not BUNDLED_DIR.is_dir():
+        return []
+    return sorted(p.name for p in BUNDLED_DIR.iterdir() if (p / "config.json").is_file())
+
+
+def resolve(name: str | os.PathLike) -> str:
+    """Bundled name -> its directory; local directory -> checked path; anything else -> hub id."""
+    name = str(name)
+    if name in bundled_models():
+        return str(BUNDLED_DIR / name)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"model '{name}': is a file; expected a HuggingFace model directory (config.json + weights), a hub name or one of the bundled models {bundled_models()}")
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"model directory '{name}' has no config.json; expected a HuggingFace model directory (config.json + model.safetensors + tokenizer files)")
+        if not any((path / f).is_file() for f in _WEIGHT_FILES):
+            raise ModelLoadError(f"model directory '{name}' has no weights; expected one of {', '.join(_WEIGHT_FILES)}")
+        return str(path)
+    if name.startswith((".", "/", "~")) or os.sep in name and name.count("/") > 1:
+        raise ModelLoadError(f"model '{name}': no such directory")
+    return name
+
+
+class CircuitModel:
+    """A causal LM ready for circuit work: HF model, tokenizer, graph and patching engine."""
+
+    def __init__(self, hf_model, tokenizer=None, name: str = "model"):
+        describe_config(hf_model.config)  # raises UnsupportedArchitecture with the reason
+        self.hf = hf_model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.config = hf_model.config
+        self.graph = Graph.from_hf_config(self.config)
+        self.weights = extract_weights(self.hf)
+        self.engine = PatchEngine(self.weights, self.graph)
+
+    @property
+    def device(self) -> torch.device:
+        return self.weights.W_U.device
+
+    @cached_property
+    def bridge(self):
+        """A TransformerLens ``TransformerBridge`` around the same weights, per-head hooks on.
+
+        Built on first use because bridging rewires the HF module tree in place.
+        """
+        from transformer_lens.model_bridge.sources import build_bridge_from_module
+
+        bridge = build_bridge_from_module(self.hf, _architecture_name(self.config), hf_config=self.config,
+                                          tokenizer=self.tokenizer, model_name=self.name)
+        bridge.set_use_split_qkv_input(True)
+        bridge.set_use_attn_result(True)
+        return bridge
+
+    def __repr__(self) -> str:
+        i = self.weights.info
+        return f"CircuitModel({self.name!r}, {i.family}, layers={i.n_layers}, heads={i.n_heads}, d_model={i.d_model})"
+
+
+def load_model(name: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> CircuitModel:
+    """Load ``name`` (hub id, local HF directory or bundled model name) for patching."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    where = resolve(name)
+    try:
+        config = AutoConfig.from_pretrained(where)
+    except OSError as e:
+        raise ModelLoadError(f"model '{name}': not a bundled model ({', '.join(bundled_models()) or 'none'}), not a local directory, "
+                             f"and the hub could not provide it ({str(e).splitlines()[0]})") from None
+    describe_config(config)
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, attn_implementation="eager")
+    except OSError as e:
+        raise ModelLoadError(f"model '{name}': could not read weights ({str(e).splitlines()[0]})") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"model '{name}': could not load its tokenizer ({str(e).splitlines()[0]})") from None
+    return CircuitModel(hf.to(device), tokenizer, name=str(name))
+
+
+def from_config(config, seed: int = 0, tokenizer=None) -> CircuitModel:
+    """A random-init model of a HF config (tests, benchmarks, shape studies)."""
+    from transformers import AutoModelForCausalLM
+
+    describe_config(config)
+    torch.manual_seed(seed)
+    config._attn_implementation = "eager"
+    hf = AutoModelForCausalLM.from_config(config)
+    return CircuitModel(hf, tokenizer, name=f"random-{config.model_type}")
+
+
+__all__ = ["CircuitModel", "ModelLoadError", "UnsupportedArchitecture", "bundled_models", "from_config", "load_model", "resolve"]
