@@ -1,0 +1,94 @@
+"""Shared fixtures: tiny random-init models of each family, a word-level tokenizer, datasets."""
+
+import json
+
+import pytest
+import torch
+from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, PreTrainedTokenizerFast
+
+WORDS = [f"w{i}" for i in range(40)]
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<bos>": 1, "<pad>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<bos>", pad_token="<pad>")
+
+
+VOCAB = len(WORDS) + 3
+
+
+def gpt2_config():
+    return GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=VOCAB, n_positions=32, bos_token_id=1, eos_token_id=1,
+                      architectures=["GPT2LMHeadModel"], initializer_range=0.15)
+
+
+def llama_config():
+    return LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32, intermediate_size=48,
+                       vocab_size=VOCAB, max_position_embeddings=32, bos_token_id=1, eos_token_id=1, pad_token_id=2,
+                       attention_bias=True, architectures=["LlamaForCausalLM"], initializer_range=0.15)
+
+
+def neox_config(parallel=True):
+    return GPTNeoXConfig(num_hidden_layers=2, num_attention_heads=4, hidden_size=32, intermediate_size=48, vocab_size=VOCAB,
+                         max_position_embeddings=32, rotary_pct=0.5, use_parallel_residual=parallel, bos_token_id=1,
+                         eos_token_id=1, architectures=["GPTNeoXForCausalLM"], initializer_range=0.15)
+
+
+CONFIGS = {"gpt2": gpt2_config, "llama": llama_config, "neox": neox_config, "neox-sequential": lambda: neox_config(False)}
+
+
+def randomize_norms(hf, seed=0):
+    """Random-init norms are identity maps, which would hide a norm applied in the wrong place."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name or "ln" in name:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    return hf
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """A random GPT-2 saved as a local HuggingFace directory (config + safetensors + tokenizer)."""
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    hf = randomize_norms(GPT2LMHeadModel(gpt2_config()))
+    hf.save_pretrained(path, safe_serialization=True)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def random_rows(n, length=6, seed=0, positions=True):
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        L = length + (i % 3)  # varying lengths exercise padding
+        clean = [WORDS[j] for j in torch.randint(0, len(WORDS), (L,), generator=g)]
+        corrupt = [WORDS[j] for j in torch.randint(0, len(WORDS), (L,), generator=g)]
+        a, w = torch.randint(0, len(WORDS), (2,), generator=g).tolist()
+        row = {"clean": " ".join(clean), "corrupted": " ".join(corrupt), "answer": WORDS[a], "wrong": WORDS[(w if w != a else a + 1) % len(WORDS)]}
+        if positions:
+            row["positions"] = {"S": 1, "END": L - 1}
+        rows.append(row)
+    return rows
+
+
+@pytest.fixture
+def dataset_file(tmp_path):
+    return write_jsonl(tmp_path / "data.jsonl", random_rows(12))

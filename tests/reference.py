@@ -1,0 +1,157 @@
+"""A deliberately naive, independent edge-patched forward pass, written from the HF modules.
+
+It shares no code with circuitgraph's engine: it loops over every destination and every source,
+slices the HF weight matrices per head itself, uses HF's own norm, MLP and rotary modules, and
+builds every destination input as a literal sum of source outputs plus biases.
+"""
+
+import torch
+
+NEG = -1e30
+
+
+def _family(hf):
+    return {"GPT2LMHeadModel": "gpt2", "GPTNeoXForCausalLM": "neox", "LlamaForCausalLM": "llama"}[type(hf).__name__]
+
+
+def _parts(hf):
+    fam = _family(hf)
+    cfg = hf.config
+    if fam == "gpt2":
+        return fam, hf.transformer.h, cfg.n_head, cfg.n_embd // cfg.n_head, False
+    if fam == "neox":
+        return fam, hf.gpt_neox.layers, cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads, cfg.use_parallel_residual
+    return fam, hf.model.layers, cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads, False
+
+
+def sources_of(hf, dest_node):
+    """Upstream sources of a destination node, by the DESIGN rules (written out independently)."""
+    fam, layers, H, _, parallel = _parts(hf)
+    out = ["input"]
+    if dest_node == "logits":
+        upto_layer, own_heads = len(layers), False
+    elif dest_node.startswith("m"):
+        upto_layer, own_heads = int(dest_node[1:]), not parallel
+    else:
+        upto_layer, own_heads = int(dest_node[1:].split(".")[0]), False
+    for l in range(upto_layer):
+        out += [f"a{l}.h{h}" for h in range(H)] + [f"m{l}"]
+    if own_heads:
+        out += [f"a{upto_layer}.h{h}" for h in range(H)]
+    return out
+
+
+def _head_qkv(hf, layer, h, x_q, x_k, x_v, positions):
+    fam, layers, H, dh, _ = _parts(hf)
+    blk = layers[layer]
+    if fam == "gpt2":
+        W, b, D = blk.attn.c_attn.weight, blk.attn.c_attn.bias, x_q.shape[-1]
+        cols = [slice(j * D + h * dh, j * D + (h + 1) * dh) for j in range(3)]
+        q = blk.ln_1(x_q) @ W[:, cols[0]] + b[cols[0]]
+        k = blk.ln_1(x_k) @ W[:, cols[1]] + b[cols[1]]
+        v = blk.ln_1(x_v) @ W[:, cols[2]] + b[cols[2]]
+        return q, k, v, dh**-0.5
+    if fam == "neox":
+        lin = blk.attention.query_key_value
+        rows = [slice(h * 3 * dh + j * dh, h * 3 * dh + (j + 1) * dh) for j in range(3)]
+        q = blk.input_layernorm(x_q) @ lin.weight[rows[0]].T + lin.bias[rows[0]]
+        k = blk.input_layernorm(x_k) @ lin.weight[rows[1]].T + lin.bias[rows[1]]
+        v = blk.input_layernorm(x_v) @ lin.weight[rows[2]].T + lin.bias[rows[2]]
+        from transformers.models.gpt_neox.modeling_gpt_neox import apply_rotary_pos_emb
+
+        cos, sin = hf.gpt_neox.rotary_emb(q, positions)
+        q, k = apply_rotary_pos_emb(q[:, None], k[:, None], cos, sin)
+        return q[:, 0], k[:, 0], v, dh**-0.5
+    a = blk.self_attn
+    kvh = h // (H // hf.config.num_key_value_heads)
+    sl, kvsl = slice(h * dh, (h + 1) * dh), slice(kvh * dh, (kvh + 1) * dh)
+    bias = lambda lin, s: lin.bias[s] if lin.bias is not None else 0
+    q = blk.input_layernorm(x_q) @ a.q_proj.weight[sl].T + bias(a.q_proj, sl)
+    k = blk.input_layernorm(x_k) @ a.k_proj.weight[kvsl].T + bias(a.k_proj, kvsl)
+    v = blk.input_layernorm(x_v) @ a.v_proj.weight[kvsl].T + bias(a.v_proj, kvsl)
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    cos, sin = hf.model.rotary_emb(q, positions)
+    q, k = apply_rotary_pos_emb(q[:, None], k[:, None], cos, sin)
+    return q[:, 0], k[:, 0], v, dh**-0.5
+
+
+def _head_out(hf, layer, h, z):
+    fam, layers, H, dh, _ = _parts(hf)
+    blk = layers[layer]
+    if fam == "gpt2":
+        return z @ blk.attn.c_proj.weight[h * dh:(h + 1) * dh]
+    W = blk.attention.dense.weight if fam == "neox" else blk.self_attn.o_proj.weight
+    return z @ W[:, h * dh:(h + 1) * dh].T
+
+
+def _attn_bias(hf, layer):
+    fam, layers, *_ = _parts(hf)
+    blk = layers[layer]
+    b = blk.attn.c_proj.bias if fam == "gpt2" else (blk.attention.dense.bias if fam == "neox" else blk.self_attn.o_proj.bias)
+    return 0 if b is None else b
+
+
+def _mlp(hf, layer, x):
+    fam, layers, *_ = _parts(hf)
+    blk = layers[layer]
+    if fam == "gpt2":
+        return blk.mlp(blk.ln_2(x))
+    return blk.mlp(blk.post_attention_layernorm(x))
+
+
+def _embed(hf, ids):
+    fam = _family(hf)
+    if fam == "gpt2":
+        return hf.transformer.wte(ids) + hf.transformer.wpe(torch.arange(ids.shape[1]))[None]
+    return (hf.gpt_neox.embed_in if fam == "neox" else hf.model.embed_tokens)(ids)
+
+
+def _final(hf, x):
+    fam = _family(hf)
+    if fam == "gpt2":
+        return hf.lm_head(hf.transformer.ln_f(x))
+    if fam == "neox":
+        return hf.get_output_embeddings()(hf.gpt_neox.final_layer_norm(x))
+    return hf.lm_head(hf.model.norm(x))
+
+
+@torch.no_grad()
+def patched_forward(hf, ids, ablated, in_circuit):
+    """Logits of ``ids`` where each destination input at each position sums, per source,
+    the patched output if ``in_circuit(src, dst) -> bool or [B, P] mask`` else ``ablated[src]``.
+    Returns (logits, outputs of this run by node name)."""
+    fam, layers, H, dh, parallel = _parts(hf)
+    B, P = ids.shape
+    positions = torch.arange(P)[None].expand(B, P)
+    out = {"input": _embed(hf, ids)}
+    bias_before = lambda layer: sum((_attn_bias(hf, l) for l in range(layer)), torch.zeros(()))
+
+    def dest_input(dst, node, bias):
+        total = bias + torch.zeros(B, P, out["input"].shape[-1])
+        for src in sources_of(hf, node):
+            keep = in_circuit(src, dst)
+            keep = torch.as_tensor(keep, dtype=torch.float32)
+            keep = keep[..., None] if keep.dim() == 2 else keep
+            total = total + keep * out[src] + (1 - keep) * ablated.get(src, 0.0)
+        return total
+
+    causal = torch.triu(torch.ones(P, P, dtype=torch.bool), 1)
+    for layer in range(len(layers)):
+        for h in range(H):
+            node = f"a{layer}.h{h}"
+            xs = [dest_input(f"{node}<{p}>", node, bias_before(layer)) for p in "qkv"]
+            q, k, v, scale = _head_qkv(hf, layer, h, *xs, positions)
+            scores = (q @ k.transpose(-1, -2)) * scale
+            scores = scores.masked_fill(causal, NEG)
+            z = scores.softmax(-1) @ v
+            out[node] = _head_out(hf, layer, h, z)
+        mlp_bias = bias_before(layer) + (0 if parallel else _attn_bias(hf, layer))
+        out[f"m{layer}"] = _mlp(hf, layer, dest_input(f"m{layer}", f"m{layer}", mlp_bias))
+    final = dest_input("logits", "logits", bias_before(len(layers)))
+    return _final(hf, final), out
+
+
+def node_outputs(hf, ids):
+    """Outputs of every node in a plain run (every edge patched = clean)."""
+    return patched_forward(hf, ids, {}, lambda s, d: True)[1]

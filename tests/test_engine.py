@@ -1,0 +1,176 @@
+"""The engine against an independent by-hand forward pass and against TransformerLens hooks."""
+
+import pytest
+import torch
+
+from circuitgraph.model import CircuitModel
+from conftest import CONFIGS, VOCAB, randomize_norms
+from reference import node_outputs, patched_forward
+
+TOL = 1e-4
+
+
+def build(family, seed=0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = CONFIGS[family]()
+    cfg._attn_implementation = "eager"
+    hf = randomize_norms(AutoModelForCausalLM.from_config(cfg).eval(), seed)
+    return CircuitModel(hf)
+
+
+def tokens(seed, B=3, P=7):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (B, P), generator=g), torch.randint(3, VOCAB, (B, P), generator=g)
+
+
+def engine_logits(m, clean, corrupt, masks, pos=None):
+    e = m.engine
+    with torch.no_grad():
+        _, outs = e.run(corrupt, record=True)
+        abl = e.make_ablation(outs, "corrupted")
+        return e.patched_run(clean, abl, e.compile(masks, pos, *clean.shape))
+
+
+FAMILIES = list(CONFIGS)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_and_empty_circuit_equal_plain_model(family):
+    m = build(family)
+    clean, corrupt = tokens(1)
+    G = m.graph
+    full = torch.ones(1, len(G.sources), len(G.destinations), dtype=torch.bool)
+    with torch.no_grad():
+        ref_clean, ref_corrupt = m.hf(clean).logits, m.hf(corrupt).logits
+    both = engine_logits(m, clean, corrupt, torch.cat([full, ~full]))
+    assert (both[0] - ref_clean).abs().max() < TOL
+    assert (both[1] - ref_corrupt).abs().max() < TOL
+    assert (ref_clean - ref_corrupt).abs().max() > 0.1  # the check can fail
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("density", [0.05, 0.5, 0.95])
+def test_random_edge_subsets_match_by_hand(family, density):
+    m = build(family, seed=3)
+    clean, corrupt = tokens(2)
+    G = m.graph
+    g = torch.Generator().manual_seed(int(density * 100))
+    masks = (torch.rand(2, len(G.sources), len(G.destinations), generator=g) < density) & G.legal
+    masks[0, 0, G.logits_dest], masks[1, 0, G.logits_dest] = True, False  # input->logits
+    got = engine_logits(m, clean, corrupt, masks)
+    corrupt_out = node_outputs(m.hf, corrupt)
+    for c in range(2):
+        def keep(src, dst, c=c):
+            return bool(masks[c, G.source_index[src], G.destination_index[dst]])
+        ref, _ = patched_forward(m.hf, clean, corrupt_out, keep)
+        assert (got[c] - ref).abs().max() < TOL
+    # and the two circuits differ, so equality above is not vacuous
+    assert (got[0] - got[1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "neox"])
+def test_position_restricted_edges_match_by_hand(family):
+    m = build(family, seed=5)
+    clean, corrupt = tokens(4)
+    B, P = clean.shape
+    G = m.graph
+    g = torch.Generator().manual_seed(7)
+    masks = (torch.rand(1, len(G.sources), len(G.destinations), generator=g) < 0.3) & G.legal
+    cand = torch.nonzero(G.legal & ~masks[0])
+    chosen = cand[torch.randperm(len(cand), generator=g)[:25]]
+    pos = {}
+    for s, d in chosen.tolist():
+        pm = torch.zeros(B, P, dtype=torch.bool)
+        pm[torch.arange(B), torch.randint(0, P, (B,), generator=g)] = True
+        pm[:, -1] = True
+        pos[(s, d)] = pm
+    got = engine_logits(m, clean, corrupt, masks, pos)[0]
+    corrupt_out = node_outputs(m.hf, corrupt)
+
+    def keep(src, dst):
+        s, d = G.source_index[src], G.destination_index[dst]
+        if (s, d) in pos:
+            return pos[(s, d)]
+        return bool(masks[0, s, d])
+
+    ref, _ = patched_forward(m.hf, clean, corrupt_out, keep)
+    assert (got - ref).abs().max() < TOL
+    without = engine_logits(m, clean, corrupt, masks)[0]
+    assert (got - without).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["mean", "zero"])
+def test_mean_and_zero_ablation_match_by_hand(kind):
+    m = build("gpt2", seed=9)
+    clean, corrupt = tokens(6)
+    G, e = m.graph, m.engine
+    masks = (torch.rand(1, len(G.sources), len(G.destinations), generator=torch.Generator().manual_seed(1)) < 0.4) & G.legal
+    ref_out = node_outputs(m.hf, corrupt)
+    if kind == "mean":
+        ablated = {k: v.mean(0, keepdim=True) for k, v in ref_out.items()}
+        with torch.no_grad():
+            _, outs = e.run(corrupt, record=True)
+        abl = e.make_ablation([o.mean(1, keepdim=True) for o in outs], "mean")
+    else:
+        ablated = {k: torch.zeros_like(v) for k, v in ref_out.items()}
+        abl = e.make_ablation(None, "zero")
+    with torch.no_grad():
+        got = e.patched_run(clean, abl, e.compile(masks))[0]
+    ref, _ = patched_forward(m.hf, clean, ablated, lambda s, d: bool(masks[0, G.source_index[s], G.destination_index[d]]))
+    assert (got - ref).abs().max() < TOL
+
+
+HOOK_OF_SOURCE = {"input": lambda c, L, H: c["hook_embed"] + c["hook_pos_embed"] if "hook_pos_embed" in c else c["hook_embed"]}
+
+
+def _source_output(cache, src):
+    if src == "input":
+        return cache["hook_embed"] + (cache["hook_pos_embed"] if "hook_pos_embed" in cache else 0)
+    if src.startswith("m"):
+        return cache[f"blocks.{src[1:]}.hook_mlp_out"]
+    layer, head = src[1:].split(".h")
+    return cache[f"blocks.{layer}.attn.hook_result"][:, :, int(head)]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "neox-sequential"])
+@pytest.mark.parametrize("edge", ["a0.h1->a1.h2<k>", "input->a1.h0<q>", "a0.h3->a1.h1<v>", "m0->logits", "a1.h2->m1", "a0.h0->m0"])
+def test_removing_one_edge_matches_transformerlens_hook_patch(family, edge):
+    m = build(family, seed=11)
+    clean, corrupt = tokens(8)
+    G = m.graph
+    s, d = G.edge_index[edge]
+    masks = G.legal.clone()[None]
+    masks[0, s, d] = False
+    got = engine_logits(m, clean, corrupt, masks)[0]
+
+    bridge = m.bridge
+    with torch.no_grad():
+        _, clean_cache = bridge.run_with_cache(clean)
+        _, corrupt_cache = bridge.run_with_cache(corrupt)
+    src = edge.split("->")[0]
+    diff = _source_output(corrupt_cache, src) - _source_output(clean_cache, src)
+    dst = edge.split("->")[1]
+    if dst == "logits":
+        hook, head = "ln_final.hook_in", None
+    elif dst.startswith("m"):
+        hook, head = f"blocks.{dst[1:]}.ln2.hook_in", None
+    else:
+        layer, rest = dst[1:].split(".h")
+        head, port = int(rest.split("<")[0]), rest.split("<")[1][0]
+        hook = f"blocks.{layer}.hook_{port}_input"
+
+    def patch(x, hook):
+        x = x.clone()
+        if head is None:
+            x += diff
+        else:
+            x[:, :, head] += diff
+        return x
+
+    with torch.no_grad():
+        ref = bridge.run_with_hooks(clean, fwd_hooks=[(hook, patch)])
+        plain = bridge(clean)
+    assert (got - ref).abs().max() < TOL
+    assert (ref - plain).abs().max() > 1e-4  # the edge matters, so the comparison is informative
