@@ -17,7 +17,7 @@ import torch
 PORTS = ("q", "k", "v")
 _HEAD = re.compile(r"^a(\d+)\.h(\d+)$")
 _MLP = re.compile(r"^m(\d+)$")
-_DST = re.compile(r"^(a\d+\.h\d+)<([a-z]+)>$")
+_DST = re.compile(r"^([^<]+)<([a-z]*)>$")
 
 
 class GraphError(ValueError):

@@ -1,0 +1,201 @@
+"""Scores and the evaluate command, checked against by-hand runs of the HF model, one example at a time."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from circuitgraph.cli import main
+from circuitgraph.data import load_dataset
+from circuitgraph.model import load_model
+from circuitgraph.scores import Evaluator
+from circuitgraph.spec import CircuitSpec
+from conftest import random_rows, write_jsonl
+from reference import node_outputs, patched_forward
+
+SPEC = {"name": "toy", "groups": {"early": {"nodes": ["a0.h1", "a0.h2"], "positions": ["S", "END"]}, "late": ["a1.h0", "a1.h3"]},
+        "connections": [{"src": "early", "dst": "late", "ports": ["k", "v"]}, {"src": "late", "dst": "logits"},
+                        {"src": "input", "dst": "late", "ports": ["q"]}],
+        "edges": [{"edge": "input->a0.h1<v>"}, {"edge": "a0.h2->m1", "positions": ["END"]}, {"edge": "m1->logits"}]}
+
+
+_CORRUPT_OUT = {}
+
+
+def by_hand_metric(hf, data, keep):
+    """logit_diff per example from an unpadded, independent run of each example."""
+    vals = []
+    for i in range(len(data)):
+        L = int(data.lengths[i])
+        clean, corrupt = data.clean[i:i + 1, :L], data.corrupted[i:i + 1, :L]
+        pos = {k: int(v[i]) for k, v in data.positions.items()}
+        key = (id(hf), tuple(corrupt[0].tolist()))
+        if key not in _CORRUPT_OUT:
+            _CORRUPT_OUT[key] = node_outputs(hf, corrupt)
+        logits, _ = patched_forward(hf, clean, _CORRUPT_OUT[key], lambda s, d: keep(s, d, pos, L))
+        last = logits[0, -1]
+        vals.append(float(last[data.answers[i, 0]] - last[data.wrongs[i, 0]]))
+    return np.array(vals)
+
+
+@pytest.fixture(scope="module")
+def setup(model_dir, tmp_path_factory):
+    model = load_model(model_dir)
+    rows = random_rows(7, seed=3)
+    tok = model.tokenizer
+    for r in rows:  # answer: the clean run's top token; wrong: the corrupted run's (so the task has a signal)
+        with torch.no_grad():
+            top = [int(model.hf(torch.tensor([tok(r[k])["input_ids"]])).logits[0, -1, 3:].argmax()) + 3 for k in ("clean", "corrupted")]
+        if top[0] == top[1]:
+            top[1] = 3 + (top[0] - 2) % (len(tok) - 3)
+        r["answer"], r["wrong"] = tok.convert_ids_to_tokens(top)
+    path = write_jsonl(tmp_path_factory.mktemp("d") / "data.jsonl", rows)
+    data = load_dataset(path, model.tokenizer)
+    return model, data, path
+
+
+def test_faithfulness_and_necessity_match_by_hand(setup):
+    model, data, _ = setup
+    spec = CircuitSpec.from_dict(SPEC)
+    score = Evaluator(model, data, batch_size=4, progress=False).evaluate(spec)
+    resolved = spec.resolve(model.graph)
+    G = model.graph
+
+    def in_circuit(s, d, pos, L):
+        key = (G.source_index[s], G.destination_index[d])
+        if key not in resolved.edges:
+            return False
+        names = resolved.edges[key]
+        if names is None:
+            return True
+        m = torch.zeros(1, L, dtype=torch.bool)
+        for n in names:
+            m[0, pos[n]] = True
+        return m
+
+    def complement(s, d, pos, L):
+        r = in_circuit(s, d, pos, L)
+        return ~r if isinstance(r, torch.Tensor) else not r
+
+    everything = lambda s, d, pos, L: True
+    nothing = lambda s, d, pos, L: False
+    clean, base = by_hand_metric(model.hf, data, everything), by_hand_metric(model.hf, data, nothing)
+    circ, comp = by_hand_metric(model.hf, data, in_circuit), by_hand_metric(model.hf, data, complement)
+    faith = (circ.mean() - base.mean()) / (clean.mean() - base.mean())
+    nec = 1 - (comp.mean() - base.mean()) / (clean.mean() - base.mean())
+    assert score.clean_metric == pytest.approx(clean.mean(), abs=1e-4)
+    assert score.corrupted_metric == pytest.approx(base.mean(), abs=1e-4)
+    assert score.circuit_metric == pytest.approx(circ.mean(), abs=1e-4)
+    assert score.faithfulness == pytest.approx(faith, abs=1e-4)
+    assert score.necessity == pytest.approx(nec, abs=1e-4)
+    assert 0 < score.faithfulness_se < 1 and not score.warnings and score.n_edges == len(resolved)
+    per_example = Evaluator(model, data, batch_size=4, progress=False).metric_values([resolved])[0]
+    assert per_example == pytest.approx(circ, abs=1e-4)
+    assert np.abs(circ - clean).max() > 0.05 and np.abs(circ - base).max() > 0.05
+
+
+def test_full_circuit_scores_one_and_empty_zero(setup):
+    model, data, _ = setup
+    ev = Evaluator(model, data, batch_size=5, progress=False)
+    everything = CircuitSpec(edges=model.graph.edges)
+    s = ev.evaluate(everything)
+    assert s.faithfulness == pytest.approx(1.0, abs=1e-5) and s.necessity == pytest.approx(1.0, abs=1e-5)
+    assert s.n_edges == s.n_edges_total == 110
+
+
+def test_edge_effects_match_two_evaluations(setup):
+    model, data, _ = setup
+    spec = CircuitSpec.from_dict(SPEC)
+    ev = Evaluator(model, data, batch_size=4, progress=False)
+    effects = ev.edge_effects(spec)
+    assert len(effects) == len(spec.resolve(model.graph))
+    edge = "a1.h0->logits"
+    smaller = CircuitSpec.from_dict(SPEC)
+    smaller.connections[1] = type(smaller.connections[1])(src="a1.h3", dst="logits")
+    expected = ev.evaluate(spec).faithfulness - ev.evaluate(smaller).faithfulness
+    assert effects[edge][0] == pytest.approx(expected, abs=1e-5)
+    nodes = ev.node_effects(spec)
+    assert set(nodes) == {"a0.h1", "a0.h2", "a1.h0", "a1.h3", "m1"}
+
+
+@pytest.mark.parametrize("metric", ["prob_diff", "kl", "accuracy"])
+def test_other_metrics_normalise_between_baselines(setup, metric):
+    model, data, _ = setup
+    ev = Evaluator(model, data, metric=metric, progress=False)
+    if metric == "kl":
+        assert ev.clean_values == pytest.approx(0.0, abs=1e-5)
+        assert (ev.base_values > 0).all()
+    full = ev.faithfulness_of([CircuitSpec(edges=model.graph.edges).resolve(model.graph)])
+    if abs(ev.clean_values.mean() - ev.base_values.mean()) > 1e-6:
+        assert full[0] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_mean_ablation_per_position(setup):
+    model, data, _ = setup
+    ev = Evaluator(model, data, ablation="mean", progress=False)
+    # with no edges, the logits are the mean-ablated residual, independent of the clean input
+    empty = CircuitSpec(edges=["input->a0.h0<q>"]).resolve(model.graph)
+    assert ev.faithfulness_of([empty])[0] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_close_baselines_warn(setup, tmp_path):
+    model, _, _ = setup
+    rows = [{**r, "corrupted": r["clean"]} for r in random_rows(6)]
+    data = load_dataset(write_jsonl(tmp_path / "same.jsonl", rows), model.tokenizer)
+    with pytest.warns(UserWarning, match="normalised scores are not meaningful"):
+        Evaluator(model, data, progress=False).evaluate(CircuitSpec(edges=["m1->logits"]))
+
+
+def test_cli_evaluate_json_and_table(setup, model_dir, tmp_path, capsys):
+    _, _, data_path = setup
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps(SPEC))
+    assert main(["evaluate", "--model", str(model_dir), "--data", str(data_path), "--spec", str(spec_path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    for key in ("clean_metric", "corrupted_metric", "circuit_metric", "faithfulness", "necessity", "n_edges", "n_edges_total"):
+        assert key in out
+    assert out["n_edges_total"] == 110 and out["prepend_bos"] is False
+    assert main(["evaluate", "--model", str(model_dir), "--data", str(data_path), "--spec", str(spec_path)]) == 0
+    assert "faithfulness" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--spec", "missing.json"], "spec file 'missing.json' does not exist"),
+    (["--model", "/nonexistent/dir"], "no such directory"),
+    (["--metric-bad"], None),
+])
+def test_cli_errors_are_one_line(setup, model_dir, tmp_path, capsys, args, message):
+    _, _, data_path = setup
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps(SPEC))
+    base = {"--model": str(model_dir), "--data": str(data_path), "--spec": str(spec_path)}
+    if message is None:
+        with pytest.raises(SystemExit):
+            main(["evaluate", *sum(base.items(), ()), *args])
+        return
+    base[args[0]] = args[1]
+    code = main(["evaluate", *sum(base.items(), ())])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_model_dir_errors(tmp_path):
+    from circuitgraph.model import ModelLoadError
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="has no config.json"):
+        load_model(tmp_path / "empty")
+    (tmp_path / "noweights").mkdir()
+    (tmp_path / "noweights" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ModelLoadError, match="has no weights"):
+        load_model(tmp_path / "noweights")
+
+
+def test_unsupported_architecture_says_why():
+    from transformers import BertConfig
+
+    from circuitgraph.model import UnsupportedArchitecture, from_config
+
+    with pytest.raises(UnsupportedArchitecture, match="'BertForMaskedLM' is not supported"):
+        from_config(BertConfig(architectures=["BertForMaskedLM"]))
