@@ -79,7 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_EXTRA_COMMANDS: list = []
+def _extra_commands() -> list:
+    from .render import register_cli as render
+
+    return [render]
+
+
+_EXTRA_COMMANDS: list = _extra_commands()
 
 
 def main(argv: list[str] | None = None) -> int:

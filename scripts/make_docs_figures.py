@@ -1,0 +1,43 @@
+"""Figures for docs/: a hand-written IOI-style spec and MIB's IOI circuit."""
+import sys
+from circuitgraph.spec import CircuitSpec
+from circuitgraph.graph import Graph
+from circuitgraph.render import render
+
+out = sys.argv[1] if len(sys.argv) > 1 else "docs"
+ioi = (CircuitSpec(name="IOI circuit (Wang et al. 2022), simplified", model="gpt2", task="ioi")
+       .group("previous token", ["a2.h2", "a4.h11"], positions=["S1+1"])
+       .group("duplicate token", ["a0.h1", "a3.h0"], positions=["S2"])
+       .group("induction", ["a5.h5", "a6.h9"], positions=["S2"])
+       .group("S-inhibition", ["a7.h3", "a7.h9", "a8.h6", "a8.h10"], positions=["END"])
+       .group("name movers", ["a9.h9", "a9.h6", "a10.h0"], positions=["END"])
+       .group("negative name movers", ["a10.h7", "a11.h10"], positions=["END"])
+       .connect("input", "previous token").connect("input", "duplicate token")
+       .connect("previous token", "induction", "k")
+       .connect("duplicate token", "S-inhibition", "v").connect("induction", "S-inhibition", "v")
+       .connect("S-inhibition", "name movers", "q").connect("S-inhibition", "negative name movers", "q")
+       .connect("input", "name movers", "v").connect("input", "negative name movers", "v")
+       .connect("name movers", "logits").connect("negative name movers", "logits"))
+ioi.edge_scores.update({"a10.h7->logits": -0.8, "a11.h10->logits": -0.5, "a9.h9->logits": 1.2,
+                        "a9.h6->logits": 0.9, "a10.h0->logits": 0.6})
+g = Graph(12, 12)
+render(ioi, g, f"{out}/example_circuit.png", title="IOI circuit (Wang et al. 2022), simplified")
+render(ioi, g, f"{out}/example_circuit_collapsed.png", collapse_groups=True, title="IOI circuit, groups collapsed")
+
+mib = CircuitSpec.load(str(__import__("pathlib").Path(__file__).resolve().parents[2] / "shared/data/mib/ioi-eap-ig.json"))
+classes = {"name movers": ["a9.h9", "a9.h6", "a10.h0"], "negative name movers": ["a10.h7", "a11.h10"],
+           "backup name movers": ["a10.h10", "a10.h6", "a10.h2", "a10.h1", "a11.h2", "a9.h7", "a9.h0", "a11.h9"],
+           "S-inhibition": ["a7.h3", "a7.h9", "a8.h6", "a8.h10"], "induction": ["a5.h5", "a6.h9", "a5.h8", "a5.h9"],
+           "duplicate token": ["a0.h1", "a0.h10", "a3.h0"], "previous token": ["a2.h2", "a4.h11"]}
+in_circuit = set(mib.nodes)
+for name, heads in classes.items():
+    heads = [h for h in heads if h in in_circuit]
+    if heads:
+        mib.group(name, heads)
+n = int(sys.argv[2]) if len(sys.argv) > 2 else 120
+thr = sorted((abs(mib.edge_scores[e.edge]) for e in mib.edges), reverse=True)[n - 1]
+render(mib, None, f"{out}/ioi_mib.png", min_score=thr,
+       title=f"MIB IOI circuit (GPT-2 small, EAP-IG): top {n} of {len(mib.edges)} edges by |score|")
+render(mib, None, f"{out}/ioi_mib_full.png", title=f"MIB IOI circuit (GPT-2 small, EAP-IG): all {len(mib.edges)} edges")
+render(mib, None, f"{out}/ioi_mib_collapsed.png", collapse_groups=True, min_score=thr,
+       title=f"MIB IOI circuit, IOI head classes collapsed (top {n} edges)")

@@ -1,0 +1,157 @@
+"""Circuit figures: parse the SVG that graphviz writes and count what was drawn."""
+
+import argparse
+import shutil
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from circuitgraph import cli
+from circuitgraph.graph import Graph
+from circuitgraph.render import PORT_COLORS, WEAK_COLOR, infer_graph, register_cli, render
+from circuitgraph.spec import CircuitSpec
+
+pytestmark = pytest.mark.skipif(shutil.which("dot") is None, reason="graphviz's dot program is not installed")
+
+MIB_IOI = Path(__file__).resolve().parents[2] / "shared" / "data" / "mib" / "ioi-eap-ig.json"
+SVG = "{http://www.w3.org/2000/svg}"
+needs_mib = pytest.mark.skipif(not MIB_IOI.is_file(), reason=f"{MIB_IOI} not found")
+
+
+def toy_spec() -> CircuitSpec:
+    """Graph(2, 4): two groups, q/k/v edges, an MLP edge, one negative and one unscored edge."""
+    s = CircuitSpec(name="toy").group("early", ["a0.h0", "a0.h1"]).group("late", ["a1.h2", "a1.h3"], color="#fdb462")
+    s.add_edge("input->a0.h0<v>", score=0.3)
+    s.add_edge("a0.h0->a1.h2<q>", score=0.5)
+    s.add_edge("a0.h1->a1.h3<q>", score=0.2)  # merges with the edge above when collapsed
+    s.add_edge("a0.h1->a1.h2<k>", score=-0.2, positions=["END"])
+    s.add_edge("a0.h1->a1.h3<v>", score=0.1)
+    s.add_edge("a0.h0->m0", score=0.05)
+    s.add_edge("m0->a1.h3<q>")  # unscored
+    s.add_edge("a1.h2->logits", score=1.0)
+    return s
+
+
+def drawn(svg_path):
+    """(circuit node titles, [(edge title, stroke, dasharray)]) of an SVG, skipping axis and legend nodes."""
+    root = ET.parse(svg_path).getroot()
+    nodes, edges, other = [], [], []
+    for g in root.iter(f"{SVG}g"):
+        title = g.find(f"{SVG}title")
+        if g.get("class") == "node":
+            (other if title.text.startswith("_") else nodes).append(title.text)
+        elif g.get("class") == "edge":
+            path = next(g.iter(f"{SVG}path"))
+            edges.append((title.text, path.get("stroke"), path.get("stroke-dasharray")))
+    return nodes, edges, other
+
+
+def test_toy_svg_nodes_edges_and_port_colours(tmp_path):
+    render(toy_spec(), Graph(2, 4), tmp_path / "toy.svg")
+    nodes, edges, other = drawn(tmp_path / "toy.svg")
+    assert sorted(nodes) == sorted(["input", "a0.h0", "a0.h1", "m0", "a1.h2", "a1.h3", "logits"])
+    assert len(other) == 5 + 1  # axis labels of the ranks input, layer 0, MLP 0, layer 1, logits; the legend
+    assert len(edges) == 8
+    by_title = {}
+    for title, stroke, dash in edges:
+        by_title.setdefault(title, []).append((stroke, dash))
+    assert by_title["input->a0.h0"] == [(PORT_COLORS["v"], None)]
+    assert by_title["a0.h0->a1.h2"] == [(PORT_COLORS["q"], None)]
+    assert by_title["a0.h1->a1.h2"][0][0] == PORT_COLORS["k"] and by_title["a0.h1->a1.h2"][0][1]  # negative: dashed
+    assert sorted(s for s, _ in by_title["a0.h1->a1.h3"]) == sorted([PORT_COLORS["q"], PORT_COLORS["v"]])
+    assert by_title["a0.h0->m0"] == [(PORT_COLORS[None], None)]
+    assert "END" in (tmp_path / "toy.svg").read_text()  # position label
+
+
+def test_dot_source_has_one_rank_per_layer(tmp_path):
+    render(toy_spec(), Graph(2, 4), tmp_path / "toy.dot")
+    text = (tmp_path / "toy.dot").read_text()
+    assert text.count("rank=same") == 5
+    assert "subgraph cluster_legend" in text
+
+
+def test_collapse_groups_merges_parallel_edges(tmp_path):
+    render(toy_spec(), Graph(2, 4), tmp_path / "c.svg", collapse_groups=True)
+    nodes, edges, _ = drawn(tmp_path / "c.svg")
+    assert sorted(nodes) == ["group_0", "group_1", "input", "logits", "m0"]
+    # early->late: q (two edges merged), k, v; plus input->early, early->m0, m0->late, late->logits
+    assert len(edges) == 7
+    assert sum(t == "group_0->group_1" for t, _, _ in edges) == 3
+    render(toy_spec(), Graph(2, 4), tmp_path / "one.svg", collapse_groups=["late"])
+    nodes, _, _ = drawn(tmp_path / "one.svg")
+    assert sorted(nodes) == sorted(["input", "a0.h0", "a0.h1", "m0", "group_1", "logits"])
+    with pytest.raises(ValueError, match="nope"):
+        render(toy_spec(), Graph(2, 4), collapse_groups=["nope"])
+
+
+def test_min_score_hides_small_edges_but_keeps_unscored(tmp_path):
+    render(toy_spec(), Graph(2, 4), tmp_path / "m.svg", min_score=0.25)
+    nodes, edges, _ = drawn(tmp_path / "m.svg")
+    assert sorted(t for t, _, _ in edges) == sorted(["input->a0.h0", "a0.h0->a1.h2", "m0->a1.h3", "a1.h2->logits"])
+    assert "a0.h1" in nodes  # a named group member stays even without edges
+
+
+def test_verified_weak_edges_are_dotted_grey(tmp_path):
+    render(toy_spec(), Graph(2, 4), tmp_path / "v.svg", verified={"a0.h1->a1.h3<v>": 2e-4, "a0.h0->a1.h2<q>": -0.1,
+                                                                  "a1.h2->logits": 0.5})
+    _, edges, _ = drawn(tmp_path / "v.svg")
+    weak = sorted(t for t, stroke, _ in edges if stroke == WEAK_COLOR)
+    assert weak == ["a0.h0->a1.h2", "a0.h1->a1.h3"]
+    assert all(dash for _, stroke, dash in edges if stroke == WEAK_COLOR)
+
+
+def test_infers_graph_and_displays_inline():
+    spec = toy_spec()
+    assert infer_graph(spec) == Graph(2, 4)
+    dot = render(spec)
+    assert "<svg" in dot._repr_mimebundle_()["image/svg+xml"]
+    assert infer_graph(CircuitSpec(metadata={"mib_cfg": {"n_layers": 12, "n_heads": 12}})) == Graph(12, 12)
+
+
+@needs_mib
+def test_mib_ioi_circuit(tmp_path):
+    spec = CircuitSpec.load(MIB_IOI)
+    g = Graph(12, 12)
+    names = spec.resolve(g).edge_names
+    touched = {part.split("<")[0] for name in names for part in name.split("->")}
+    assert len(names) == 756 and len(touched) == 81
+    render(spec, g, tmp_path / "ioi.svg")
+    nodes, edges, _ = drawn(tmp_path / "ioi.svg")
+    assert set(nodes) == touched and len(nodes) == 81
+    assert len(edges) == 756
+    thr = sorted(abs(spec.edge_scores[n]) for n in names)[-50]
+    render(spec, g, tmp_path / "top.svg", min_score=thr)
+    _, edges, _ = drawn(tmp_path / "top.svg")
+    assert len(edges) == 50
+
+
+@pytest.mark.parametrize("suffix,magic", [(".png", b"\x89PNG"), (".pdf", b"%PDF")])
+def test_image_formats(tmp_path, suffix, magic):
+    render(toy_spec(), Graph(2, 4), tmp_path / f"toy{suffix}")
+    data = (tmp_path / f"toy{suffix}").read_bytes()
+    assert data.startswith(magic) and len(data) > 5000
+
+
+def test_bad_suffix_names_it(tmp_path):
+    with pytest.raises(ValueError, match=r"'\.jpg'.*\.svg, \.png, \.pdf, \.dot"):
+        render(toy_spec(), Graph(2, 4), tmp_path / "toy.jpg")
+    with pytest.raises(ValueError, match="rankdir"):
+        render(toy_spec(), Graph(2, 4), rankdir="UP")
+
+
+def test_cli(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "_EXTRA_COMMANDS", [register_cli])
+    spec = tmp_path / "toy.json"
+    toy_spec().to_json(spec)
+    assert cli.main(["render", str(spec), "-o", str(tmp_path / "a.svg"), "--collapse-groups", "--rankdir", "LR"]) == 0
+    assert len(drawn(tmp_path / "a.svg")[0]) == 5
+    if MIB_IOI.is_file():
+        assert cli.main(["render", str(MIB_IOI), "-o", str(tmp_path / "b.dot"), "--min-score", "0.05"]) == 0
+    assert cli.main(["render", str(spec), "-o", str(tmp_path / "c.gif")]) == 2
+    assert "'.gif'" in capsys.readouterr().err
+    assert cli.main(["render", str(tmp_path / "missing.json"), "-o", str(tmp_path / "d.svg")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    # the subcommand is self-contained: it also registers on a bare parser
+    sub = argparse.ArgumentParser().add_subparsers()
+    register_cli(sub)
