@@ -47,20 +47,32 @@ class Ablation:
 
 @dataclass
 class BlockPlan:
-    """How to build one destination block's inputs for a set of circuits."""
+    """How one destination block (a layer's 3H head ports, an MLP, the logits) gets its inputs.
 
-    terms: list[tuple[int, torch.Tensor]]  # (source block, coefficients)
-    use_patched: torch.Tensor | None  # [C, n] bool; None when positional (base is always ablated)
-    positional: bool
-    shared: str | None = None  # "patched" / "ablated" when every destination reads the same tensor
+    Destinations split three ways: those reading the all-ablated residual ``A`` unchanged in every
+    circuit (``from_ablated``), those reading the patched residual ``R`` unchanged (``from_patched``),
+    and the rest (``custom``), built as ``A + up * (R - A) + coef . deltas[rows]``.
+    """
+
+    from_ablated: torch.Tensor  # local destination indices
+    from_patched: torch.Tensor
+    custom: torch.Tensor
+    prefix: int  # rows of the delta buffer this block may read (all needed rows upstream of it)
+    gather: torch.Tensor | None  # buffer rows to gather, or None to read the whole prefix (dense case)
+    coef: torch.Tensor | None  # [C, K, n_custom], or [K, n_custom, B, P] when positional
+    up: torch.Tensor | None  # [n_custom, C] float: 1 where the base is R
+    positional: bool = False
 
 
 @dataclass
 class Plan:
-    """A compiled set of ``C`` circuits for one batch."""
+    """A compiled set of ``C`` circuits for one batch shape."""
 
     n_circuits: int
     blocks: list[BlockPlan] = field(default_factory=list)
+    needed: list[torch.Tensor] = field(default_factory=list)  # per source block: local rows whose deltas are used
+    offsets: list[int] = field(default_factory=list)  # per source block: its first row in the delta buffer
+    n_rows: int = 0
 
 
 class PatchEngine:
@@ -79,11 +91,12 @@ class PatchEngine:
             hd = graph.head_dest(layer, 0, "q")
             self.dst_blocks += [(hd, hd + 3 * self.H), (hd + 3 * self.H, hd + 3 * self.H + 1)]
         self.dst_blocks.append((graph.logits_dest, graph.logits_dest + 1))
-        self._flat_qkv = [l.W_QKV.permute(2, 0, 1, 3).reshape(self.D, -1).contiguous() for l in weights.layers]
-        self._flat_bqkv = [None if l.b_QKV is None else l.b_QKV.reshape(-1) for l in weights.layers]
         # destination order within a layer is head-major (h0<q>, h0<k>, h0<v>, h1<q>, ...)
         self._head_qkv = [l.W_QKV.transpose(0, 1).reshape(3 * self.H, self.D, self.dh).contiguous() for l in weights.layers]
         self._head_bqkv = [None if l.b_QKV is None else l.b_QKV.transpose(0, 1).reshape(3 * self.H, 1, self.dh) for l in weights.layers]
+        self._dest_flat = [w.permute(1, 0, 2).reshape(self.D, -1).contiguous() for w in self._head_qkv]
+        self._dest_flat_b = [None if b is None else b.reshape(-1) for b in self._head_bqkv]
+        self._o_flat = [l.W_O.reshape(-1, self.D) for l in weights.layers]
 
     # ----- building blocks --------------------------------------------------------------
     def _n_upstream_blocks(self, dst_block: int) -> int:
@@ -91,33 +104,6 @@ class PatchEngine:
         start = self.dst_blocks[dst_block][0]
         n_up = int(self.graph.n_upstream[start])
         return next(i for i, b in enumerate(self.src_blocks + [SourceBlock(n_up, n_up)]) if b.start >= n_up)
-
-    def _attention(self, layer: int, x: torch.Tensor, cos_sin, shared: bool) -> torch.Tensor:
-        """Per-head outputs ``[H, B, P, D]`` from inputs ``[3H, B, P, D]`` (or one shared ``[B, P, D]``)."""
-        lw = self.w.layers[layer]
-        H, dh = self.H, self.dh
-        if shared:
-            B, P, _ = x.shape
-            h = lw.ln1(x).reshape(B * P, -1) @ self._flat_qkv[layer]
-            if self._flat_bqkv[layer] is not None:
-                h = h + self._flat_bqkv[layer]
-            qkv = h.view(B, P, 3, H, dh).permute(2, 0, 3, 1, 4)  # [3, B, H, P, dh]
-        else:
-            _, B, P, D = x.shape
-            normed = lw.ln1(x).view(3 * H, B * P, D)
-            h = torch.bmm(normed, self._head_qkv[layer])
-            if self._head_bqkv[layer] is not None:
-                h = h + self._head_bqkv[layer]
-            qkv = h.view(H, 3, B, P, dh).permute(1, 2, 0, 3, 4)  # inputs are ordered head-major, port-minor
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        if lw.q_norm is not None:
-            q, k = lw.q_norm(q), lw.k_norm(k)
-        if cos_sin is not None:
-            q, k = _rotate(q, cos_sin), _rotate(k, cos_sin)
-        z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=lw.attn_scale)  # [B, H, P, dh]
-        B, _, P, _ = z.shape
-        out = torch.bmm(z.transpose(0, 1).reshape(H, B * P, dh), lw.W_O)
-        return out.view(H, B, P, self.D)
 
     # ----- plain forward ----------------------------------------------------------------
     def run(self, tokens: torch.Tensor, record: bool = False, logit_positions: torch.Tensor | None = None):
@@ -127,14 +113,15 @@ class PatchEngine:
         cos_sin = self.w.rotary(torch.arange(tokens.shape[1], device=tokens.device), resid.dtype)
         if record:
             outputs.append(resid[None])
+        all_heads = torch.arange(self.H)
         for layer, lw in enumerate(self.w.layers):
-            heads = self._attention(layer, resid, cos_sin, shared=True)
-            attn = heads.sum(0) if lw.b_O is None else heads.sum(0) + lw.b_O
+            z = self._attend(layer, self._shared_qkv(layer, resid), cos_sin)
+            attn = self._attn_out(layer, z)
             mlp_in = resid if self.w.info.parallel_attn_mlp else resid + attn
             mlp = lw.mlp(lw.ln2(mlp_in))
             resid = resid + attn + mlp
             if record:
-                outputs += [heads, mlp[None]]
+                outputs += [self._head_results(layer, z, all_heads), mlp[None]]
         return self._unembed(resid, logit_positions), (outputs if record else None)
 
     def _unembed(self, resid, logit_positions):
@@ -171,51 +158,83 @@ class PatchEngine:
 
         ``masks`` is bool ``[C, n_sources, n_destinations]``; ``position_masks`` maps an edge
         ``(source, destination)`` to a bool ``[B, P]`` telling at which positions it is in the
-        circuit (one circuit only).
+        circuit (one circuit only; ``masks`` must be False for those edges).
         """
-        masks = masks.to(torch.bool) & self.graph.legal.to(masks.device)
+        legal = self.graph.legal.to(masks.device)
+        masks = masks.to(torch.bool) & legal
         C = masks.shape[0]
-        plan = Plan(C)
+        if position_masks and C != 1:
+            raise ValueError("position-restricted circuits are evaluated one at a time")
         pos_by_dst: dict[int, list] = {}
-        if position_masks:
-            if C != 1:
-                raise ValueError("position-restricted circuits are evaluated one at a time")
-            for (s, d), pm in position_masks.items():
-                pos_by_dst.setdefault(d, []).append((s, pm))
-        for bi, (d0, d1) in enumerate(self.dst_blocks):
-            n_blocks = self._n_upstream_blocks(bi)
-            m = masks[:, :, d0:d1].float()  # [C, S, n]
+        for (s, d), pm in (position_masks or {}).items():
+            pos_by_dst.setdefault(d, []).append((s, pm))
+        raw = []  # per destination block: (from_ablated, from_patched, custom, global rows, coef, up, positional)
+        needed = [set() for _ in self.src_blocks]
+        for d0, d1 in self.dst_blocks:
+            n = d1 - d0
+            n_up = int(self.graph.n_upstream[d0])
+            m = masks[:, :n_up, d0:d1].float()  # [C, S, n]
             positional = any(d0 <= d < d1 for d in pos_by_dst)
-            terms = []
             if positional:
-                full = m[0][:, :, None, None].expand(-1, -1, batch, length).clone()
+                coef_full = m[0][:, :, None, None].expand(-1, -1, batch, length).clone()
                 for d in range(d0, d1):
                     for s, pm in pos_by_dst.get(d, []):
-                        full[s, d - d0] = pm.to(full.dtype)
-                for b in range(n_blocks):
-                    sb = self.src_blocks[b]
-                    coef = full[sb.start:sb.stop]
-                    if coef.any():
-                        terms.append((b, coef))
-                plan.blocks.append(BlockPlan(terms, None, True))
+                        coef_full[s, d - d0] = pm.to(coef_full.dtype)
+                active = coef_full.flatten(2).any(-1)  # [S, n]
+                use_r = torch.zeros(C, n, dtype=torch.bool, device=masks.device)
+            else:
+                use_r = m.sum(1) > n_up / 2  # [C, n]: fewer terms from R than from A
+                coef_full = torch.where(use_r[:, None, :], m - 1.0, m)  # +1: add delta to A; -1: take from R
+                active = (coef_full != 0).any(0)  # [S, n]
+            has_terms = active.any(0)  # [n]
+            all_r, all_a = use_r.all(0), (~use_r).all(0)
+            from_a = torch.nonzero(~has_terms & all_a).flatten()
+            from_r = torch.nonzero(~has_terms & all_r).flatten()
+            custom = torch.nonzero(has_terms | ~(all_a | all_r)).flatten()
+            rows = torch.nonzero(active[:, custom].any(1)).flatten()
+            for r in rows.tolist():
+                b = self._block_of(r)
+                needed[b].add(r - self.src_blocks[b].start)
+            if positional:
+                coef = coef_full[rows][:, custom]
+            else:
+                coef = coef_full[:, rows][:, :, custom]
+            raw.append((from_a, from_r, custom, rows, coef, use_r[:, custom].T.float(), positional))
+        plan = Plan(C, needed=[torch.tensor(sorted(x), dtype=torch.long) for x in needed])
+        buffer_row = {}  # global source index -> row of the delta buffer (sources in topological order)
+        for b, rows_b in enumerate(plan.needed):
+            plan.offsets.append(len(buffer_row))
+            for r in rows_b.tolist():
+                buffer_row[self.src_blocks[b].start + r] = len(buffer_row)
+        plan.n_rows = len(buffer_row)
+        for bi, (from_a, from_r, custom, rows, coef, up, positional) in enumerate(raw):
+            if not len(custom):
+                plan.blocks.append(BlockPlan(from_a, from_r, custom, 0, None, None, None, positional))
                 continue
-            n_up = int(self.graph.n_upstream[d0])
-            n_in = m[:, :n_up].sum(1)  # [C, n] (all destinations of a block share n_up)
-            use_patched = n_in > n_up / 2
-            coef = torch.where(use_patched[:, None, :], m - 1.0, m)  # +1: add delta to A; -1: subtract from R
-            for b in range(n_blocks):
-                sb = self.src_blocks[b]
-                c = coef[:, sb.start:sb.stop]
-                if c.any():
-                    terms.append((b, c))
-            shared = None
-            if not terms:
-                if bool(use_patched.all()):
-                    shared = "patched"
-                elif not bool(use_patched.any()):
-                    shared = "ablated"
-            plan.blocks.append(BlockPlan(terms, use_patched, False, shared))
+            n_up = int(self.graph.n_upstream[self.dst_blocks[bi][0]])
+            prefix = sum(1 for r in buffer_row if r < n_up)
+            pos = torch.tensor([buffer_row[r] for r in rows.tolist()], dtype=torch.long)
+            gather = None
+            if not len(pos):  # custom only because circuits disagree on the base; nothing to mix
+                coef = None
+            elif len(pos) < prefix / 2:  # sparse: gather the few rows; dense: read the prefix with zero rows
+                gather = pos
+            else:
+                if positional:
+                    full = coef.new_zeros(prefix, *coef.shape[1:])
+                    full[pos] = coef
+                else:
+                    full = coef.new_zeros(coef.shape[0], prefix, coef.shape[2])
+                    full[:, pos] = coef
+                coef = full
+            plan.blocks.append(BlockPlan(from_a, from_r, custom, prefix, gather, coef, up, positional))
         return plan
+
+    def _block_of(self, source: int) -> int:
+        if source == 0:
+            return 0
+        layer, within = divmod(source - 1, self.H + 1)
+        return 1 + 2 * layer + (1 if within == self.H else 0)
 
     # ----- patched forward ---------------------------------------------------------------
     def patched_run(self, tokens: torch.Tensor, ablation: Ablation, plan: Plan,
@@ -226,64 +245,133 @@ class PatchEngine:
         """
         C = plan.n_circuits
         B, P = tokens.shape
-        Bt = C * B
+        Bt, D = C * B, self.D
         toks = tokens.repeat(C, 1) if C > 1 else tokens
         emb = self.w.embed(toks)
         cos_sin = self.w.rotary(torch.arange(P, device=tokens.device), emb.dtype)
-        deltas: list[torch.Tensor] = []  # per source block, [k, Bt, P, D]
+        # patched - ablated outputs of the sources later blocks read, laid out [C, rows, B, P, D] so
+        # that one batched matmul per block mixes them (no per-destination copies)
+        dbuf = emb.new_empty(C, plan.n_rows, B, P, D)
 
-        def tile(t):  # ablation tensors are [.., B' , P', D] with B' in {1, B}
-            if t.shape[-3] == 1 or C == 1:
-                return t
-            return t.repeat(*([1] * (t.dim() - 3)), C, 1, 1)
+        def tile(t):  # ablation tensors are [..., B', P', D] with B' in {1, B}
+            return t if t.shape[-3] == 1 or C == 1 else t.repeat(*([1] * (t.dim() - 3)), C, 1, 1)
 
-        def delta(block: int, out: torch.Tensor) -> torch.Tensor:
-            if ablation.outputs is None:
-                return out
-            return out - tile(ablation.outputs[block])
+        def store(block: int, out: torch.Tensor):
+            """Keep ``patched - ablated`` for the rows later blocks read (``out`` holds just those rows)."""
+            rows = plan.needed[block]
+            if not len(rows):
+                return
+            if ablation.outputs is not None:
+                abl = ablation.outputs[block]
+                out = out - tile(abl if len(rows) == abl.shape[0] else abl[rows.to(out.device)])
+            o = plan.offsets[block]
+            dbuf[:, o:o + len(rows)] = out.view(len(rows), C, B, P, D).transpose(0, 1)
 
-        def inputs(bi: int, resid: torch.Tensor) -> tuple[torch.Tensor, bool]:
-            bp = plan.blocks[bi]
-            A = tile(ablation.resid[bi]).expand(Bt, P, self.D)
-            if bp.shared == "patched":
-                return resid, True
-            if bp.shared == "ablated":
-                return A, True
-            n = self.dst_blocks[bi][1] - self.dst_blocks[bi][0]
+        def custom_inputs(bp: BlockPlan, A: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+            """``[n_custom, Bt, P, D]`` inputs of the custom destinations."""
+            n = len(bp.custom)
+            if bp.up is not None and bool(bp.up.any()):
+                up = bp.up.repeat_interleave(B, dim=1)[:, :, None, None]  # [n, Bt, 1, 1]
+                x = A + up * (R - A)
+            else:
+                x = A.expand(n, Bt, P, D)
+            if bp.coef is None:
+                return x
+            G = dbuf[:, :bp.prefix] if bp.gather is None else dbuf.index_select(1, bp.gather.to(dbuf.device))
+            K = G.shape[1]
             if bp.positional:
-                x = A.expand(n, Bt, P, self.D)
-                for b, coef in bp.terms:  # coef [k, n, B, P]
-                    x = x + torch.einsum("kbpd,knbp->nbpd", deltas[b], coef)
-                return x, False
-            up = bp.use_patched.T.float()  # [n, C]
-            up = up.repeat_interleave(B, dim=1)[:, :, None, None]  # [n, Bt, 1, 1]
-            x = A + up * (resid - A)
-            for b, coef in bp.terms:  # coef [C, k, n]
-                d = deltas[b]
-                k = d.shape[0]
-                if C == 1:
-                    mix = (coef[0].T @ d.reshape(k, -1)).view(n, Bt, P, self.D)
-                else:
-                    mix = torch.einsum("kcx,ckn->ncx", d.view(k, C, -1), coef).reshape(n, Bt, P, self.D)
-                x = x + mix
-            return x, False
+                mix = torch.einsum("kbpd,knbp->nbpd", G[0], bp.coef)
+            elif C == 1:
+                mix = (bp.coef[0].T @ G[0].reshape(K, -1)).view(n, Bt, P, D)
+            else:
+                mix = torch.bmm(bp.coef.transpose(1, 2), G.reshape(C, K, -1))  # [C, n, B*P*D]
+                mix = mix.view(C, n, B, P, D).transpose(0, 1).reshape(n, Bt, P, D)
+            return x + mix
+
+        def single_input(bi: int, A: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+            """Input of a one-destination block (an MLP or the logits)."""
+            bp = plan.blocks[bi]
+            if len(bp.from_patched):
+                return R
+            if len(bp.from_ablated):
+                return A
+            return custom_inputs(bp, A, R)[0]
 
         resid = emb
-        deltas.append(delta(0, emb[None]))
+        store(0, emb[None])
         parallel = self.w.info.parallel_attn_mlp
         for layer, lw in enumerate(self.w.layers):
-            x, shared = inputs(2 * layer, resid)
-            heads = self._attention(layer, x, cos_sin, shared)
-            deltas.append(delta(1 + 2 * layer, heads))
-            attn = heads.sum(0) if lw.b_O is None else heads.sum(0) + lw.b_O
-            x, shared = inputs(2 * layer + 1, resid if parallel else resid + attn)
-            mlp = lw.mlp(lw.ln2(x if shared else x[0]))
-            deltas.append(delta(2 + 2 * layer, mlp[None]))
+            A = tile(ablation.resid[2 * layer]).expand(Bt, P, D)
+            qkv = self._qkv(layer, plan.blocks[2 * layer], A, resid, custom_inputs)
+            heads_z = self._attend(layer, qkv, cos_sin)  # [Bt, H, P, dh]
+            attn = self._attn_out(layer, heads_z)
+            rows = plan.needed[1 + 2 * layer]
+            if len(rows):
+                store(1 + 2 * layer, self._head_results(layer, heads_z, rows))
+            R_mid = resid if parallel else resid + attn
+            A_mid = tile(ablation.resid[2 * layer + 1]).expand(Bt, P, D)
+            mlp = lw.mlp(lw.ln2(single_input(2 * layer + 1, A_mid, R_mid)))
+            store(2 + 2 * layer, mlp[None])
             resid = resid + attn + mlp
-        x, shared = inputs(len(self.dst_blocks) - 1, resid)
-        final = x if shared else x[0]
-        logits = self._unembed(final, logit_positions.repeat(C) if logit_positions is not None and C > 1 else logit_positions)
+        A = tile(ablation.resid[-1]).expand(Bt, P, D)
+        final = single_input(len(self.dst_blocks) - 1, A, resid)
+        positions = logit_positions.repeat(C) if logit_positions is not None and C > 1 else logit_positions
+        logits = self._unembed(final, positions)
         return logits.view(C, B, *logits.shape[1:])
+
+    def _qkv(self, layer: int, bp: BlockPlan, A, R, custom_inputs) -> torch.Tensor:
+        """Queries, keys and values ``[3, Bt, H, P, dh]`` of one layer under a plan."""
+        lw = self.w.layers[layer]
+        H, dh, D = self.H, self.dh, self.D
+        Bt, P, _ = R.shape
+        n = 3 * H
+        if len(bp.from_ablated) == n or len(bp.from_patched) == n:
+            return self._shared_qkv(layer, A if len(bp.from_ablated) == n else R)
+        out = torch.empty(n, Bt * P, dh, dtype=R.dtype, device=R.device)
+        for idx, base in ((bp.from_ablated, A), (bp.from_patched, R)):
+            if len(idx):
+                W = self._head_qkv[layer][idx.to(R.device)]  # [k, D, dh]
+                h = lw.ln1(base).reshape(Bt * P, D) @ W.permute(1, 0, 2).reshape(D, -1)
+                out[idx] = h.view(Bt * P, len(idx), dh).transpose(0, 1)
+        if len(bp.custom):
+            x = custom_inputs(bp, A, R)
+            idx = bp.custom.to(R.device)
+            out[idx] = torch.bmm(lw.ln1(x).view(len(idx), Bt * P, D), self._head_qkv[layer][idx])
+        if self._head_bqkv[layer] is not None:
+            out = out + self._head_bqkv[layer]
+        return out.view(H, 3, Bt, P, dh).permute(1, 2, 0, 3, 4)
+
+    def _shared_qkv(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """Queries, keys and values ``[3, B, H, P, dh]`` when every head port reads the same ``x``."""
+        B, P, D = x.shape
+        h = self.w.layers[layer].ln1(x).reshape(B * P, D) @ self._dest_flat[layer]
+        if self._dest_flat_b[layer] is not None:
+            h = h + self._dest_flat_b[layer]
+        return h.view(B, P, self.H, 3, self.dh).permute(3, 0, 2, 1, 4)
+
+    def _attend(self, layer: int, qkv: torch.Tensor, cos_sin) -> torch.Tensor:
+        lw = self.w.layers[layer]
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        if lw.q_norm is not None:
+            q, k = lw.q_norm(q), lw.k_norm(k)
+        if cos_sin is not None:
+            q, k = _rotate(q, cos_sin), _rotate(k, cos_sin)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=lw.attn_scale)
+
+    def _attn_out(self, layer: int, z: torch.Tensor) -> torch.Tensor:
+        """Sum of the heads' outputs plus the output bias, ``[Bt, P, D]``."""
+        lw = self.w.layers[layer]
+        Bt, H, P, dh = z.shape
+        flat = z.transpose(1, 2).reshape(Bt * P, H * dh)
+        out = flat @ self._o_flat[layer] if lw.b_O is None else torch.addmm(lw.b_O, flat, self._o_flat[layer])
+        return out.view(Bt, P, self.D)
+
+    def _head_results(self, layer: int, z: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+        """Outputs ``[k, Bt, P, D]`` of the chosen heads (their slices of the output projection)."""
+        Bt, H, P, dh = z.shape
+        idx = heads.to(z.device)
+        zs = z[:, idx].transpose(0, 1).reshape(len(idx), Bt * P, dh)
+        return torch.bmm(zs, self.w.layers[layer].W_O[idx]).view(len(idx), Bt, P, self.D)
 
 
 def _rotate(x: torch.Tensor, cos_sin) -> torch.Tensor:
