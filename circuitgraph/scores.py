@@ -167,6 +167,26 @@ class Evaluator:
                 row += len(circ_set)
         return out
 
+    @torch.no_grad()
+    def mask_values(self, masks: torch.Tensor, chunk: int = 16, desc: str | None = None) -> np.ndarray:
+        """Per-example metric ``[C, N]`` for circuits given directly as bool ``[C, n_sources, n_destinations]``
+        edge masks (fast for many large circuits, e.g. "everything but these edges")."""
+        out = np.zeros((masks.shape[0], len(self.data)), dtype=np.float64)
+        spans = self._spans()
+        jobs = [(c, s) for c in range(0, masks.shape[0], chunk) for s in range(len(spans))]
+        for c, s in tqdm(jobs, desc=desc or "patched runs", leave=False, disable=not self.progress or len(jobs) < 2):
+            a, b = spans[s]
+            part, abl, clean_logits = self._batch(s, a, b)
+            m = masks[c:c + chunk]
+            plan = self.engine.compile(m.to(self.model.device))
+            logits = self.engine.patched_run(part.clean.to(self.model.device), abl, plan, logit_positions=part.last.to(self.model.device))
+            out[c:c + len(m), a:b] = self._values(logits, part, clean_logits.expand(len(m), -1, -1)).numpy()
+        return out
+
+    def normalise(self, values: np.ndarray) -> np.ndarray:
+        """Per-circuit normalised score ``(M - M_ablated) / (M_clean - M_ablated)`` of ``[C, N]`` metric values."""
+        return _normalised(values, self.clean_values[None], self.base_values[None])
+
     def _patched(self, part: TaskData, abl: Ablation, circuits: list[ResolvedCircuit], complement: bool):
         dev = self.model.device
         legal = self.graph.legal
