@@ -65,6 +65,19 @@ class BlockPlan:
 
 
 @dataclass
+class PrefixState:
+    """A patched run paused at the start of ``layer`` (one circuit): what later layers need to resume.
+
+    Changing edges into layer ``layer`` or later cannot change anything before it, so trials that
+    differ only there (ACDC) resume from here instead of re-running the model from the embedding.
+    """
+
+    layer: int
+    resid: torch.Tensor  # [B, P, D] patched residual at the start of the layer
+    deltas: list[torch.Tensor]  # per source block before the layer: patched - ablated, all rows
+
+
+@dataclass
 class Plan:
     """A compiled set of ``C`` circuits for one batch shape."""
 
@@ -123,6 +136,20 @@ class PatchEngine:
             if record:
                 outputs += [self._head_results(layer, z, all_heads), mlp[None]]
         return self._unembed(resid, logit_positions), (outputs if record else None)
+
+    def clean_states(self, outputs: list[torch.Tensor], ablation: Ablation) -> list[PrefixState]:
+        """Prefix states of the full circuit (= the plain run that recorded ``outputs``) at every layer."""
+        states, resid, deltas = [], outputs[0][0], []
+        for block, out in enumerate(outputs):
+            abl = ablation.outputs[block] if ablation.outputs is not None else None
+            deltas.append(out if abl is None else out - abl)
+            if block % 2 == 0:  # after the embedding or an MLP: a layer starts
+                if block:
+                    lw = self.w.layers[block // 2 - 1]
+                    heads = outputs[block - 1].sum(0)
+                    resid = resid + (heads if lw.b_O is None else heads + lw.b_O) + out[0]
+                states.append(PrefixState(block // 2, resid, list(deltas)))
+        return states
 
     def _unembed(self, resid, logit_positions):
         if logit_positions is not None:
@@ -238,10 +265,13 @@ class PatchEngine:
 
     # ----- patched forward ---------------------------------------------------------------
     def patched_run(self, tokens: torch.Tensor, ablation: Ablation, plan: Plan,
-                    logit_positions: torch.Tensor | None = None) -> torch.Tensor:
+                    logit_positions: torch.Tensor | None = None, start: PrefixState | None = None,
+                    stop_layer: int | None = None):
         """Logits of the clean ``tokens`` with every edge outside the plan's circuits ablated.
 
-        Returns ``[C, B, vocab]`` (at ``logit_positions``) or ``[C, B, P, vocab]``.
+        Returns ``[C, B, vocab]`` (at ``logit_positions``) or ``[C, B, P, vocab]``.  With
+        ``stop_layer`` it returns the :class:`PrefixState` at that layer instead (one circuit);
+        with ``start`` it resumes from such a state (the plan must agree with it before its layer).
         """
         C = plan.n_circuits
         B, P = tokens.shape
@@ -297,22 +327,49 @@ class PatchEngine:
                 return A
             return custom_inputs(bp, A, R)[0]
 
-        resid = emb
-        store(0, emb[None])
+        full: list[torch.Tensor] = []  # all-row deltas, kept when pausing
+
+        def keep_full(block: int, out: torch.Tensor):
+            abl = ablation.outputs[block] if ablation.outputs is not None else None
+            full.append(out if abl is None else out - abl)
+
         parallel = self.w.info.parallel_attn_mlp
-        for layer, lw in enumerate(self.w.layers):
+        if start is None:
+            resid, first = emb, 0
+            store(0, emb[None])
+            if stop_layer is not None:
+                keep_full(0, emb[None])
+        else:
+            resid, first = (start.resid.repeat(C, 1, 1) if C > 1 else start.resid), start.layer
+            for block in range(1 + 2 * first):
+                rows = plan.needed[block]
+                if len(rows):
+                    o = plan.offsets[block]
+                    d = start.deltas[block][rows.to(start.deltas[block].device)]
+                    dbuf[:, o:o + len(rows)] = d[None]
+        last_layer = len(self.w.layers) if stop_layer is None else stop_layer
+        for layer in range(first, last_layer):
+            lw = self.w.layers[layer]
             A = tile(ablation.resid[2 * layer]).expand(Bt, P, D)
             qkv = self._qkv(layer, plan.blocks[2 * layer], A, resid, custom_inputs)
             heads_z = self._attend(layer, qkv, cos_sin)  # [Bt, H, P, dh]
             attn = self._attn_out(layer, heads_z)
             rows = plan.needed[1 + 2 * layer]
+            if stop_layer is not None:
+                keep_full(1 + 2 * layer, self._head_results(layer, heads_z, torch.arange(self.H)))
             if len(rows):
                 store(1 + 2 * layer, self._head_results(layer, heads_z, rows))
             R_mid = resid if parallel else resid + attn
             A_mid = tile(ablation.resid[2 * layer + 1]).expand(Bt, P, D)
             mlp = lw.mlp(lw.ln2(single_input(2 * layer + 1, A_mid, R_mid)))
             store(2 + 2 * layer, mlp[None])
+            if stop_layer is not None:
+                keep_full(2 + 2 * layer, mlp[None])
             resid = resid + attn + mlp
+        if stop_layer is not None:
+            if C != 1:
+                raise ValueError("a prefix state holds one circuit")
+            return PrefixState(stop_layer, resid, full)
         A = tile(ablation.resid[-1]).expand(Bt, P, D)
         final = single_input(len(self.dst_blocks) - 1, A, resid)
         positions = logit_positions.repeat(C) if logit_positions is not None and C > 1 else logit_positions
