@@ -200,7 +200,7 @@ class PatchEngine:
         for d0, d1 in self.dst_blocks:
             n = d1 - d0
             n_up = int(self.graph.n_upstream[d0])
-            m = masks[:, :n_up, d0:d1].float()  # [C, S, n]
+            m = masks[:, :n_up, d0:d1].to(self.w.W_U.dtype)  # [C, S, n]
             positional = any(d0 <= d < d1 for d in pos_by_dst)
             if positional:
                 coef_full = m[0][:, :, None, None].expand(-1, -1, batch, length).clone()
@@ -226,7 +226,7 @@ class PatchEngine:
                 coef = coef_full[rows][:, custom]
             else:
                 coef = coef_full[:, rows][:, :, custom]
-            raw.append((from_a, from_r, custom, rows, coef, use_r[:, custom].T.float(), positional))
+            raw.append((from_a, from_r, custom, rows, coef, use_r[:, custom].T.to(self.w.W_U.dtype), positional))
         plan = Plan(C, needed=[torch.tensor(sorted(x), dtype=torch.long) for x in needed])
         buffer_row = {}  # global source index -> row of the delta buffer (sources in topological order)
         for b, rows_b in enumerate(plan.needed):

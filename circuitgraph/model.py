@@ -76,8 +76,11 @@ class CircuitModel:
         """
         from transformer_lens.model_bridge.sources import build_bridge_from_module
 
+        tok = self.tokenizer
+        if tok is not None and "name_or_path" not in getattr(tok, "init_kwargs", {}):
+            tok = None  # TransformerLens re-loads tokenizers by path; an in-memory one cannot be
         bridge = build_bridge_from_module(self.hf, _architecture_name(self.config), hf_config=self.config,
-                                          tokenizer=self.tokenizer, model_name=self.name)
+                                          tokenizer=tok, model_name=self.name)
         bridge.set_use_split_qkv_input(True)
         bridge.set_use_attn_result(True)
         return bridge

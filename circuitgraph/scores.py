@@ -131,7 +131,7 @@ class Evaluator:
         return out
 
     def _values(self, logits, part, clean_logits):
-        return self.metric(logits, _on(part, logits.device), clean_logits).float().cpu()
+        return self.metric(logits, _on(part, logits.device), clean_logits).double().cpu()
 
     @torch.no_grad()
     def _baselines(self):

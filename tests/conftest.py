@@ -6,6 +6,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, PreTrainedTokenizerFast
 
+torch.set_num_threads(1)  # the test models are tiny: threads only add synchronisation cost
+
 WORDS = [f"w{i}" for i in range(40)]
 
 
@@ -92,3 +94,18 @@ def random_rows(n, length=6, seed=0, positions=True):
 @pytest.fixture
 def dataset_file(tmp_path):
     return write_jsonl(tmp_path / "data.jsonl", random_rows(12))
+
+
+def signal_rows(model, n, seed=0, length=6):
+    """Random prompts whose answer is the clean run's top token and wrong the corrupted run's,
+    so the task has a clean-vs-corrupted signal even in a random-init model."""
+    rows = random_rows(n, length=length, seed=seed)
+    tok = model.tokenizer
+    for r in rows:
+        with torch.no_grad():
+            top = [int(model.hf(torch.tensor([tok(r[k])["input_ids"]])).logits[0, -1, 3:].argmax()) + 3
+                   for k in ("clean", "corrupted")]
+        if top[0] == top[1]:
+            top[1] = 3 + (top[0] - 2) % (len(tok) - 3)
+        r["answer"], r["wrong"] = tok.convert_ids_to_tokens(top)
+    return rows

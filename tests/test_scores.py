@@ -11,7 +11,7 @@ from circuitgraph.data import load_dataset
 from circuitgraph.model import load_model
 from circuitgraph.scores import Evaluator
 from circuitgraph.spec import CircuitSpec
-from conftest import random_rows, write_jsonl
+from conftest import random_rows, signal_rows, write_jsonl
 from reference import node_outputs, patched_forward
 
 SPEC = {"name": "toy", "groups": {"early": {"nodes": ["a0.h1", "a0.h2"], "positions": ["S", "END"]}, "late": ["a1.h0", "a1.h3"]},
@@ -42,14 +42,7 @@ def by_hand_metric(hf, data, keep):
 @pytest.fixture(scope="module")
 def setup(model_dir, tmp_path_factory):
     model = load_model(model_dir)
-    rows = random_rows(7, seed=3)
-    tok = model.tokenizer
-    for r in rows:  # answer: the clean run's top token; wrong: the corrupted run's (so the task has a signal)
-        with torch.no_grad():
-            top = [int(model.hf(torch.tensor([tok(r[k])["input_ids"]])).logits[0, -1, 3:].argmax()) + 3 for k in ("clean", "corrupted")]
-        if top[0] == top[1]:
-            top[1] = 3 + (top[0] - 2) % (len(tok) - 3)
-        r["answer"], r["wrong"] = tok.convert_ids_to_tokens(top)
+    rows = signal_rows(model, 7, seed=3)
     path = write_jsonl(tmp_path_factory.mktemp("d") / "data.jsonl", rows)
     data = load_dataset(path, model.tokenizer)
     return model, data, path

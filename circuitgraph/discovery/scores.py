@@ -1,0 +1,109 @@
+"""Per-edge scores from any discovery method, in one structure, and their selection into circuits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import networkx as nx
+import torch
+
+from ..graph import Graph
+from ..spec import CircuitSpec, Edge
+
+
+@dataclass
+class EdgeScores:
+    """``scores[s, d]`` for every edge (NaN where no edge exists), plus what produced them.
+
+    Sign convention (MIB / Hanna et al.): a score estimates M(edge ablated) - M(clean), so an edge
+    the task needs usually has a negative score under logit difference; selection uses |score|.
+    """
+
+    graph: Graph
+    scores: torch.Tensor  # [n_sources, n_destinations]
+    method: str
+    meta: dict = field(default_factory=dict)
+    in_circuit: torch.Tensor | None = None  # methods that decide membership themselves (ACDC)
+
+    def __post_init__(self):
+        self.scores = self.scores.detach().double().cpu().masked_fill(~self.graph.legal, float("nan"))
+
+    def edge_values(self) -> torch.Tensor:
+        """Scores in ``graph.edges`` order."""
+        idx = torch.tensor([self.graph.edge_index[e] for e in self.graph.edges])
+        return self.scores[idx[:, 0], idx[:, 1]]
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(zip(self.graph.edges, self.edge_values().tolist()))
+
+    # ----- selection ---------------------------------------------------------------------
+    def top_n(self, n: int, absolute: bool = True) -> torch.Tensor:
+        """Bool mask of the ``n`` highest-scoring edges."""
+        vals = self.scores.abs() if absolute else self.scores
+        flat = torch.nan_to_num(vals, nan=-float("inf")).flatten()
+        n = max(0, min(n, self.graph.n_edges))
+        mask = torch.zeros_like(flat, dtype=torch.bool)
+        mask[flat.topk(n).indices] = True
+        return mask.view_as(self.scores)
+
+    def threshold(self, t: float, absolute: bool = True) -> torch.Tensor:
+        vals = self.scores.abs() if absolute else self.scores
+        return torch.nan_to_num(vals, nan=-float("inf")) >= t
+
+    def greedy(self, n: int, absolute: bool = True) -> torch.Tensor:
+        """EAP-IG's greedy selection: grow from the logits, always adding the best edge into a node
+        already in the circuit, so every chosen edge connects to the output."""
+        g = self.graph
+        vals = torch.nan_to_num(self.scores.abs() if absolute else self.scores, nan=-float("inf"))
+        mask = torch.zeros_like(vals, dtype=torch.bool)
+        dst_of_node: dict[str, list[int]] = {}
+        for d, name in enumerate(g.destinations):
+            dst_of_node.setdefault(g.node_of(name), []).append(d)
+        open_dsts = set(dst_of_node["logits"])
+        in_nodes = {"logits"}
+        for _ in range(min(n, g.n_edges)):
+            cols = sorted(open_dsts)
+            sub = vals[:, cols].masked_fill(mask[:, cols], -float("inf"))
+            best = int(sub.argmax())
+            s, c = divmod(best, len(cols))
+            if sub[s, c] == -float("inf"):
+                break
+            mask[s, cols[c]] = True
+            src = g.sources[s]
+            if src not in in_nodes and src != "input":
+                in_nodes.add(src)
+                open_dsts |= set(dst_of_node[src])
+        return mask
+
+    def to_spec(self, mask: torch.Tensor, prune: bool = False, **meta) -> CircuitSpec:
+        """A circuit spec of the selected edges; every edge's score is kept in ``edge_scores``."""
+        if prune:
+            mask = prune_dangling(self.graph, mask)
+        g = self.graph
+        values = self.as_dict()
+        chosen = [e for e in g.edges if mask[g.edge_index[e]]]
+        spec = CircuitSpec(edges=[Edge(edge=e, score=_finite(values[e])) for e in chosen],
+                           edge_scores={e: _finite(v) for e, v in values.items()},
+                           metadata={"method": self.method, **self.meta, **meta})
+        return spec
+
+
+def _finite(v: float) -> float | None:
+    return None if v != v else float(v)
+
+
+def prune_dangling(graph: Graph, mask: torch.Tensor) -> torch.Tensor:
+    """Drop edges that are not on any input -> logits path of the selected edges."""
+    g = nx.DiGraph()
+    pairs = torch.nonzero(mask).tolist()
+    for s, d in pairs:
+        g.add_edge(graph.sources[s], graph.node_of(graph.destinations[d]))
+    if "logits" not in g or "input" not in g:
+        return torch.zeros_like(mask)
+    live = nx.descendants(g, "input") | {"input"}
+    live &= nx.ancestors(g, "logits") | {"logits"}
+    out = torch.zeros_like(mask)
+    for s, d in pairs:
+        if graph.sources[s] in live and graph.node_of(graph.destinations[d]) in live:
+            out[s, d] = True
+    return out

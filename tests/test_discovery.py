@@ -1,0 +1,170 @@
+"""Discovery methods against independent computations: finite differences through TransformerLens
+hooks (EAP), EAP-IG's limits, and a deliberately naive ACDC."""
+
+import numpy as np
+import pytest
+import torch
+
+from circuitgraph.data import tokenize, Example
+from circuitgraph.discovery import acdc, attribute, exact_scores, faithfulness_curve, roc_auc
+from circuitgraph.discovery.acdc import damage
+from circuitgraph.discovery.curves import FaithfulnessCurve
+from circuitgraph.model import CircuitModel
+from circuitgraph.scores import Evaluator
+from conftest import CONFIGS, make_tokenizer, randomize_norms, signal_rows
+
+
+@pytest.fixture(scope="module")
+def setup():
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = CONFIGS["gpt2"]()
+    cfg._attn_implementation = "eager"
+    hf = randomize_norms(AutoModelForCausalLM.from_config(cfg).eval()).double()
+    model = CircuitModel(hf, make_tokenizer())
+    data = tokenize([Example(**r) for r in signal_rows(model, 6, seed=5)], model.tokenizer)
+    return model, data
+
+
+def _hook_for(dest):
+    if dest == "logits":
+        return "ln_final.hook_in", None
+    if dest.startswith("m"):
+        return f"blocks.{dest[1:]}.ln2.hook_in", None
+    layer, rest = dest[1:].split(".h")
+    return f"blocks.{layer}.hook_{rest.split('<')[1][0]}_input", int(rest.split("<")[0])
+
+
+def _source(cache, src):
+    if src == "input":
+        return cache["hook_embed"] + cache["hook_pos_embed"]
+    if src.startswith("m"):
+        return cache[f"blocks.{src[1:]}.hook_mlp_out"]
+    layer, head = src[1:].split(".h")
+    return cache[f"blocks.{layer}.attn.hook_result"][:, :, int(head)]
+
+
+def test_eap_equals_finite_differences(setup):
+    model, data = setup
+    ev = Evaluator(model, data, progress=False)
+    eap = attribute(ev, "eap", progress=False)
+    bridge = model.bridge
+    with torch.no_grad():
+        _, clean_cache = bridge.run_with_cache(data.clean)
+        _, corrupt_cache = bridge.run_with_cache(data.corrupted)
+
+    def metric(logits):
+        last = logits[torch.arange(len(data)), data.last]
+        return (last.gather(1, data.answers[:, :1]) - last.gather(1, data.wrongs[:, :1])).mean()
+
+    eps = 1e-4
+    for edge in ["a0.h1->a1.h2<k>", "input->a1.h3<q>", "a0.h3->a1.h0<v>", "m0->logits", "a1.h2->m1", "input->a0.h0<v>"]:
+        src, dst = edge.split("->")
+        delta = _source(corrupt_cache, src) - _source(clean_cache, src)
+        hook, head = _hook_for(dst)
+
+        def run(scale):
+            def patch(x, hook):
+                x = x.clone()
+                if head is None:
+                    x += scale * delta
+                else:
+                    x[:, :, head] += scale * delta
+                return x
+            with torch.no_grad():
+                return float(metric(bridge.run_with_hooks(data.clean, fwd_hooks=[(hook, patch)])))
+
+        fd = (run(eps) - run(-eps)) / (2 * eps)  # d M / d scale at 0 = delta . grad
+        got = eap.scores[model.graph.edge_index[edge]].item()
+        assert got == pytest.approx(fd, rel=1e-6, abs=1e-8), edge
+        assert abs(fd) > 1e-4
+
+
+@pytest.mark.parametrize("variant", ["eap-ig", "eap-ig-activations"])
+def test_eap_ig_with_one_step_is_eap(setup, variant):
+    model, data = setup
+    ev = Evaluator(model, data, progress=False)
+    eap = attribute(ev, "eap", progress=False).scores
+    ig = attribute(ev, variant, steps=1, progress=False).scores
+    legal = model.graph.legal
+    if variant == "eap-ig":
+        assert torch.allclose(ig[legal], eap[legal], atol=1e-10)
+    else:
+        # MIB's activation variant fixes one block's output at a time, which also cuts the gradient
+        # through that block; only the logits' input gradient never passes through a block.
+        col = model.graph.logits_dest
+        assert torch.allclose(ig[:, col], eap[:, col], atol=1e-10)
+        assert not torch.allclose(ig[legal], eap[legal], atol=1e-6)
+    five = attribute(ev, variant, steps=5, progress=False).scores
+    assert not torch.allclose(five[legal], eap[legal], atol=1e-6)
+
+
+def naive_acdc(ev, tau):
+    """ACDC exactly as described: every edge, one full patched run per trial."""
+    G = ev.graph
+    current = G.legal.clone()
+    cur = ev.mask_values(current[None]).mean()
+    for d in reversed(range(len(G.destinations))):
+        for s in reversed(range(int(G.n_upstream[d]))):
+            if not current[s, d]:
+                continue
+            trial = current.clone()
+            trial[s, d] = False
+            value = ev.mask_values(trial[None]).mean()
+            if damage(ev.metric_name, cur, value) < tau:
+                current, cur = trial, value
+    return current
+
+
+@pytest.mark.parametrize("metric,tau", [("kl", 0.002), ("kl", 0.02), ("logit_diff", 0.05), ("logit_diff", 0.3)])
+def test_acdc_equals_naive_reference(setup, metric, tau):
+    model, data = setup
+    ev = Evaluator(model, data, metric=metric, batch_size=4, progress=False)
+    fast = acdc(ev, tau, batch=4, progress=False)
+    slow = naive_acdc(ev, tau)
+    assert torch.equal(fast.in_circuit, slow)
+    assert 0 < int(slow.sum()) < model.graph.n_edges  # a real decision, neither everything nor nothing
+
+
+def test_exact_scores_are_single_edge_ablations(setup):
+    model, data = setup
+    ev = Evaluator(model, data, progress=False)
+    ex = exact_scores(ev, progress=False)
+    G = model.graph
+    for edge in ["a0.h1->a1.h2<k>", "m1->logits", "input->m0"]:
+        m = G.legal.clone()
+        m[G.edge_index[edge]] = False
+        expected = ev.mask_values(m[None]).mean() - ev.clean_values.mean()
+        assert ex.scores[G.edge_index[edge]].item() == pytest.approx(expected, abs=1e-9)
+
+
+def test_selection_and_spec(setup):
+    model, data = setup
+    ev = Evaluator(model, data, progress=False)
+    sc = attribute(ev, "eap", progress=False)
+    top = sc.top_n(10)
+    assert int(top.sum()) == 10
+    assert sc.scores.abs()[top].min() >= sc.scores.abs()[model.graph.legal & ~top].max()
+    greedy = sc.greedy(15)
+    assert int(greedy.sum()) == 15
+    spec = sc.to_spec(greedy)
+    assert len(spec.edges) == 15 and len(spec.edge_scores) == model.graph.n_edges
+    assert spec.resolve(model.graph).mask().eq(greedy).all()
+    mib = spec.to_mib(model.graph)
+    assert sum(v["in_graph"] for v in mib["edges"].values()) == 15
+
+
+def test_faithfulness_curve_and_auc(setup):
+    model, data = setup
+    ev = Evaluator(model, data, progress=False)
+    ex = exact_scores(ev, progress=False)
+    curve = faithfulness_curve(ev, ex, fractions=(0.05, 0.2, 0.5, 1.0))
+    assert curve.faithfulness[-1] == pytest.approx(1.0, abs=1e-9)
+    synthetic = FaithfulnessCurve(np.array([0.0, 0.5, 1.0]), np.array([0, 1, 2]), np.array([0.0, 1.0, 1.0]))
+    assert synthetic.cpr == pytest.approx(0.75) and synthetic.cmd == pytest.approx(0.25)
+    reference = ex.top_n(20)
+    auc, fpr, tpr = roc_auc(ex, reference)
+    assert auc == pytest.approx(1.0) and tpr[-1] == 1.0 and fpr[-1] == 1.0
+    flipped = ex.top_n(model.graph.n_edges - 20) ^ model.graph.legal  # the 20 lowest |score|
+    assert roc_auc(ex, flipped)[0] == pytest.approx(0.0)
