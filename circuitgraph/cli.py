@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import warnings
+from pathlib import Path
 
 
 class CLIError(Exception):
@@ -55,6 +56,43 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_discover(args) -> int:
+    from .discovery import discover
+    from .scores import Evaluator
+
+    if args.threshold is not None and args.top_n is not None:
+        raise CLIError("give --threshold or --top-n, not both")
+    model, data = _load(args)
+    metric = args.metric or ("kl" if args.method == "acdc" else "logit_diff")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ev = Evaluator(model, data, metric=metric, ablation=args.ablation, batch_size=args.batch_size)
+        scores = discover(ev, args.method, steps=args.steps, tau=args.tau)
+        if args.method == "acdc" and args.threshold is None and args.top_n is None:
+            mask, how = scores.in_circuit, f"ACDC tau={args.tau:g}"
+        elif args.threshold is not None:
+            mask, how = scores.threshold(args.threshold), f"|score| >= {args.threshold:g}"
+        else:
+            n = args.top_n if args.top_n is not None else max(1, model.graph.n_edges // 100)
+            mask, how = (scores.greedy(n) if args.greedy else scores.top_n(n)), f"top {n}{' (greedy)' if args.greedy else ''}"
+        spec = scores.to_spec(mask, prune=args.prune, model=args.model, selection=how)
+        spec.name = f"{args.method} circuit"
+        spec.model = args.model
+        result = ev.evaluate(spec) if len(spec.edges) else None
+    if args.format == "mib":
+        Path(args.output).write_text(json.dumps(spec.to_mib(model.graph)) + "\n")
+    else:
+        spec.to_json(args.output)
+    summary = {"method": args.method, "selection": how, "n_edges": len(spec.edges), "n_edges_total": model.graph.n_edges,
+               "seconds": round(scores.meta["seconds"], 3), "faithfulness": result.faithfulness if result else None,
+               "output": str(args.output)}
+    print(json.dumps(summary) if args.json else
+          f"{args.method}: {summary['n_edges']} of {summary['n_edges_total']} edges ({how}), faithfulness "
+          f"{summary['faithfulness']:.3f} in {summary['seconds']:.1f}s; wrote {args.output}" if result else
+          f"{args.method}: no edge selected ({how}); wrote {args.output}")
+    return 0
+
+
 def _common(p: argparse.ArgumentParser, data: bool = True):
     p.add_argument("--model", required=True, help="hub name, local HuggingFace directory or bundled model name")
     if data:
@@ -74,6 +112,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", choices=["logit_diff", "prob_diff", "kl", "accuracy"], default="logit_diff")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_evaluate)
+    p = sub.add_parser("discover", help="find a circuit automatically (ACDC, EAP, EAP-IG, exact)")
+    _common(p)
+    p.add_argument("--method", required=True, choices=["acdc", "eap", "eap-ig", "eap-ig-activations", "exact"])
+    p.add_argument("--threshold", type=float, help="keep edges with |score| >= T")
+    p.add_argument("--top-n", type=int, help="keep the N best edges (default: 1%% of the edges; ACDC: its own decision)")
+    p.add_argument("--greedy", action="store_true", help="grow the top-n circuit from the logits (EAP-IG's greedy)")
+    p.add_argument("--prune", action="store_true", help="drop edges not on an input -> logits path")
+    p.add_argument("--steps", type=int, default=5, help="integrated-gradient steps (eap-ig*)")
+    p.add_argument("--tau", type=float, default=0.01, help="ACDC threshold")
+    p.add_argument("--metric", choices=["logit_diff", "prob_diff", "kl", "accuracy"], help="default: kl for acdc, else logit_diff")
+    p.add_argument("--ablation", choices=["corrupted", "mean", "zero"], default="corrupted")
+    p.add_argument("--format", choices=["spec", "mib"], default="spec")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("-o", "--output", required=True, type=Path)
+    p.set_defaults(func=cmd_discover)
     for register in _EXTRA_COMMANDS:
         register(sub)
     return parser

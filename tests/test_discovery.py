@@ -168,3 +168,29 @@ def test_faithfulness_curve_and_auc(setup):
     assert auc == pytest.approx(1.0) and tpr[-1] == 1.0 and fpr[-1] == 1.0
     flipped = ex.top_n(model.graph.n_edges - 20) ^ model.graph.legal  # the 20 lowest |score|
     assert roc_auc(ex, flipped)[0] == pytest.approx(0.0)
+
+
+def test_cli_discover_writes_spec_and_mib(model_dir, tmp_path, capsys):
+    import json
+
+    from circuitgraph.cli import main
+    from circuitgraph.model import load_model
+    from conftest import write_jsonl
+
+    model = load_model(model_dir)
+    data = write_jsonl(tmp_path / "d.jsonl", signal_rows(model, 6, seed=2))
+    out = tmp_path / "c.json"
+    assert main(["discover", "--model", str(model_dir), "--data", str(data), "--method", "eap-ig", "--top-n", "12",
+                 "--steps", "3", "-o", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["n_edges"] == 12 and summary["n_edges_total"] == 110
+    spec = json.loads(out.read_text())
+    assert len(spec["edges"]) == 12 and len(spec["edge_scores"]) == 110
+    mib = tmp_path / "m.json"
+    assert main(["discover", "--model", str(model_dir), "--data", str(data), "--method", "acdc", "--tau", "0.01",
+                 "--format", "mib", "-o", str(mib)]) == 0
+    m = json.loads(mib.read_text())
+    assert len(m["edges"]) == 110 and all(set(v) == {"score", "in_graph"} for v in m["edges"].values())
+    assert main(["discover", "--model", str(model_dir), "--data", str(data), "--method", "eap", "--top-n", "3",
+                 "--threshold", "0.1", "-o", str(out)]) == 2
+    assert "not both" in capsys.readouterr().err
