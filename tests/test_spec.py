@@ -107,3 +107,17 @@ def test_bad_files(tmp_path):
     (tmp_path / "mib.json").write_text(json.dumps({"cfg": {}, "edges": {"input->logits": {"score": 1.0}}, "nodes": {}}))
     with pytest.raises(SpecError, match="edge 'input->logits' needs an object with 'in_graph'"):
         CircuitSpec.load(tmp_path / "mib.json")
+
+
+def test_shipped_reference_specs_fit_gpt2():
+    g = Graph.from_hf_config(GPT2Config())
+    ioi = CircuitSpec.load(ROOT / "specs" / "ioi_gpt2.json")
+    heads = ioi.all_nodes()
+    assert len(heads) == 26 and len(ioi.groups) == 7 and ioi.source
+    assert set(ioi.groups["name movers"].nodes) == {"a9.h9", "a10.h0", "a9.h6"}
+    r = ioi.resolve(g)
+    assert r.position_names == {"IO", "S1", "S1+1", "S2", "END"}
+    assert r.edges[g.edge_index["a4.h11->a5.h5<k>"]] == ["S1+1"]
+    gt = CircuitSpec.load(ROOT / "specs" / "greaterthan_gpt2.json")
+    assert {"m8", "m9", "m10", "m11"} <= set(gt.all_nodes()) and gt.source
+    assert g.edge_index["m9->m10"] in gt.resolve(g).edges

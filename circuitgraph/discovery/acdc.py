@@ -58,9 +58,10 @@ class _TrialRunner:
         return total / len(ev.data)
 
 
-def acdc(ev: Evaluator, tau: float, batch: int = 8, progress: bool = True) -> EdgeScores:
+def acdc(ev: Evaluator, tau: float, batch: int = 8, progress: bool = True, max_edges: int | None = None) -> EdgeScores:
     """Run ACDC with threshold ``tau`` on the evaluator's metric (use ``metric="kl"`` for the paper's
-    default).  Scores are each visited edge's damage when it was tried; ``in_circuit`` the result."""
+    default).  Scores are each visited edge's damage when it was tried; ``in_circuit`` the result.
+    ``max_edges`` stops after visiting that many edges (the rest stay in; for benchmarks)."""
     G, engine = ev.graph, ev.engine
     metric = ev.metric_name
     runner = _TrialRunner(ev)
@@ -71,10 +72,16 @@ def acdc(ev: Evaluator, tau: float, batch: int = 8, progress: bool = True) -> Ed
     cumulative = False
     n_dead = 0
     bar = tqdm(total=G.n_edges, desc=f"ACDC tau={tau:g}", leave=False, disable=not progress)
+    visited = 0
     for d in reversed(range(len(G.destinations))):
+        if max_edges is not None and visited >= max_edges:
+            break
         node = G.node_of(G.destinations[d])
         layer = len(engine.w.layers) if node == "logits" else int(node[1:].split(".")[0])
         candidates = [s for s in reversed(range(int(G.n_upstream[d]))) if current[s, d]]
+        if max_edges is not None:
+            candidates = candidates[:max_edges - visited]
+        visited += len(candidates)
         if node != "logits" and tau > 0 and not current[node_source[node]].any():
             current[candidates, d] = False  # nothing reads this node: its inputs cannot matter
             n_dead += len(candidates)
