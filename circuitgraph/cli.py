@@ -133,9 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extra_commands() -> list:
+    from .demo import register_cli as demo
+    from .pathpatch import register_cli as path_patch
     from .render import register_cli as render
 
-    return [render]
+    return [render, path_patch, demo]
 
 
 _EXTRA_COMMANDS: list = _extra_commands()
