@@ -93,6 +93,22 @@ def cmd_discover(args) -> int:
     return 0
 
 
+def cmd_make_data(args) -> int:
+    from .model import load_model
+    from .tasks import make_data, write_jsonl
+
+    if args.n < 1:
+        raise CLIError(f"-n must be at least 1, got {args.n}")
+    model = load_model(args.model)
+    rows = make_data(args.task, model.tokenizer, args.n, seed=args.seed)
+    write_jsonl(rows, args.output)
+    from .data import read_jsonl, tokenize
+
+    tokenize(read_jsonl(args.output), model.tokenizer, source=str(args.output))  # checked for this model
+    print(f"wrote {len(rows)} {args.task} examples for {args.model} to {args.output}")
+    return 0
+
+
 def _common(p: argparse.ArgumentParser, data: bool = True):
     p.add_argument("--model", required=True, help="hub name, local HuggingFace directory or bundled model name")
     if data:
@@ -127,6 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("-o", "--output", required=True, type=Path)
     p.set_defaults(func=cmd_discover)
+    p = sub.add_parser("make-data", help="write a task dataset (ioi, greater-than, induction, docstring)")
+    p.add_argument("task", help="ioi, greater-than, induction or docstring")
+    p.add_argument("--model", required=True, help="the model whose tokenizer the data is made and checked for")
+    p.add_argument("-n", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-o", "--output", required=True, type=Path)
+    p.set_defaults(func=cmd_make_data)
     for register in _EXTRA_COMMANDS:
         register(sub)
     return parser

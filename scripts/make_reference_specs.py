@@ -69,9 +69,36 @@ def greater_than() -> CircuitSpec:
     return s
 
 
+def induction_toy() -> CircuitSpec:
+    """The bundled toy-induction model's circuit, read off the trained model: attention patterns
+    (scripts/train_toy_induction.py records them in metrics.json) and single-edge effects."""
+    s = CircuitSpec(
+        name="toy-induction circuit", model="toy-induction", task="induction",
+        source="Found in circuitgraph's bundled toy-induction model (attention-only, 2 layers x 4 heads); the "
+               "mechanism is that of Olsson et al. (2022), In-context Learning and Induction Heads, and "
+               "Elhage et al. (2021), A Mathematical Framework for Transformer Circuits.",
+        description="Layer-0 heads a0.h0 and a0.h1 attend to the previous token (attention on offset 1: 0.95, "
+                    "0.96) and a0.h3 to the token two back (offset 2: 0.91); their outputs form the keys of "
+                    "the four layer-1 induction heads (K-composition; induction attention 0.85-0.96), which "
+                    "read the attended token through their values and write it to the logits.")
+    s.group("previous token", ["a0.h0", "a0.h1"], positions=["FIRST+1"])
+    s.group("token two back", ["a0.h3"], positions=["FIRST+1"])
+    s.group("induction", ["a1.h0", "a1.h1", "a1.h2", "a1.h3"], positions=["END"])
+    s.connect("input", "previous token")
+    s.connect("input", "token two back")
+    s.connect("previous token", "induction", "k")
+    s.connect("token two back", "induction", "k")
+    s.connect("input", "induction", "qv")
+    s.connect("induction", "logits")
+    return s
+
+
 if __name__ == "__main__":
     graph = Graph.from_hf_config(GPT2Config())
     for name, spec in [("ioi_gpt2.json", ioi()), ("greaterthan_gpt2.json", greater_than())]:
         resolved = spec.resolve(graph)
         spec.to_json(SPECS / name)
         print(f"{name}: {len(spec.all_nodes())} nodes, {len(resolved)} edges, positions {sorted(resolved.position_names)}")
+    toy = induction_toy()
+    print(f"induction_toy.json: {len(toy.resolve(Graph(2, 4)))} edges")
+    toy.to_json(SPECS / "induction_toy.json")

@@ -1,0 +1,163 @@
+"""Dataset generators for the classic circuit tasks, in the DESIGN.md JSONL format.
+
+Every generator is ``generate(tokenizer, n, seed=0, **options) -> list[dict]`` and returns
+examples ``{"clean", "corrupted", "answer", "wrong", "positions"}``. Positions count the tokens of
+the text itself (``tokenizer(text, add_special_tokens=False)``, 0-based). Generators filter
+their built-in word lists down to words that are one token for the given tokenizer, and raise
+:class:`TaskError` when an answer would not be a single token or too few words remain, so a
+dataset is never silently wrong for the model it is made for.
+
+The shared helpers live here, above the task imports, so each task module can use them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+
+class TaskError(ValueError):
+    """A dataset cannot be generated for this tokenizer (the message names the word)."""
+
+
+# ---------------------------------------------------------------- tokenizer helpers
+
+
+def tokenizer_name(tokenizer) -> str:
+    return getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """Token ids of the text itself, as positions count them (no special tokens)."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def single_token_id(tokenizer, word: str) -> int | None:
+    """The word's token id if it is exactly one known token (not the unknown token), else None."""
+    ids = encode(tokenizer, word)
+    if len(ids) != 1 or ids[0] == getattr(tokenizer, "unk_token_id", None):
+        return None
+    return ids[0]
+
+
+def require_single(tokenizer, word: str, role: str) -> int:
+    """Id of a word that must be one token; TaskError naming the word otherwise."""
+    tid = single_token_id(tokenizer, word)
+    if tid is None:
+        ids = encode(tokenizer, word)
+        what = "the unknown token" if len(ids) == 1 else f"{len(ids)} tokens"
+        raise TaskError(f"{role} {word!r} is {what} for this tokenizer ({tokenizer_name(tokenizer)}); "
+                        f"every answer and wrong word must be exactly one token")
+    return tid
+
+
+def single_token_words(tokenizer, words: Iterable[str], prefix: str = " ") -> list[str]:
+    """The words (order kept) whose ``prefix + word`` is one known token."""
+    return [w for w in words if single_token_id(tokenizer, prefix + w) is not None]
+
+
+def pick_words(tokenizer, words: Sequence[str] | None, builtin: Sequence[str], what: str,
+               minimum: int, prefix: str = " ") -> list[str]:
+    """User-given words must all be single tokens; the built-in list is filtered instead."""
+    if words is not None:
+        for w in words:
+            require_single(tokenizer, prefix + w, what.rstrip("s"))
+        kept = list(dict.fromkeys(words))
+    else:
+        kept = single_token_words(tokenizer, builtin, prefix)
+    if len(kept) < minimum:
+        raise TaskError(f"only {len(kept)} {what} are single tokens for this tokenizer "
+                        f"({tokenizer_name(tokenizer)}); need at least {minimum} (pass your own with {what}=...)")
+    return kept
+
+
+def token_index(tokenizer, text: str, char: int) -> int:
+    """Index of the token that holds character ``char`` of ``text`` (no special tokens)."""
+    if getattr(tokenizer, "is_fast", False):
+        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        for i, (_, end) in enumerate(offsets):
+            if end > char:
+                return i
+        raise TaskError(f"character {char} of {text!r} is past the last token")
+    prefix = text[:char]
+    if prefix.endswith(" "):  # the space belongs to the word's token in GPT-2-style BPE
+        prefix = prefix[:-1]
+    return len(encode(tokenizer, prefix))
+
+
+def fill(template: str, values: dict[str, str]) -> tuple[str, dict[str, list[int]]]:
+    """Fill ``[SLOT]`` placeholders; also return each slot's character starts, in order."""
+    out, starts, last = [], {}, 0
+    for m in re.finditer(r"\[([A-Z_][A-Z0-9_]*)\]", template):
+        out.append(template[last:m.start()])
+        starts.setdefault(m.group(1), []).append(sum(map(len, out)))
+        out.append(values[m.group(1)])
+        last = m.end()
+    out.append(template[last:])
+    return "".join(out), starts
+
+
+def make_example(tokenizer, clean: str, corrupted: str, answer, wrong,
+                 positions: dict[str, int], expect: dict[str, int] | None = None) -> dict:
+    """Check lengths (and the token ids ``expect`` names at positions), then build the dict."""
+    ids, cids = encode(tokenizer, clean), encode(tokenizer, corrupted)
+    if len(ids) != len(cids):
+        raise TaskError(f"clean and corrupted tokenize to {len(ids)} and {len(cids)} tokens for this tokenizer "
+                        f"({tokenizer_name(tokenizer)}): {clean!r} / {corrupted!r}")
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is not None and (unk in ids or unk in cids):
+        raise TaskError(f"{clean!r} has words this tokenizer ({tokenizer_name(tokenizer)}) does not know")
+    for name, tid in (expect or {}).items():
+        if ids[positions[name]] != tid:
+            raise TaskError(f"position {name}={positions[name]} of {clean!r} is not the expected token "
+                            f"for this tokenizer ({tokenizer_name(tokenizer)}); the word merges with its neighbours")
+    return {"clean": clean, "corrupted": corrupted, "answer": answer, "wrong": wrong, "positions": positions}
+
+
+def rng_for(seed: int) -> random.Random:
+    return random.Random(seed)
+
+
+# ---------------------------------------------------------------- registry
+
+from . import docstring, greater_than, induction, ioi  # noqa: E402  (they use the helpers above)
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    generate: Callable[..., list[dict]]
+    metric: str
+    description: str
+
+
+TASKS: dict[str, Task] = {
+    "ioi": Task("ioi", ioi.generate, "logit_diff", "indirect object identification (Wang et al. 2022)"),
+    "greater-than": Task("greater-than", greater_than.generate, "prob_diff", "year comparison (Hanna et al. 2023)"),
+    "induction": Task("induction", induction.generate, "logit_diff", "repeated random tokens"),
+    "docstring": Task("docstring", docstring.generate, "logit_diff", "next :param name (Heimersheim & Janiak 2023)"),
+}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise TaskError(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def make_data(task_name: str, tokenizer, n: int, seed: int = 0, **options) -> list[dict]:
+    """``n`` examples of a named task for this tokenizer."""
+    return get_task(task_name).generate(tokenizer, n, seed=seed, **options)
+
+
+def write_jsonl(examples: Iterable[dict], path: str | os.PathLike) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for ex in examples:
+            f.write(json.dumps(ex, ensure_ascii=False) + "\n")
+
+
+__all__ = ["TASKS", "Task", "TaskError", "get_task", "make_data", "write_jsonl"]
