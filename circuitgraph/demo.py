@@ -16,7 +16,8 @@ def run_demo(out: Path, n_examples: int = 64, progress: bool = True) -> dict:
     from rich.table import Table
 
     from .data import Example, tokenize
-    from .discovery import attribute, faithfulness_curve, roc_auc
+    from .discovery import discover, faithfulness_curve, roc_auc
+    from .pathpatch import path_patch_sweep, plot_path_patching
     from .model import load_model
     from .render import render
     from .scores import Evaluator
@@ -51,7 +52,13 @@ def run_demo(out: Path, n_examples: int = 64, progress: bool = True) -> dict:
     render(spec, model.graph, out / "hypothesis.png", verified={k: v[0] for k, v in effects.items()},
            title=f"{spec.name}: faithfulness {score.faithfulness:.2f}")
 
-    scores = attribute(ev, "eap-ig", steps=5, progress=progress)
+    keys = [f"{h}<k>" for h in spec.groups["induction"].nodes]
+    sweep = path_patch_sweep(model, data, keys, evaluator=ev)
+    plot_path_patching(sweep, out / "path_patching.png", title="path patching -> induction heads' keys")
+    top = ", ".join(f"{n} {v:+.2f}" for n, v in sweep.top(3))
+    console.print(f"[bold]4. Connections[/bold] path patching into the induction heads' keys, strongest senders: {top}")
+
+    scores = discover(ev, "eap-ig", steps=5, progress=progress)
     n = int(score.n_edges)
     found = scores.to_spec(scores.greedy(n), prune=True, model="toy-induction", selection=f"greedy top {n}")
     found.name = "EAP-IG circuit"
@@ -62,12 +69,12 @@ def run_demo(out: Path, n_examples: int = 64, progress: bool = True) -> dict:
     curve.plot(out / "faithfulness_curve.png")
     render(found, model.graph, out / "discovered.png", title=f"EAP-IG, {len(found.edges)} edges: faithfulness {found_score.faithfulness:.2f}")
     render(found, model.graph, out / "discovered.svg")
-    console.print(f"[bold]4. Discovery[/bold] EAP-IG (5 steps) in {scores.meta['seconds']:.1f}s: top {len(found.edges)} edges "
+    console.print(f"[bold]5. Discovery[/bold] EAP-IG (5 steps) in {scores.meta['seconds']:.1f}s: top {len(found.edges)} edges "
                   f"faithfulness {found_score.faithfulness:.3f}; AUC vs the hypothesis {auc:.3f}; CPR {curve.cpr:.3f}, CMD {curve.cmd:.3f}")
     summary = {"hypothesis": score.to_dict(), "discovered": {"n_edges": len(found.edges), "faithfulness": found_score.faithfulness,
                "auc_vs_hypothesis": auc, "cpr": curve.cpr, "cmd": curve.cmd}, "seconds": time.perf_counter() - t0}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    console.print(f"[bold]5. Files[/bold] in {out.resolve()}:")
+    console.print(f"[bold]6. Files[/bold] in {out.resolve()}:")
     for f in sorted(out.iterdir()):
         console.print(f"   {f.name}")
     console.print(f"done in {summary['seconds']:.1f}s")
