@@ -6,7 +6,7 @@ faithfulness curve, wall time. Writes benchmarks/results/toy_induction_methods.j
 import torch, warnings, json
 warnings.simplefilter("ignore"); torch.set_num_threads(2)
 import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_toy_circuit import _edges, SPEC
+from test_toy_circuit import SPEC
 from circuitgraph.data import Example, tokenize
 from circuitgraph.discovery import discover, roc_auc, faithfulness_curve
 from circuitgraph.model import load_model
@@ -15,7 +15,7 @@ from circuitgraph.spec import CircuitSpec
 from circuitgraph.tasks import make_data
 model = load_model("toy-induction")
 data = tokenize([Example(**r) for r in make_data("induction", model.tokenizer, 48, seed=7)], model.tokenizer)
-ref = _edges(CircuitSpec.load(SPEC).resolve(model.graph))
+ref = CircuitSpec.load(SPEC).resolve(model.graph).edge_mask()
 rows = []
 for method in ["eap", "eap-ig", "eap-ig-activations", "exact", "acdc"]:
     ev = Evaluator(model, data, metric="kl" if method == "acdc" else "logit_diff", progress=False)

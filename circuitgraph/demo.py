@@ -64,7 +64,7 @@ def run_demo(out: Path, n_examples: int = 64, progress: bool = True) -> dict:
     found.name = "EAP-IG circuit"
     found_score = ev.evaluate(found)
     found.to_json(out / "discovered.json")
-    auc, _, _ = roc_auc(scores, spec.resolve(model.graph).mask())
+    auc, _, _ = roc_auc(scores, spec.resolve(model.graph).edge_mask())
     curve = faithfulness_curve(ev, scores)
     curve.plot(out / "faithfulness_curve.png")
     render(found, model.graph, out / "discovered.png", title=f"EAP-IG, {len(found.edges)} edges: faithfulness {found_score.faithfulness:.2f}")

@@ -264,6 +264,13 @@ class ResolvedCircuit:
                 m[s, d] = True
         return m
 
+    def edge_mask(self) -> torch.Tensor:
+        """Bool ``[n_sources, n_destinations]`` of every edge in the circuit, at any position."""
+        m = torch.zeros(len(self.graph.sources), len(self.graph.destinations), dtype=torch.bool)
+        for s, d in self.edges:
+            m[s, d] = True
+        return m
+
     def without(self, edges: list[tuple[int, int]]) -> "ResolvedCircuit":
         drop = set(edges)
         return ResolvedCircuit(self.graph, {k: v for k, v in self.edges.items() if k not in drop})

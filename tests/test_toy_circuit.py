@@ -4,7 +4,6 @@ discovery method finds its key edges."""
 from pathlib import Path
 
 import pytest
-import torch
 
 from circuitgraph.data import Example, tokenize
 from circuitgraph.discovery import discover, roc_auc
@@ -42,13 +41,6 @@ def test_every_method_finds_the_known_edges(toy, method):
     assert names & {"a0.h0->a1.h1<k>", "a0.h1->a1.h1<k>"}, names  # previous-token head -> induction head key
     assert "a1.h1->logits" in names
     reference = CircuitSpec.load(SPEC).resolve(model.graph)
-    auc, _, _ = roc_auc(scores, _edges(reference))
+    auc, _, _ = roc_auc(scores, reference.edge_mask())
     assert auc > 0.7  # far above chance (0.5) at ranking the known circuit's 33 of 110 edges
 
-
-def _edges(resolved):
-    """Every edge of the circuit, position-restricted or not."""
-    m = torch.zeros(len(resolved.graph.sources), len(resolved.graph.destinations), dtype=torch.bool)
-    for s, d in resolved.edges:
-        m[s, d] = True
-    return m
