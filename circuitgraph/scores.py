@@ -85,6 +85,13 @@ class Evaluator:
         self._cache_ok = ablation == "corrupted" and per_example * len(data) <= cache_budget_mb
         self.clean_values, self.base_values = self._baselines()
 
+    @property
+    def circuits_per_pass(self) -> int:
+        """How many circuits share one patched pass.  Stacking circuits saves per-operation overhead
+        (small models, GPUs) but not arithmetic, so on a CPU a large model runs them one by one."""
+        work = self.engine.D * min(self.batch_size, len(self.data)) * self.data.clean.shape[1]
+        return 16 if self.model.device.type != "cpu" or work <= 2**21 else 1
+
     # ----- runs ----------------------------------------------------------------------------
     def _spans(self):
         return [(i, min(i + self.batch_size, len(self.data))) for i in range(0, len(self.data), self.batch_size)]
@@ -146,9 +153,10 @@ class Evaluator:
         return torch.cat(clean).numpy(), torch.cat(base).numpy()
 
     @torch.no_grad()
-    def metric_values(self, circuits: list[ResolvedCircuit], complement: bool = False, chunk: int = 16,
+    def metric_values(self, circuits: list[ResolvedCircuit], complement: bool = False, chunk: int | None = None,
                       desc: str | None = None) -> np.ndarray:
         """Per-example metric ``[C, N]`` with each circuit (or its complement) patched in."""
+        chunk = chunk or self.circuits_per_pass
         out = np.zeros((len(circuits), len(self.data)), dtype=np.float64)
         groups = [circuits[i:i + chunk] for i in range(0, len(circuits), chunk)]
         spans = self._spans()
@@ -168,9 +176,10 @@ class Evaluator:
         return out
 
     @torch.no_grad()
-    def mask_values(self, masks: torch.Tensor, chunk: int = 16, desc: str | None = None) -> np.ndarray:
+    def mask_values(self, masks: torch.Tensor, chunk: int | None = None, desc: str | None = None) -> np.ndarray:
         """Per-example metric ``[C, N]`` for circuits given directly as bool ``[C, n_sources, n_destinations]``
         edge masks (fast for many large circuits, e.g. "everything but these edges")."""
+        chunk = chunk or self.circuits_per_pass
         out = np.zeros((masks.shape[0], len(self.data)), dtype=np.float64)
         spans = self._spans()
         jobs = [(c, s) for c in range(0, masks.shape[0], chunk) for s in range(len(spans))]
@@ -253,13 +262,13 @@ class Evaluator:
         vals = self.metric_values(circuits, desc=desc)
         return _normalised(vals, self.clean_values[None], self.base_values[None])
 
-    def edge_effects(self, circuit: CircuitSpec | ResolvedCircuit, chunk: int = 16) -> dict[str, tuple[float, float]]:
+    def edge_effects(self, circuit: CircuitSpec | ResolvedCircuit, chunk: int | None = None) -> dict[str, tuple[float, float]]:
         """Drop in faithfulness when each edge alone is removed from the circuit: ``{edge: (drop, se)}``."""
         circuit = self.resolve(circuit)
         keys = list(circuit.edges)
         return self._drops(circuit, [[k] for k in keys], circuit.edge_names, chunk, "edge effects")
 
-    def node_effects(self, circuit: CircuitSpec | ResolvedCircuit, chunk: int = 16) -> dict[str, tuple[float, float]]:
+    def node_effects(self, circuit: CircuitSpec | ResolvedCircuit, chunk: int | None = None) -> dict[str, tuple[float, float]]:
         """Drop in faithfulness when every edge into or out of a node is removed."""
         circuit = self.resolve(circuit)
         g = self.graph

@@ -58,12 +58,13 @@ class _TrialRunner:
         return total / len(ev.data)
 
 
-def acdc(ev: Evaluator, tau: float, batch: int = 8, progress: bool = True, max_edges: int | None = None) -> EdgeScores:
+def acdc(ev: Evaluator, tau: float, batch: int | None = None, progress: bool = True, max_edges: int | None = None) -> EdgeScores:
     """Run ACDC with threshold ``tau`` on the evaluator's metric (use ``metric="kl"`` for the paper's
     default).  Scores are each visited edge's damage when it was tried; ``in_circuit`` the result.
     ``max_edges`` stops after visiting that many edges (the rest stay in; for benchmarks)."""
     G, engine = ev.graph, ev.engine
     metric = ev.metric_name
+    batch = batch or min(8, ev.circuits_per_pass)
     runner = _TrialRunner(ev)
     current = G.legal.clone()
     cur = float(runner.mean_metric(current[None], len(engine.w.layers))[0])
@@ -119,9 +120,10 @@ def acdc(ev: Evaluator, tau: float, batch: int = 8, progress: bool = True, max_e
                       in_circuit=current)
 
 
-def exact_scores(ev: Evaluator, batch: int = 16, progress: bool = True) -> EdgeScores:
+def exact_scores(ev: Evaluator, batch: int | None = None, progress: bool = True) -> EdgeScores:
     """Each edge's true effect: M(clean run with only that edge ablated) - M(clean), batched."""
     G = ev.graph
+    batch = batch or ev.circuits_per_pass
     runner = _TrialRunner(ev)
     pairs = torch.nonzero(G.legal)
     scores = torch.zeros(len(G.sources), len(G.destinations), dtype=torch.float64)
