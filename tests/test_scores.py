@@ -192,3 +192,18 @@ def test_unsupported_architecture_says_why():
 
     with pytest.raises(UnsupportedArchitecture, match="'BertForMaskedLM' is not supported"):
         from_config(BertConfig(architectures=["BertForMaskedLM"]))
+
+
+def test_unknown_model_name_is_one_clear_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    (tmp_path / "s.json").write_text(json.dumps(SPEC))
+    (tmp_path / "d.jsonl").write_text(json.dumps(random_rows(1)[0]) + "\n")
+    r = subprocess.run([sys.executable, "-m", "circuitgraph.cli", "evaluate", "--model", "no-such-model-xyz", "--data",
+                        str(tmp_path / "d.jsonl"), "--spec", str(tmp_path / "s.json")], capture_output=True, text=True, env=env)
+    assert r.returncode == 2
+    assert "model 'no-such-model-xyz': not a bundled model (toy-induction, toy-ioi), not a local directory" in r.stderr
+    assert "Traceback" not in r.stderr
