@@ -155,3 +155,17 @@ def test_cli(tmp_path, monkeypatch, capsys):
     # the subcommand is self-contained: it also registers on a bare parser
     sub = argparse.ArgumentParser().add_subparsers()
     register_cli(sub)
+
+
+@pytest.mark.parametrize("name,graph,n_nodes,n_edges", [("ioi_gpt2.json", Graph(12, 12), 28, 158),
+                                                         ("induction_toy.json", Graph(2, 4), 9, 33)])
+def test_shipped_specs_render(tmp_path, name, graph, n_nodes, n_edges):
+    spec = CircuitSpec.load(Path(__file__).resolve().parents[1] / "specs" / name)
+    resolved = spec.resolve(graph)
+    render(spec, graph, tmp_path / "c.svg")
+    nodes, edges, _ = drawn(tmp_path / "c.svg")
+    assert len(nodes) == n_nodes == len(spec.all_nodes()) + 2  # the groups' heads, input and logits
+    assert len(edges) == n_edges == len(resolved)
+    ports = {name.split("<")[1][0] if "<" in name else None for name in resolved.edge_names}
+    strokes = {stroke for _, stroke, _ in edges}
+    assert {PORT_COLORS[p] for p in ports} == strokes  # one colour per port, and q, k, v all present
