@@ -53,12 +53,12 @@ def timed(fn, repeats=1):
     return out, best
 
 
-def gpt2_setup():
+def gpt2_setup(**shape):
     from transformers import GPT2Config
 
     from circuitgraph.model import from_config
 
-    model = from_config(GPT2Config(), seed=0)
+    model = from_config(GPT2Config(**shape), seed=0)
     g = torch.Generator().manual_seed(0)
     clean = torch.randint(0, 50257, (16, 16), generator=g)
     corrupt = torch.randint(0, 50257, (16, 16), generator=g)
@@ -112,6 +112,8 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(2)
     results = [bench("toy-induction", *toy_setup(), acdc_edges=None, tau=0.005)]
+    results.append(bench("gpt2 4 layers x 4 heads, d=256 (random init)", *gpt2_setup(n_layer=4, n_head=4, n_embd=256),
+                         acdc_edges=None, tau=0.001))
     results.append(bench("gpt2-small (random init)", *gpt2_setup(), acdc_edges=args.acdc_edges, tau=0.001))
     dest = ROOT / "benchmarks" / "results"
     dest.mkdir(parents=True, exist_ok=True)

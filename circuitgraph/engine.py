@@ -15,6 +15,7 @@ batch axis.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +77,11 @@ class PrefixState:
     resid: torch.Tensor  # [B, P, D] patched residual at the start of the layer
     deltas: list[torch.Tensor]  # per source block before the layer: patched - ablated, all rows
 
+    @cached_property
+    def flat(self) -> torch.Tensor:
+        """All sources' deltas before the layer, ``[n_sources_before, B, P, D]`` in source order."""
+        return torch.cat(self.deltas)
+
 
 @dataclass
 class Plan:
@@ -86,6 +92,7 @@ class Plan:
     needed: list[torch.Tensor] = field(default_factory=list)  # per source block: local rows whose deltas are used
     offsets: list[int] = field(default_factory=list)  # per source block: its first row in the delta buffer
     n_rows: int = 0
+    buffer_sources: torch.Tensor | None = None  # global source index of each buffer row
 
 
 class PatchEngine:
@@ -234,6 +241,7 @@ class PatchEngine:
             for r in rows_b.tolist():
                 buffer_row[self.src_blocks[b].start + r] = len(buffer_row)
         plan.n_rows = len(buffer_row)
+        plan.buffer_sources = torch.tensor(list(buffer_row), dtype=torch.long, device=masks.device)
         for bi, (from_a, from_r, custom, rows, coef, up, positional) in enumerate(raw):
             if not len(custom):
                 plan.blocks.append(BlockPlan(from_a, from_r, custom, 0, None, None, None, positional))
@@ -307,6 +315,8 @@ class PatchEngine:
                 x = A.expand(n, Bt, P, D)
             if bp.coef is None:
                 return x
+            if split is not None:
+                return x + resumed_mix(bp, n)
             G = dbuf[:, :bp.prefix] if bp.gather is None else dbuf.index_select(1, bp.gather.to(dbuf.device))
             K = G.shape[1]
             if bp.positional:
@@ -317,6 +327,22 @@ class PatchEngine:
                 mix = torch.bmm(bp.coef.transpose(1, 2), G.reshape(C, K, -1))  # [C, n, B*P*D]
                 mix = mix.view(C, n, B, P, D).transpose(0, 1).reshape(n, Bt, P, D)
             return x + mix
+
+        def resumed_mix(bp: BlockPlan, n: int) -> torch.Tensor:
+            """The mix when rows before ``split`` live in the prefix state (one copy for all circuits)."""
+            rows = bp.gather.to(dbuf.device) if bp.gather is not None else torch.arange(bp.prefix, device=dbuf.device)
+            coef = bp.coef  # [C, K, n]
+            pre = rows < split
+            mix = 0
+            if bool(pre.any()):
+                Gp = start.flat.index_select(0, plan.buffer_sources[rows[pre]].to(dbuf.device))  # [Kp, B, P, D]
+                mix = torch.einsum("kx,ckn->cnx", Gp.reshape(Gp.shape[0], -1), coef[:, pre])
+            if bool((~pre).any()):
+                Gq = dbuf.index_select(1, rows[~pre])  # [C, Kq, B, P, D]
+                mix = mix + torch.bmm(coef[:, ~pre].transpose(1, 2), Gq.reshape(C, Gq.shape[1], -1))
+            return mix.view(C, n, B, P, D).transpose(0, 1).reshape(n, Bt, P, D)
+
+        split = None
 
         def single_input(bi: int, A: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
             """Input of a one-destination block (an MLP or the logits)."""
@@ -341,12 +367,14 @@ class PatchEngine:
                 keep_full(0, emb[None])
         else:
             resid, first = (start.resid.repeat(C, 1, 1) if C > 1 else start.resid), start.layer
-            for block in range(1 + 2 * first):
-                rows = plan.needed[block]
-                if len(rows):
-                    o = plan.offsets[block]
-                    d = start.deltas[block][rows.to(start.deltas[block].device)]
-                    dbuf[:, o:o + len(rows)] = d[None]
+            if any(bp.positional for bp in plan.blocks):  # the simple way: copy the state into the buffer
+                for block in range(1 + 2 * first):
+                    rows = plan.needed[block]
+                    if len(rows):
+                        o = plan.offsets[block]
+                        dbuf[:, o:o + len(rows)] = start.deltas[block][rows.to(dbuf.device)][None]
+            else:  # buffer rows below this one are read from the state, shared by every circuit
+                split = plan.offsets[1 + 2 * first] if 1 + 2 * first < len(plan.offsets) else plan.n_rows
         last_layer = len(self.w.layers) if stop_layer is None else stop_layer
         for layer in range(first, last_layer):
             lw = self.w.layers[layer]

@@ -174,3 +174,25 @@ def test_removing_one_edge_matches_transformerlens_hook_patch(family, edge):
         plain = bridge(clean)
     assert (got - ref).abs().max() < TOL
     assert (ref - plain).abs().max() > 1e-4  # the edge matters, so the comparison is informative
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "neox"])
+def test_resuming_from_a_clean_prefix_state_matches_a_full_run(family):
+    """ACDC's trials resume at a layer; edges into that layer and later may differ freely."""
+    m = build(family, seed=13)
+    e, G = m.engine, m.graph
+    clean, corrupt = tokens(9)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        _, outs = e.run(corrupt, record=True)
+        abl = e.make_ablation(outs, "corrupted")
+        _, clean_outs = e.run(clean, record=True)
+        states = e.clean_states(clean_outs, abl)
+        for layer, state in enumerate(states):
+            masks = (torch.rand(3, len(G.sources), len(G.destinations), generator=g) < 0.5) & G.legal
+            first = G.head_dest(layer, 0, "q") if layer < len(states) - 1 else G.logits_dest
+            masks[:, :, :first] = G.legal[:, :first]  # before the layer: the full (clean) circuit
+            for C in (1, 3):
+                plan = e.compile(masks[:C])
+                resumed = e.patched_run(clean, abl, plan, start=state)
+                assert (resumed - e.patched_run(clean, abl, plan)).abs().max() < TOL
