@@ -6,8 +6,9 @@ it removes an edge when removing it (from the current circuit) worsens the metri
 
 * trials resume at the destination's layer: ACDC has not yet touched any edge into an earlier
   layer, so everything before it is the clean run, computed once;
-* on a GPU, trials for one destination run as a batch of circuits, speculating that the candidates are all
-  kept (or, after a run of removals, all removed); a wrong guess only re-runs what follows it;
+* trials for one destination run as a batch of circuits, speculating that the candidates are all
+  kept (or, after a run of removals, all removed); a wrong guess only re-runs what follows it, and
+  the batch adapts to how often guesses hold;
 * an edge into a node that has no remaining outgoing edge cannot change anything: it is removed
   without a run (when ``tau > 0``, exactly what the slow algorithm would decide).
 """
@@ -64,9 +65,11 @@ def acdc(ev: Evaluator, tau: float, batch: int | None = None, progress: bool = T
     ``max_edges`` stops after visiting that many edges (the rest stay in; for benchmarks)."""
     G, engine = ev.graph, ev.engine
     metric = ev.metric_name
-    # speculative batches pay off where extra circuits are nearly free (GPUs); on a CPU they cost
-    # about what they save, and misses are pure loss
-    batch = batch or (8 if ev.model.device.type != "cpu" else 1)
+    # speculative batches pay off while the guesses hold; the batch grows after a fully right guess
+    # and shrinks to what was decided after a miss (misses are pure loss)
+    # (on a CPU, where a circuit costs its full arithmetic, one trial at a time measured fastest)
+    max_batch = batch or (8 if ev.model.device.type != "cpu" else 1)
+    batch = max_batch
     runner = _TrialRunner(ev)
     current = G.legal.clone()
     cur = float(runner.mean_metric(current[None], len(engine.w.layers))[0])
@@ -115,6 +118,7 @@ def acdc(ev: Evaluator, tau: float, batch: int | None = None, progress: bool = T
                     break  # later trials assumed this edge removed
             bar.update(decided)
             cumulative = removed > decided / 2 if decided > 1 else removed == 1
+            batch = min(max_batch, 2 * len(chunk)) if decided == len(chunk) else max(1, decided)
             i += decided
     bar.close()
     return EdgeScores(G, scores, "acdc", {"tau": tau, "metric": metric, "n_trials": runner.n_runs,
