@@ -40,7 +40,15 @@ def neox_config(parallel=True):
                          eos_token_id=1, architectures=["GPTNeoXForCausalLM"], initializer_range=0.15)
 
 
-CONFIGS = {"gpt2": gpt2_config, "llama": llama_config, "neox": neox_config, "neox-sequential": lambda: neox_config(False)}
+def qwen2_config():
+    from transformers import Qwen2Config
+
+    return Qwen2Config(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, hidden_size=32, intermediate_size=48,
+                       vocab_size=VOCAB, max_position_embeddings=32, bos_token_id=1, eos_token_id=1, pad_token_id=2,
+                       architectures=["Qwen2ForCausalLM"], initializer_range=0.15, use_sliding_window=False)
+
+
+CONFIGS = {"gpt2": gpt2_config, "llama": llama_config, "qwen2": qwen2_config, "neox": neox_config, "neox-sequential": lambda: neox_config(False)}
 
 
 def randomize_norms(hf, seed=0):

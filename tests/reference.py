@@ -11,7 +11,8 @@ NEG = -1e30
 
 
 def _family(hf):
-    return {"GPT2LMHeadModel": "gpt2", "GPTNeoXForCausalLM": "neox", "LlamaForCausalLM": "llama"}[type(hf).__name__]
+    return {"GPT2LMHeadModel": "gpt2", "GPTNeoXForCausalLM": "neox", "LlamaForCausalLM": "llama",
+            "Qwen2ForCausalLM": "llama"}[type(hf).__name__]
 
 
 def _parts(hf):
