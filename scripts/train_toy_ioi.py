@@ -13,7 +13,6 @@ the task generator itself. Writes circuitgraph/bundled/toy-ioi/.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import re
 import sys
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, models, pre_tokenizers
+from _bundle import save_bundle
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,15 +139,7 @@ def main():
     metrics = evaluate(model, tokenizer)
     metrics.update(steps=args.steps, batch=args.batch, seed=args.seed, train_seconds=round(train_s, 1),
                    n_layer=args.layers, d_model=args.d_model)
-    args.out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(args.out, safe_serialization=True)
-    tokenizer.save_pretrained(args.out)
-    # name the class transformers 4.x also knows (5.x writes its new "TokenizersBackend")
-    tc = args.out / "tokenizer_config.json"
-    tc.write_text(json.dumps({**json.loads(tc.read_text()), "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2) + "\n")
-    (args.out / "model.safetensors").chmod(0o644)  # safetensors writes 0600; the package is shared
-    (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    print(json.dumps(metrics, indent=2))
+    save_bundle(model, tokenizer, args.out, metrics)
 
 
 if __name__ == "__main__":
