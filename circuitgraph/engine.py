@@ -399,10 +399,37 @@ class PatchEngine:
                 raise ValueError("a prefix state holds one circuit")
             return PrefixState(stop_layer, resid, full)
         A = tile(ablation.resid[-1]).expand(Bt, P, D)
-        final = single_input(len(self.dst_blocks) - 1, A, resid)
         positions = logit_positions.repeat(C) if logit_positions is not None and C > 1 else logit_positions
-        logits = self._unembed(final, positions)
-        return logits.view(C, B, *logits.shape[1:])
+        bp = plan.blocks[-1]
+        if positions is None or bp.positional:
+            logits = self._unembed(single_input(len(self.dst_blocks) - 1, A, resid), positions)
+            return logits.view(C, B, *logits.shape[1:])
+        # only the read positions of the final residual matter: build them alone
+        rows_bt = torch.arange(Bt, device=resid.device)
+        A_last, R_last = A[rows_bt, positions], resid[rows_bt, positions]  # [Bt, D]
+        if len(bp.from_patched) or len(bp.from_ablated) or bp.coef is None:
+            final = R_last if len(bp.from_patched) else A_last
+            if bp.coef is None and len(bp.custom):
+                final = A_last + bp.up.repeat_interleave(B, dim=1)[0, :, None] * (R_last - A_last)
+        else:
+            up = bp.up.repeat_interleave(B, dim=1)[0, :, None]  # [Bt, 1]
+            final = A_last + up * (R_last - A_last)
+            rows = bp.gather.to(resid.device) if bp.gather is not None else torch.arange(bp.prefix, device=resid.device)
+            pos_b, b_idx = logit_positions, torch.arange(B, device=resid.device)
+            coef = bp.coef[:, :, 0]  # [C, K]
+            lim = split if split is not None else plan.n_rows
+            pre, post = rows < lim, rows >= lim
+            mix = 0
+            if split is not None and bool(pre.any()):
+                src = plan.buffer_sources[rows[pre]].to(resid.device)
+                G = start.flat[src[:, None], b_idx[None], pos_b[None]]  # [Kp, B, D]
+                mix = torch.einsum("kbd,ck->cbd", G, coef[:, pre])
+            sel = post if split is not None else torch.ones_like(post)
+            if bool(sel.any()):
+                G = dbuf[:, rows[sel]][:, :, b_idx, pos_b]  # [C, K, B, D]
+                mix = mix + torch.einsum("ckbd,ck->cbd", G, coef[:, sel])
+            final = final + mix.reshape(Bt, D) if torch.is_tensor(mix) else final
+        return self.w.unembed(final).view(C, B, -1)
 
     def _qkv(self, layer: int, bp: BlockPlan, A, R, custom_inputs) -> torch.Tensor:
         """Queries, keys and values ``[3, Bt, H, P, dh]`` of one layer under a plan."""

@@ -196,3 +196,32 @@ def test_resuming_from_a_clean_prefix_state_matches_a_full_run(family):
                 plan = e.compile(masks[:C])
                 resumed = e.patched_run(clean, abl, plan, start=state)
                 assert (resumed - e.patched_run(clean, abl, plan)).abs().max() < TOL
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("density", [0.05, 0.5, 0.95])
+def test_last_position_logits_equal_the_full_run_at_those_positions(family, density):
+    """The final residual is built only where it is read; that must not change any number."""
+    m = build(family, seed=17)
+    e, G = m.engine, m.graph
+    clean, corrupt = tokens(10)
+    B, P = clean.shape
+    pos = torch.tensor([P - 1, P - 3, 2])
+    g = torch.Generator().manual_seed(int(density * 100))
+    with torch.no_grad():
+        _, outs = e.run(corrupt, record=True)
+        abl = e.make_ablation(outs, "corrupted")
+        _, clean_outs = e.run(clean, record=True)
+        states = e.clean_states(clean_outs, abl)
+        masks = (torch.rand(3, len(G.sources), len(G.destinations), generator=g) < density) & G.legal
+        masks[1:, :, :G.logits_dest] = masks[0, :, :G.logits_dest]  # circuits differ only at the logits
+        for C in (1, 3):
+            plan = e.compile(masks[:C])
+            full = e.patched_run(clean, abl, plan)[:, torch.arange(B), pos]
+            assert (e.patched_run(clean, abl, plan, logit_positions=pos) - full).abs().max() < TOL
+        full_circuit = G.legal.clone()[None].repeat(3, 1, 1)
+        full_circuit[:, :, G.logits_dest] = masks[:, :, G.logits_dest]
+        plan = e.compile(full_circuit)
+        expected = e.patched_run(clean, abl, plan)[:, torch.arange(B), pos]
+        got = e.patched_run(clean, abl, plan, logit_positions=pos, start=states[-1])
+        assert (got - expected).abs().max() < TOL
