@@ -155,24 +155,21 @@ class Evaluator:
     @torch.no_grad()
     def metric_values(self, circuits: list[ResolvedCircuit], complement: bool = False, chunk: int | None = None,
                       desc: str | None = None) -> np.ndarray:
-        """Per-example metric ``[C, N]`` with each circuit (or its complement) patched in."""
-        chunk = chunk or self.circuits_per_pass
+        """Per-example metric ``[C, N]`` with each circuit (or its complement) patched in.
+
+        Circuits without positions go through :meth:`mask_values` together; position-restricted
+        ones need per-example position masks and run one at a time."""
         out = np.zeros((len(circuits), len(self.data)), dtype=np.float64)
-        groups = [circuits[i:i + chunk] for i in range(0, len(circuits), chunk)]
-        spans = self._spans()
-        jobs = [(g, s) for g in range(len(groups)) for s in range(len(spans))]
-        for g, s in tqdm(jobs, desc=desc or "patched runs", leave=False, disable=not self.progress or len(jobs) < 2):
-            group = groups[g]
-            a, b = spans[s]
-            part, abl, clean_logits = self._batch(s, a, b)
-            positional = any(c.position_names for c in group)
-            members = [[c] for c in group] if positional else [group]
-            row = g * chunk
-            for circ_set in members:
-                logits = self._patched(part, abl, circ_set, complement)
-                vals = self._values(logits, part, clean_logits.expand(len(circ_set), -1, -1))
-                out[row:row + len(circ_set), a:b] = vals.numpy()
-                row += len(circ_set)
+        plain = [i for i, c in enumerate(circuits) if not c.position_names]
+        if plain:
+            masks = torch.stack([circuits[i].mask() for i in plain])
+            out[plain] = self.mask_values(self.graph.legal[None] & ~masks if complement else masks, chunk, desc)
+        positional = [i for i, c in enumerate(circuits) if c.position_names]
+        for i in tqdm(positional, desc=desc or "patched runs", leave=False, disable=not self.progress or len(positional) < 2):
+            for s, (a, b) in enumerate(self._spans()):
+                part, abl, clean_logits = self._batch(s, a, b)
+                logits = self._patched(part, abl, circuits[i], complement)
+                out[i, a:b] = self._values(logits, part, clean_logits[None]).numpy()[0]
         return out
 
     @torch.no_grad()
@@ -196,22 +193,19 @@ class Evaluator:
         """Per-circuit normalised score ``(M - M_ablated) / (M_clean - M_ablated)`` of ``[C, N]`` metric values."""
         return _normalised(values, self.clean_values[None], self.base_values[None])
 
-    def _patched(self, part: TaskData, abl: Ablation, circuits: list[ResolvedCircuit], complement: bool):
+    def _patched(self, part: TaskData, abl: Ablation, circuit: ResolvedCircuit, complement: bool):
+        """Logits ``[1, B, vocab]`` of one position-restricted circuit (or its complement)."""
         dev = self.model.device
-        legal = self.graph.legal
-        masks = torch.stack([c.mask() for c in circuits])
-        pos_masks = None
-        if len(circuits) == 1 and circuits[0].position_names:
-            pos_masks = {}
-            for (s, d), names in circuits[0].edges.items():
-                if names is not None:
-                    pm = part.position_mask(names)
-                    pos_masks[(s, d)] = ~pm if complement else pm
-            if complement:
-                for key in pos_masks:
-                    masks[0, key[0], key[1]] = True  # excluded below, then set per position
+        masks = circuit.mask()[None]
+        pos_masks = {}
+        for (s, d), names in circuit.edges.items():
+            if names is not None:
+                pm = part.position_mask(names)
+                pos_masks[(s, d)] = ~pm if complement else pm
+                if complement:
+                    masks[0, s, d] = True  # excluded below, then set per position
         if complement:
-            masks = legal[None] & ~masks
+            masks = self.graph.legal[None] & ~masks
         plan = self.engine.compile(masks.to(dev), {k: v.to(dev) for k, v in pos_masks.items()} if pos_masks else None,
                                    batch=len(part), length=part.clean.shape[1])
         return self.engine.patched_run(part.clean.to(dev), abl, plan, logit_positions=part.last.to(dev))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from ..scores import Evaluator
+from ..scores import Evaluator, _on
 from .scores import EdgeScores
 
 
@@ -126,8 +126,3 @@ def _block_outputs(engine, clean_out, ablated):
         out.append((c, z))
     return out
 
-
-def _on(part, device):
-    from ..scores import _on as move
-
-    return move(part, device)
