@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from circuitgraph.data import Example, tokenize
+from circuitgraph.data.dataset import Example, tokenize
 from circuitgraph.discovery import acdc, attribute
 from circuitgraph.discovery.acdc import damage
-from circuitgraph.scores import Evaluator
+from circuitgraph.evaluate.evaluator import Evaluator
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,13 +56,13 @@ def timed(fn, repeats=1):
 def gpt2_setup(**shape):
     from transformers import GPT2Config
 
-    from circuitgraph.model import from_config
+    from circuitgraph.model.loading import from_config
 
     model = from_config(GPT2Config(**shape), seed=0)
     g = torch.Generator().manual_seed(0)
     clean = torch.randint(0, 50257, (16, 16), generator=g)
     corrupt = torch.randint(0, 50257, (16, 16), generator=g)
-    from circuitgraph.data import TaskData
+    from circuitgraph.data.dataset import TaskData
 
     data = TaskData(clean, corrupt, torch.full((16,), 16), torch.randint(0, 50257, (16, 1), generator=g),
                     torch.randint(0, 50257, (16, 1), generator=g), {})
@@ -70,8 +70,8 @@ def gpt2_setup(**shape):
 
 
 def toy_setup():
-    from circuitgraph.model import load_model
-    from circuitgraph.tasks import make_data
+    from circuitgraph.model.loading import load_model
+    from circuitgraph.data.tasks import make_data
 
     model = load_model("toy-induction")
     rows = make_data("induction", model.tokenizer, 32, seed=1)

@@ -26,8 +26,8 @@ def _setup(device="cpu"):
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from circuitgraph.model import CircuitModel
-    from circuitgraph.spec import CircuitSpec
+    from circuitgraph.model.loading import CircuitModel
+    from circuitgraph.spec.circuit_spec import CircuitSpec
 
     torch.set_num_threads(2)
     torch.manual_seed(0)

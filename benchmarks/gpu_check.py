@@ -12,7 +12,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import CONFIGS, randomize_norms  # noqa: E402
 
-from circuitgraph.model import CircuitModel  # noqa: E402
+from circuitgraph.model.loading import CircuitModel  # noqa: E402
 
 
 def main(device="cuda"):

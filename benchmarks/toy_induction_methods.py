@@ -7,12 +7,12 @@ import torch, warnings, json
 warnings.simplefilter("ignore"); torch.set_num_threads(2)
 import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_toy_circuit import SPEC
-from circuitgraph.data import Example, tokenize
+from circuitgraph.data.dataset import Example, tokenize
 from circuitgraph.discovery import discover, roc_auc, faithfulness_curve
-from circuitgraph.model import load_model
-from circuitgraph.scores import Evaluator
-from circuitgraph.spec import CircuitSpec
-from circuitgraph.tasks import make_data
+from circuitgraph.model.loading import load_model
+from circuitgraph.evaluate.evaluator import Evaluator
+from circuitgraph.spec.circuit_spec import CircuitSpec
+from circuitgraph.data.tasks import make_data
 model = load_model("toy-induction")
 data = tokenize([Example(**r) for r in make_data("induction", model.tokenizer, 48, seed=7)], model.tokenizer)
 ref = CircuitSpec.load(SPEC).resolve(model.graph).edge_mask()

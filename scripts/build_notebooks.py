@@ -15,7 +15,7 @@ TOY = [
            "connected, characterise its parts, discover it automatically, draw it. Runs offline on the bundled "
            "2-layer attention-only model in well under a minute."),
     ("code", "import warnings; warnings.simplefilter('ignore')\nfrom pathlib import Path\nfrom IPython.display import Image, display\n"
-             "import circuitgraph as cg\nfrom circuitgraph.tasks import make_data\n\nout = Path('toy-induction-figures'); out.mkdir(exist_ok=True)\n"
+             "import circuitgraph as cg\nfrom circuitgraph.data.tasks import make_data\n\nout = Path('toy-induction-figures'); out.mkdir(exist_ok=True)\n"
              "model = cg.load_model('toy-induction')\nrows = make_data('induction', model.tokenizer, 64, seed=0)\n"
              "data = cg.tokenize([cg.data.Example(**r) for r in rows], model.tokenizer)\nprint(model, len(data), 'prompts'); rows[0]"),
     ("md", "## 1. Hypothesis\nPrevious-token heads in layer 0 write the previous token into the residual stream; "
@@ -30,7 +30,7 @@ TOY = [
     ("code", "effects = ev.edge_effects(spec)\nfor edge, (drop, se) in sorted(effects.items(), key=lambda kv: -kv[1][0])[:8]:\n"
              "    print(f'{edge:22s} {drop:+.3f} ± {se:.3f}')"),
     ("md", "## 3. Connection evidence: path patching\nFrom every head to the induction heads' keys, and to their queries."),
-    ("code", "from circuitgraph.pathpatch import path_patch_sweep, plot_path_patching\n"
+    ("code", "from circuitgraph.evaluate.path_patching import path_patch_sweep, plot_path_patching\n"
              "induction = spec.groups['induction'].nodes\n"
              "to_k = path_patch_sweep(model, data, [f'{h}<k>' for h in induction], evaluator=ev)\n"
              "to_q = path_patch_sweep(model, data, [f'{h}<q>' for h in induction], evaluator=ev)\n"
@@ -61,7 +61,7 @@ IOI = [
            "circuit (`specs/ioi_gpt2.json`) on `gpt2`. Without it, the same steps run on the bundled `toy-ioi` "
            "model, whose circuit is not known in advance: there we *discover* it, then check and characterise it."),
     ("code", "import warnings; warnings.simplefilter('ignore')\nfrom pathlib import Path\nimport circuitgraph as cg\n"
-             "from circuitgraph.tasks import make_data\n\ntry:\n    model, offline = cg.load_model('gpt2'), False\n"
+             "from circuitgraph.data.tasks import make_data\n\ntry:\n    model, offline = cg.load_model('gpt2'), False\n"
              "except Exception as e:\n    print('hub unavailable, using the bundled toy-ioi model:', str(e)[:100])\n"
              "    model, offline = cg.load_model('toy-ioi'), True\n"
              "rows = make_data('ioi', model.tokenizer, 48, seed=0)\n"

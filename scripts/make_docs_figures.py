@@ -1,8 +1,8 @@
 """Figures for docs/: a hand-written IOI-style spec and MIB's IOI circuit."""
 import sys
-from circuitgraph.spec import CircuitSpec
-from circuitgraph.graph import Graph
-from circuitgraph.render import render
+from circuitgraph.spec.circuit_spec import CircuitSpec
+from circuitgraph.graph.computational_graph import Graph
+from circuitgraph.render.figure import render
 
 out = sys.argv[1] if len(sys.argv) > 1 else "docs"
 ioi = (CircuitSpec(name="IOI circuit (Wang et al. 2022), simplified", model="gpt2", task="ioi")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from transformers import GPT2Config
 
-from circuitgraph.graph import Graph
-from circuitgraph.spec import CircuitSpec
+from circuitgraph.graph.computational_graph import Graph
+from circuitgraph.spec.circuit_spec import CircuitSpec
 
 SPECS = Path(__file__).resolve().parents[1] / "circuitgraph" / "specs"
 

@@ -27,7 +27,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from circuitgraph.tasks import ioi  # noqa: E402
+from circuitgraph.data.tasks import ioi  # noqa: E402
 
 SEED = 0
 SPECIALS = ["<unk>", "<pad>", "<bos>", "<eos>"]

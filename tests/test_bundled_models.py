@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from circuitgraph.tasks import make_data
+from circuitgraph.data.tasks import make_data
 
 BUNDLED = Path(__file__).resolve().parents[1] / "circuitgraph" / "bundled"
 

@@ -11,9 +11,9 @@ from circuitgraph.characterise import (attention_patterns, copying_scores, detec
                                        plot_attention, plot_attributions, plot_circuit, plot_dla, plot_head_scores,
                                        plot_logit_lens, plot_neurons, positional_qk, qk_circuit, repeated_tokens,
                                        top_neurons, train_probe)
-from circuitgraph.data import load_dataset
-from circuitgraph.metrics import logit_diff
-from circuitgraph.model import BUNDLED_DIR, bundled_models, load_model
+from circuitgraph.data.dataset import load_dataset
+from circuitgraph.evaluate.metrics import logit_diff
+from circuitgraph.model.loading import BUNDLED_DIR, bundled_models, load_model
 from conftest import write_jsonl
 from test_pathpatch import signal_rows
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from circuitgraph.data import DataError, load_dataset
+from circuitgraph.data.dataset import DataError, load_dataset
 from conftest import write_jsonl
 
 GOOD = {"clean": "w1 w2 w3", "corrupted": "w4 w5 w6", "answer": "w7", "wrong": "w8", "positions": {"S": 1, "END": 2}}

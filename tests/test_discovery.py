@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from circuitgraph.data import tokenize, Example
+from circuitgraph.data.dataset import tokenize, Example
 from circuitgraph.discovery import acdc, attribute, exact_scores, faithfulness_curve, roc_auc
 from circuitgraph.discovery.acdc import damage
 from circuitgraph.discovery.curves import FaithfulnessCurve
-from circuitgraph.model import CircuitModel
-from circuitgraph.scores import Evaluator
+from circuitgraph.model.loading import CircuitModel
+from circuitgraph.evaluate.evaluator import Evaluator
 from conftest import CONFIGS, make_tokenizer, randomize_norms, signal_rows
 
 
@@ -174,8 +174,8 @@ def test_faithfulness_curve_and_auc(setup):
 def test_cli_discover_writes_spec_and_mib(model_dir, tmp_path, capsys):
     import json
 
-    from circuitgraph.cli import main
-    from circuitgraph.model import load_model
+    from circuitgraph.cli.main import main
+    from circuitgraph.model.loading import load_model
     from conftest import write_jsonl
 
     model = load_model(model_dir)

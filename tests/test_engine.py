@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from circuitgraph.model import CircuitModel
+from circuitgraph.model.loading import CircuitModel
 from conftest import CONFIGS, VOCAB, randomize_norms
 from reference import node_outputs, patched_forward
 

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from circuitgraph.actpatch import activation_patching, patch_one, plot_patching
-from circuitgraph.data import load_dataset
-from circuitgraph.metrics import logit_diff
-from circuitgraph.model import bundled_models, load_model
-from circuitgraph.pathpatch import path_patch, path_patch_sweep, plot_path_patching, receiver_index, register_cli
+from circuitgraph.characterise.activation_patching import activation_patching, patch_one, plot_patching
+from circuitgraph.data.dataset import load_dataset
+from circuitgraph.evaluate.metrics import logit_diff
+from circuitgraph.model.loading import bundled_models, load_model
+from circuitgraph.evaluate.path_patching import path_patch, path_patch_sweep, plot_path_patching, receiver_index, register_cli
 from conftest import random_rows, write_jsonl
 
 
@@ -193,7 +193,7 @@ needs_toy = pytest.mark.skipif("toy-induction" not in bundled_models(),
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
-    from circuitgraph.tasks import make_data, write_jsonl as write
+    from circuitgraph.data.tasks import make_data, write_jsonl as write
 
     model = load_model("toy-induction")
     meta = json.loads((model_dir_of("toy-induction") / "metrics.json").read_text())
@@ -203,7 +203,7 @@ def toy(tmp_path_factory):
 
 
 def model_dir_of(name):
-    from circuitgraph.model import BUNDLED_DIR
+    from circuitgraph.model.loading import BUNDLED_DIR
 
     return BUNDLED_DIR / name
 
@@ -223,7 +223,7 @@ def test_toy_induction_prev_token_heads_feed_induction_keys(toy, tmp_path):
     print("sweep to induction keys:", {k: round(v, 3) for k, v in sweep.senders.items()})
     # the heads that write the induction keys: the previous-token heads plus the head that attends
     # two tokens back (specs/induction_toy.json records the attention-pattern evidence)
-    from circuitgraph.spec import CircuitSpec
+    from circuitgraph.spec.circuit_spec import CircuitSpec
 
     spec = CircuitSpec.load(Path(__file__).resolve().parents[1] / "specs" / "induction_toy.json")
     key_writers = set(spec.groups["previous token"].nodes) | set(spec.groups["token two back"].nodes)

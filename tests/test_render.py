@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from circuitgraph import cli
-from circuitgraph.graph import Graph
-from circuitgraph.render import PORT_COLORS, WEAK_COLOR, infer_graph, register_cli, render
-from circuitgraph.spec import CircuitSpec
+from circuitgraph.cli import main as cli
+from circuitgraph.graph.computational_graph import Graph
+from circuitgraph.render.figure import PORT_COLORS, WEAK_COLOR, infer_graph, register_cli, render
+from circuitgraph.spec.circuit_spec import CircuitSpec
 
 pytestmark = pytest.mark.skipif(shutil.which("dot") is None, reason="graphviz's dot program is not installed")
 

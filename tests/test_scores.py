@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from circuitgraph.cli import main
-from circuitgraph.data import load_dataset
-from circuitgraph.model import load_model
-from circuitgraph.scores import Evaluator
-from circuitgraph.spec import CircuitSpec
+from circuitgraph.cli.main import main
+from circuitgraph.data.dataset import load_dataset
+from circuitgraph.model.loading import load_model
+from circuitgraph.evaluate.evaluator import Evaluator
+from circuitgraph.spec.circuit_spec import CircuitSpec
 from conftest import random_rows, signal_rows, write_jsonl
 from reference import node_outputs, patched_forward
 
@@ -174,7 +174,7 @@ def test_cli_errors_are_one_line(setup, model_dir, tmp_path, capsys, args, messa
 
 
 def test_model_dir_errors(tmp_path):
-    from circuitgraph.model import ModelLoadError
+    from circuitgraph.model.loading import ModelLoadError
 
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="has no config.json"):
@@ -188,7 +188,7 @@ def test_model_dir_errors(tmp_path):
 def test_unsupported_architecture_says_why():
     from transformers import BertConfig
 
-    from circuitgraph.model import UnsupportedArchitecture, from_config
+    from circuitgraph.model.loading import UnsupportedArchitecture, from_config
 
     with pytest.raises(UnsupportedArchitecture, match="'BertForMaskedLM' is not supported"):
         from_config(BertConfig(architectures=["BertForMaskedLM"]))
@@ -202,7 +202,7 @@ def test_unknown_model_name_is_one_clear_line(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     (tmp_path / "s.json").write_text(json.dumps(SPEC))
     (tmp_path / "d.jsonl").write_text(json.dumps(random_rows(1)[0]) + "\n")
-    r = subprocess.run([sys.executable, "-m", "circuitgraph.cli", "evaluate", "--model", "no-such-model-xyz", "--data",
+    r = subprocess.run([sys.executable, "-m", "circuitgraph", "evaluate", "--model", "no-such-model-xyz", "--data",
                         str(tmp_path / "d.jsonl"), "--spec", str(tmp_path / "s.json")], capture_output=True, text=True, env=env)
     assert r.returncode == 2
     assert "model 'no-such-model-xyz': not a bundled model (toy-induction, toy-ioi), not a local directory" in r.stderr

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 from transformers import GPT2Config
 
-from circuitgraph.graph import Graph
-from circuitgraph.spec import CircuitSpec, SpecError, json_schema
+from circuitgraph.graph.computational_graph import Graph
+from circuitgraph.spec.circuit_spec import CircuitSpec, SpecError, json_schema
 
 MIB = Path(__file__).resolve().parents[2] / "shared" / "data" / "mib" / "ioi-eap-ig.json"
 ROOT = Path(__file__).resolve().parents[1]

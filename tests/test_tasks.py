@@ -16,8 +16,8 @@ import pytest
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from circuitgraph.tasks import TASKS, TaskError, make_data, write_jsonl
-from circuitgraph.tasks import docstring, greater_than, induction, ioi
+from circuitgraph.data.tasks import TASKS, TaskError, make_data, write_jsonl
+from circuitgraph.data.tasks import docstring, greater_than, induction, ioi
 
 BUNDLED = Path(__file__).resolve().parents[1] / "circuitgraph" / "bundled"
 LEFT_OUT = ["Christopher", "Alexander", "Stephanie"]  # multi-token for the byte-level BPE
@@ -215,9 +215,9 @@ def test_docstring_positions(bpe):
 
 
 def test_make_data_command(tmp_path, capsys):
-    from circuitgraph.cli import main
-    from circuitgraph.data import load_dataset
-    from circuitgraph.model import load_model
+    from circuitgraph.cli.main import main
+    from circuitgraph.data.dataset import load_dataset
+    from circuitgraph.model.loading import load_model
 
     out = tmp_path / "ioi.jsonl"
     assert main(["make-data", "ioi", "--model", "toy-ioi", "-n", "20", "--seed", "3", "-o", str(out)]) == 0

@@ -5,12 +5,12 @@ from pathlib import Path
 
 import pytest
 
-from circuitgraph.data import Example, tokenize
+from circuitgraph.data.dataset import Example, tokenize
 from circuitgraph.discovery import discover, roc_auc
-from circuitgraph.model import load_model
-from circuitgraph.scores import Evaluator
-from circuitgraph.spec import CircuitSpec
-from circuitgraph.tasks import make_data
+from circuitgraph.model.loading import load_model
+from circuitgraph.evaluate.evaluator import Evaluator
+from circuitgraph.spec.circuit_spec import CircuitSpec
+from circuitgraph.data.tasks import make_data
 
 SPEC = Path(__file__).resolve().parents[1] / "specs" / "induction_toy.json"
 

@@ -13,14 +13,14 @@ people look at the result, a ``plot_*`` function writing a PNG:
 - :mod:`.plots`: the shared heatmap helpers
 """
 
-from .attribution import IGResult, integrated_gradients, plot_attributions
-from .dla import DLAResult, direct_logit_attribution, plot_dla
-from .heads import (AttentionPatterns, HeadScores, attention_patterns, detection_scores, head_scores, plot_attention,
+from circuitgraph.characterise.integrated_gradients import IGResult, integrated_gradients, plot_attributions
+from circuitgraph.characterise.dla import DLAResult, direct_logit_attribution, plot_dla
+from circuitgraph.characterise.heads import (AttentionPatterns, HeadScores, attention_patterns, detection_scores, head_scores, plot_attention,
                     plot_head_scores, repeated_tokens)
-from .logit_lens import LensComparison, LensResult, lens_without, logit_lens, node_lens, plot_logit_lens
-from .neurons import NeuronActivity, NeuronEffects, neuron_ablation, neuron_activations, plot_neurons, top_neurons
-from .probes import ProbeResult, node_activations, probe_node, train_probe
-from .qkov import HeadCircuit, copying_scores, full_matrix, ov_circuit, plot_circuit, positional_qk, qk_circuit
+from circuitgraph.characterise.logit_lens import LensComparison, LensResult, lens_without, logit_lens, node_lens, plot_logit_lens
+from circuitgraph.characterise.neurons import NeuronActivity, NeuronEffects, neuron_ablation, neuron_activations, plot_neurons, top_neurons
+from circuitgraph.characterise.probes import ProbeResult, node_activations, probe_node, train_probe
+from circuitgraph.characterise.qkov import HeadCircuit, copying_scores, full_matrix, ov_circuit, plot_circuit, positional_qk, qk_circuit
 
 __all__ = ["AttentionPatterns", "DLAResult", "HeadCircuit", "HeadScores", "IGResult", "LensComparison", "LensResult",
            "NeuronActivity", "NeuronEffects", "ProbeResult", "attention_patterns", "copying_scores", "detection_scores",

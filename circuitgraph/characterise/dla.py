@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data import TaskData
-from ..metrics import logit_diff
-from ..model import CircuitModel
-from ..scores import _on
+from circuitgraph.data.dataset import TaskData
+from circuitgraph.evaluate.metrics import logit_diff
+from circuitgraph.model.loading import CircuitModel
+from circuitgraph.evaluate.evaluator import _on
 
 
 @dataclass
@@ -85,7 +85,7 @@ def direct_logit_attribution(model: CircuitModel, data: TaskData, batch_size: in
 
 def plot_dla(result: DLAResult, path, title: str | None = None):
     """Layer x head heatmap of direct logit attribution, MLPs in the last column."""
-    from .plots import heatmap, new_figure, save
+    from circuitgraph.characterise.plots import heatmap, new_figure, save
 
     L, H = result.heads.shape
     fig, (ax,) = new_figure(L, H + 1)

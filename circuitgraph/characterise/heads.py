@@ -23,8 +23,8 @@ from transformer_lens.head_detector import (get_duplicate_token_head_detection_p
                                             get_induction_head_detection_pattern,
                                             get_previous_token_head_detection_pattern)
 
-from ..model import CircuitModel
-from .plots import heatmap, new_figure, save, token_labels
+from circuitgraph.model.loading import CircuitModel
+from circuitgraph.characterise.plots import heatmap, new_figure, save, token_labels
 
 DETECTORS = {"previous_token": get_previous_token_head_detection_pattern,
              "duplicate_token": get_duplicate_token_head_detection_pattern,
@@ -150,7 +150,7 @@ class HeadScores:
 
 def head_scores(model: CircuitModel, data=None, n_random: int = 16, seq_len: int = 20, seed: int = 0) -> HeadScores:
     """Previous-token, duplicate-token, induction and copying scores of every head; DLA too when ``data`` is given."""
-    from .qkov import copying_scores
+    from circuitgraph.characterise.qkov import copying_scores
 
     rep = repeated_tokens(model, n_random, seq_len, seed)
     scores = {k: detection_scores(model, rep, k) for k in DETECTORS}
@@ -159,7 +159,7 @@ def head_scores(model: CircuitModel, data=None, n_random: int = 16, seq_len: int
              for k in DETECTORS}
     notes["copying"] = "sum(Re eig) / sum(|eig|) of the OV circuit W_E W_V W_O W_U (1 = copies its input token)"
     if data is not None:
-        from .dla import direct_logit_attribution
+        from circuitgraph.characterise.dla import direct_logit_attribution
 
         scores["dla"] = direct_logit_attribution(model, data).heads
         notes["dla"] = "mean direct contribution to logit(answer) - logit(wrong) at the last position"

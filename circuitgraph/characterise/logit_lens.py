@@ -18,11 +18,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data import TaskData
-from ..metrics import logit_diff
-from ..model import CircuitModel
-from ..scores import _on
-from .dla import final_norm_scale, linear_decode
+from circuitgraph.data.dataset import TaskData
+from circuitgraph.evaluate.metrics import logit_diff
+from circuitgraph.model.loading import CircuitModel
+from circuitgraph.evaluate.evaluator import _on
+from circuitgraph.characterise.dla import final_norm_scale, linear_decode
 
 
 @dataclass
@@ -132,7 +132,7 @@ def plot_logit_lens(result: LensResult, path, title: str | None = None, tokenize
     """Mean answer probability and reciprocal rank per state (± s.e.), top token of one example annotated."""
     from matplotlib.figure import Figure
 
-    from .plots import save
+    from circuitgraph.characterise.plots import save
 
     S, N = result.answer_prob.shape
     fig = Figure(figsize=(max(5.0, 0.55 * S + 2.5), 3.8), layout="constrained")

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..actpatch import last_logits
-from ..data import TaskData
-from ..metrics import get_metric
-from ..model import CircuitModel
-from ..scores import _on
+from circuitgraph.characterise.activation_patching import last_logits
+from circuitgraph.data.dataset import TaskData
+from circuitgraph.evaluate.metrics import get_metric
+from circuitgraph.model.loading import CircuitModel
+from circuitgraph.evaluate.evaluator import _on
 
 
 def _layer(model: CircuitModel, node) -> int:
@@ -109,7 +109,7 @@ def plot_neurons(activity: NeuronActivity, path, effects: NeuronEffects | None =
     """Bars of the top neurons' mean activation, and their ablation effect when given."""
     from matplotlib.figure import Figure
 
-    from .plots import save
+    from circuitgraph.characterise.plots import save
 
     k = len(activity.neurons)
     panels = 2 if effects is not None else 1

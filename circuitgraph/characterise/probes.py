@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data import TaskData
-from ..model import CircuitModel
+from circuitgraph.data.dataset import TaskData
+from circuitgraph.model.loading import CircuitModel
 
 
 @torch.no_grad()

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import time
 
-from ..scores import Evaluator
-from .acdc import acdc, exact_scores
-from .attribution import attribute
-from .curves import MIB_FRACTIONS, FaithfulnessCurve, faithfulness_curve, roc_auc
-from .scores import EdgeScores, prune_dangling
+from circuitgraph.evaluate.evaluator import Evaluator
+from circuitgraph.discovery.acdc import acdc, exact_scores
+from circuitgraph.discovery.eap import attribute
+from circuitgraph.discovery.curves import MIB_FRACTIONS, FaithfulnessCurve, faithfulness_curve, roc_auc
+from circuitgraph.discovery.edge_scores import EdgeScores, prune_dangling
 
 METHODS = ("acdc", "eap", "eap-ig", "eap-ig-activations", "exact")
 

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..scores import Evaluator
-from .scores import EdgeScores
+from circuitgraph.evaluate.evaluator import Evaluator
+from circuitgraph.discovery.edge_scores import EdgeScores
 
 HIGHER_IS_BETTER = {"logit_diff": True, "prob_diff": True, "accuracy": True, "kl": False}
 

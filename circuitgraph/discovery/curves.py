@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..scores import Evaluator
-from .scores import EdgeScores
+from circuitgraph.evaluate.evaluator import Evaluator
+from circuitgraph.discovery.edge_scores import EdgeScores
 
 MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from .data import TaskData
+from circuitgraph.data.dataset import TaskData
 
 
 def _gather_mean(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -26,11 +26,11 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from .data import TaskData
-from .graph import GraphError
-from .model import CircuitModel
-from .scores import Evaluator, _normalised, bootstrap_se
-from .spec import ResolvedCircuit
+from circuitgraph.data.dataset import TaskData
+from circuitgraph.graph.computational_graph import GraphError
+from circuitgraph.model.loading import CircuitModel
+from circuitgraph.evaluate.evaluator import Evaluator, _normalised, bootstrap_se
+from circuitgraph.spec.circuit_spec import ResolvedCircuit
 
 NORMALISATION = "(M(patched) - M(clean)) / (M(clean) - M(corrupted)); 0 = no effect, -1 = the full corruption effect"
 
@@ -185,7 +185,7 @@ def path_patch_sweep(model: CircuitModel, data: TaskData, receivers, senders=Non
 # ----- figure -------------------------------------------------------------------------------
 def plot_path_patching(result: PathPatchResult, path, title: str | None = None):
     """Layer x head heatmap of the effects (MLPs in the last column), diverging, centred at 0."""
-    from .characterise.plots import heatmap, new_figure, save
+    from circuitgraph.characterise.plots import heatmap, new_figure, save
 
     L, H = result.heads.shape
     grid = torch.cat([result.heads, result.mlps[:, None]], dim=1)
@@ -204,7 +204,7 @@ def plot_path_patching(result: PathPatchResult, path, title: str | None = None):
 # ----- command line ---------------------------------------------------------------------------
 def register_cli(subparsers) -> None:
     """Add ``circuitgraph path-patch --model M --data FILE --receiver 'a1.h2<k>' [--json] [-o FIG.png]``."""
-    from .cli import _common
+    from circuitgraph.cli.main import _common
 
     p = subparsers.add_parser("path-patch", help="path patching from every head and MLP to a receiver")
     _common(p)
@@ -219,7 +219,7 @@ def register_cli(subparsers) -> None:
 
 
 def cmd_path_patch(args) -> int:
-    from .cli import _load
+    from circuitgraph.cli.main import _load
 
     receivers = [r for part in args.receiver for r in _as_list(part)]
     model, data = _load(args)

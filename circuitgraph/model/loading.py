@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from .architectures import UnsupportedArchitecture, describe_config, extract_weights, _architecture_name
-from .engine import PatchEngine
-from .graph import Graph
+from circuitgraph.model.architectures import UnsupportedArchitecture, describe_config, extract_weights, _architecture_name
+from circuitgraph.engine.patching import PatchEngine
+from circuitgraph.graph.computational_graph import Graph
 
-BUNDLED_DIR = Path(__file__).parent / "bundled"
+BUNDLED_DIR = Path(__file__).resolve().parents[1] / "bundled"
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..actpatch import last_logits
-from ..data import TaskData
-from ..metrics import get_metric
-from ..model import CircuitModel
-from ..scores import _on
+from circuitgraph.characterise.activation_patching import last_logits
+from circuitgraph.data.dataset import TaskData
+from circuitgraph.evaluate.metrics import get_metric
+from circuitgraph.model.loading import CircuitModel
+from circuitgraph.evaluate.evaluator import _on
 
 
 @dataclass
@@ -77,7 +77,7 @@ def integrated_gradients(model: CircuitModel, data: TaskData, metric: str = "log
 
 def plot_attributions(result: IGResult, data: TaskData, path, tokenizer=None, examples: int = 6, title: str | None = None):
     """Example x position heatmap of attributions, clean tokens on the cells."""
-    from .plots import heatmap, new_figure, save
+    from circuitgraph.characterise.plots import heatmap, new_figure, save
 
     n = min(examples, len(data))
     P = int(data.lengths[:n].max())

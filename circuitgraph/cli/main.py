@@ -14,8 +14,8 @@ class CLIError(Exception):
 
 
 def _load(args, need_data: bool = True):
-    from .data import load_dataset
-    from .model import load_model
+    from circuitgraph.data.dataset import load_dataset
+    from circuitgraph.model.loading import load_model
 
     model = load_model(args.model, device=getattr(args, "device", "cpu"))
     data = None
@@ -25,8 +25,8 @@ def _load(args, need_data: bool = True):
 
 
 def cmd_evaluate(args) -> int:
-    from .scores import Evaluator
-    from .spec import CircuitSpec
+    from circuitgraph.evaluate.evaluator import Evaluator
+    from circuitgraph.spec.circuit_spec import CircuitSpec
 
     spec = CircuitSpec.load(args.spec)
     model, data = _load(args)
@@ -57,8 +57,8 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_discover(args) -> int:
-    from .discovery import discover
-    from .scores import Evaluator
+    from circuitgraph.discovery import discover
+    from circuitgraph.evaluate.evaluator import Evaluator
 
     if args.threshold is not None and args.top_n is not None:
         raise CLIError("give --threshold or --top-n, not both")
@@ -94,15 +94,15 @@ def cmd_discover(args) -> int:
 
 
 def cmd_make_data(args) -> int:
-    from .model import load_model
-    from .tasks import make_data, write_jsonl
+    from circuitgraph.model.loading import load_model
+    from circuitgraph.data.tasks import make_data, write_jsonl
 
     if args.n < 1:
         raise CLIError(f"-n must be at least 1, got {args.n}")
     model = load_model(args.model)
     rows = make_data(args.task, model.tokenizer, args.n, seed=args.seed)
     write_jsonl(rows, args.output)
-    from .data import read_jsonl, tokenize
+    from circuitgraph.data.dataset import read_jsonl, tokenize
 
     tokenize(read_jsonl(args.output), model.tokenizer, source=str(args.output))  # checked for this model
     print(f"wrote {len(rows)} {args.task} examples for {args.model} to {args.output}")
@@ -156,9 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extra_commands() -> list:
-    from .demo import register_cli as demo
-    from .pathpatch import register_cli as path_patch
-    from .render import register_cli as render
+    from circuitgraph.cli.demo import register_cli as demo
+    from circuitgraph.evaluate.path_patching import register_cli as path_patch
+    from circuitgraph.render.figure import register_cli as render
 
     return [render, path_patch, demo]
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from ..scores import Evaluator, _on
-from .scores import EdgeScores
+from circuitgraph.evaluate.evaluator import Evaluator, _on
+from circuitgraph.discovery.edge_scores import EdgeScores
 
 
 def _probed_forward(engine, tokens, positions, emb=None, override: dict[int, torch.Tensor] | None = None):

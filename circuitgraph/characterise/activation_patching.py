@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .data import TaskData
-from .metrics import get_metric
-from .model import CircuitModel
-from .scores import _on
+from circuitgraph.data.dataset import TaskData
+from circuitgraph.evaluate.metrics import get_metric
+from circuitgraph.model.loading import CircuitModel
+from circuitgraph.evaluate.evaluator import _on
 
 DIRECTIONS = ("denoising", "noising")
 HOOKS = {"resid_pre": "blocks.{L}.hook_resid_pre", "attn_out": "blocks.{L}.hook_attn_out",
@@ -172,7 +172,7 @@ def _patcher(src: torch.Tensor, chunk, B: int):
 
 
 def _position_labels(model, data: TaskData) -> list[str]:
-    from .characterise.plots import token_labels
+    from circuitgraph.characterise.plots import token_labels
 
     P = data.clean.shape[1]
     ids = data.clean[0, :P].tolist()
@@ -204,7 +204,7 @@ def plot_patching(results: PatchingResult | list[PatchingResult], path, title: s
 
     ``heads_by_position`` results are drawn as (layer.head) x position.
     """
-    from .characterise.plots import heatmap, new_figure, save
+    from circuitgraph.characterise.plots import heatmap, new_figure, save
 
     results = [results] if isinstance(results, PatchingResult) else list(results)
     grids = []

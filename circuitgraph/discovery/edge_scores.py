@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 import networkx as nx
 import torch
 
-from ..graph import Graph
-from ..spec import CircuitSpec, Edge
+from circuitgraph.graph.computational_graph import Graph
+from circuitgraph.spec.circuit_spec import CircuitSpec, Edge
 
 
 @dataclass

@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data import DataError, TaskData
-from .engine import Ablation
-from .metrics import get_metric
-from .model import CircuitModel
-from .spec import CircuitSpec, ResolvedCircuit
+from circuitgraph.data.dataset import DataError, TaskData
+from circuitgraph.engine.patching import Ablation
+from circuitgraph.evaluate.metrics import get_metric
+from circuitgraph.model.loading import CircuitModel
+from circuitgraph.spec.circuit_spec import CircuitSpec, ResolvedCircuit
 
 ABLATIONS = ("corrupted", "mean", "zero")
 

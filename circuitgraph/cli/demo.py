@@ -7,7 +7,7 @@ import time
 import warnings
 from pathlib import Path
 
-SPEC_DIR = Path(__file__).parent / "specs"
+SPEC_DIR = Path(__file__).resolve().parents[1] / "specs"
 
 
 def run_demo(out: Path, n_examples: int = 64, progress: bool = True) -> dict:
@@ -15,14 +15,14 @@ def run_demo(out: Path, n_examples: int = 64, progress: bool = True) -> dict:
     from rich.console import Console
     from rich.table import Table
 
-    from .data import Example, tokenize
-    from .discovery import discover, faithfulness_curve, roc_auc
-    from .pathpatch import path_patch_sweep, plot_path_patching
-    from .model import load_model
-    from .render import render
-    from .scores import Evaluator
-    from .spec import CircuitSpec
-    from .tasks import make_data, write_jsonl
+    from circuitgraph.data.dataset import Example, tokenize
+    from circuitgraph.discovery import discover, faithfulness_curve, roc_auc
+    from circuitgraph.evaluate.path_patching import path_patch_sweep, plot_path_patching
+    from circuitgraph.model.loading import load_model
+    from circuitgraph.render.figure import render
+    from circuitgraph.evaluate.evaluator import Evaluator
+    from circuitgraph.spec.circuit_spec import CircuitSpec
+    from circuitgraph.data.tasks import make_data, write_jsonl
 
     console = Console()
     out.mkdir(parents=True, exist_ok=True)

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import graphviz
 
-from .graph import Graph
-from .spec import CircuitSpec
+from circuitgraph.graph.computational_graph import Graph
+from circuitgraph.spec.circuit_spec import CircuitSpec
 
 FORMATS = (".svg", ".png", ".pdf", ".dot")
 RANKDIRS = ("BT", "TB", "LR", "RL")

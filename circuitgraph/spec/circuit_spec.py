@@ -15,7 +15,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .graph import PORTS, Graph, GraphError
+from circuitgraph.graph.computational_graph import PORTS, Graph, GraphError
 
 FORMAT = "circuitgraph/1"
 Port = Literal["q", "k", "v"]

@@ -20,8 +20,8 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
-from .architectures import Weights
-from .graph import Graph
+from circuitgraph.model.architectures import Weights
+from circuitgraph.graph.computational_graph import Graph
 
 
 @dataclass
