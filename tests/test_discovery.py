@@ -174,7 +174,7 @@ def test_faithfulness_curve_and_auc(setup):
 def test_cli_discover_writes_spec_and_mib(model_dir, tmp_path, capsys):
     import json
 
-    from circuitgraph.cli.main import main
+    from circuitgraph.cli.commands import main
     from circuitgraph.model.loading import load_model
     from conftest import write_jsonl
 

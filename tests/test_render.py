@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-import circuitgraph.cli.main as cli
+import circuitgraph.cli.commands as cli
 from circuitgraph.graph.computational_graph import Graph
 from circuitgraph.render.figure import PORT_COLORS, WEAK_COLOR, infer_graph, register_cli, render
 from circuitgraph.spec.circuit_spec import CircuitSpec

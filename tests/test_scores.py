@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from circuitgraph.cli.main import main
+from circuitgraph.cli.commands import main
 from circuitgraph.data.dataset import load_dataset
 from circuitgraph.model.loading import load_model
 from circuitgraph.evaluate.evaluator import Evaluator

@@ -215,7 +215,7 @@ def test_docstring_positions(bpe):
 
 
 def test_make_data_command(tmp_path, capsys):
-    from circuitgraph.cli.main import main
+    from circuitgraph.cli.commands import main
     from circuitgraph.data.dataset import load_dataset
     from circuitgraph.model.loading import load_model
 

@@ -1,5 +1,5 @@
 """Step 10: the ``circuitgraph`` command line."""
 
-from circuitgraph.cli.main import main
+from circuitgraph.cli.commands import main
 
 __all__ = ["main"]

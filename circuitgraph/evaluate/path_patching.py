@@ -204,7 +204,7 @@ def plot_path_patching(result: PathPatchResult, path, title: str | None = None):
 # ----- command line ---------------------------------------------------------------------------
 def register_cli(subparsers) -> None:
     """Add ``circuitgraph path-patch --model M --data FILE --receiver 'a1.h2<k>' [--json] [-o FIG.png]``."""
-    from circuitgraph.cli.main import _common
+    from circuitgraph.cli.commands import _common
 
     p = subparsers.add_parser("path-patch", help="path patching from every head and MLP to a receiver")
     _common(p)
@@ -219,7 +219,7 @@ def register_cli(subparsers) -> None:
 
 
 def cmd_path_patch(args) -> int:
-    from circuitgraph.cli.main import _load
+    from circuitgraph.cli.commands import _load
 
     receivers = [r for part in args.receiver for r in _as_list(part)]
     model, data = _load(args)
