@@ -1,0 +1,133 @@
+"""Normalisation-free transformers, the architecture tracr compiles RASP programs into.
+
+Token + position embeddings, no layer norms, ReLU MLPs, attention causal or not (as the program
+needs), a plain linear unembedding.  The HF-compatible config and model here are the reference
+forward for the bundled ``tracr-*`` models; importing :mod:`circuitgraph.model` registers them with
+transformers' ``AutoConfig`` / ``AutoModelForCausalLM``, so they load like any other model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutput
+
+MODEL_TYPE = "circuitgraph_tracr"
+
+
+class TracrConfig(PretrainedConfig):
+    """Shape of a normalisation-free transformer (every layer: attention then a ReLU MLP)."""
+
+    model_type = MODEL_TYPE
+
+    def __init__(self, vocab_size: int = 8, hidden_size: int = 16, num_hidden_layers: int = 2,
+                 num_attention_heads: int = 1, head_dim: int = 4, intermediate_size: int = 8,
+                 max_position_embeddings: int = 8, causal: bool = False, bias: bool = True, **kwargs):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.head_dim = head_dim
+        self.intermediate_size = intermediate_size
+        self.max_position_embeddings = max_position_embeddings
+        self.causal = causal
+        self.bias = bias
+        kwargs.setdefault("tie_word_embeddings", False)
+        super().__init__(**kwargs)
+
+
+class TracrAttention(nn.Module):
+    def __init__(self, config: TracrConfig):
+        super().__init__()
+        H, dh, D = config.num_attention_heads, config.head_dim, config.hidden_size
+        self.n_heads, self.d_head, self.causal = H, dh, config.causal
+        self.q_proj = nn.Linear(D, H * dh, bias=config.bias)
+        self.k_proj = nn.Linear(D, H * dh, bias=config.bias)
+        self.v_proj = nn.Linear(D, H * dh, bias=config.bias)
+        self.o_proj = nn.Linear(H * dh, D, bias=config.bias)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, P, _ = x.shape
+        split = lambda t: t.view(B, P, self.n_heads, self.d_head).transpose(1, 2)  # [B, H, P, dh]
+        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+        scores = q @ k.transpose(-1, -2) / self.d_head**0.5
+        allowed = torch.ones(P, P, dtype=torch.bool, device=x.device)
+        if self.causal:
+            allowed = allowed.tril()
+        allowed = allowed[None, None]
+        if key_mask is not None:
+            allowed = allowed & key_mask[:, None, None, :].bool()
+        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+        z = scores.softmax(-1) @ v  # [B, H, P, dh]
+        return self.o_proj(z.transpose(1, 2).reshape(B, P, -1))
+
+
+class TracrMLP(nn.Module):
+    def __init__(self, config: TracrConfig):
+        super().__init__()
+        self.fc_in = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.bias)
+        self.fc_out = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc_out(torch.relu(self.fc_in(x)))
+
+
+class TracrLayer(nn.Module):
+    def __init__(self, config: TracrConfig):
+        super().__init__()
+        self.attn = TracrAttention(config)
+        self.mlp = TracrMLP(config)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(x, key_mask)
+        return x + self.mlp(x)
+
+
+class TracrForCausalLM(PreTrainedModel):
+    """Embeddings -> (attention, MLP) x L -> linear unembedding; no norms anywhere."""
+
+    config_class = TracrConfig
+    base_model_prefix = "tracr"
+    _no_split_modules = ["TracrLayer"]
+
+    def __init__(self, config: TracrConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.layers = nn.ModuleList(TracrLayer(config) for _ in range(config.num_hidden_layers))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, labels=None, **kwargs):
+        P = input_ids.shape[-1]
+        if P > self.config.max_position_embeddings:
+            raise ValueError(f"input is {P} tokens; this model has {self.config.max_position_embeddings} positions")
+        x = self.embed_tokens(input_ids) + self.embed_positions(torch.arange(P, device=input_ids.device))
+        for layer in self.layers:
+            x = layer(x, attention_mask)
+        return CausalLMOutput(logits=self.lm_head(x))
+
+
+def register() -> None:
+    """Make ``AutoConfig`` / ``AutoModelForCausalLM`` know the model type (idempotent)."""
+    try:
+        AutoConfig.register(MODEL_TYPE, TracrConfig)
+        AutoModelForCausalLM.register(TracrConfig, TracrForCausalLM)
+    except ValueError:  # already registered
+        pass
+
+
+register()
