@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from circuitgraph.data.dataset import DataError, TaskData
-from circuitgraph.engine.patching import Ablation
+from circuitgraph.engine import Ablation
 from circuitgraph.evaluate.metrics import get_metric
 from circuitgraph.model.loading import CircuitModel
 from circuitgraph.spec.circuit_spec import CircuitSpec, ResolvedCircuit

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-from circuitgraph.model.architectures import UnsupportedArchitecture, describe_config, extract_weights, _architecture_name
-from circuitgraph.engine.patching import PatchEngine
+from circuitgraph.model.families import architecture_name, describe_config, extract_weights
+from circuitgraph.model.weights import UnsupportedArchitecture
+from circuitgraph.engine import PatchEngine
 from circuitgraph.graph.computational_graph import Graph
 
 BUNDLED_DIR = Path(__file__).resolve().parents[1] / "bundled"
@@ -79,7 +80,7 @@ class CircuitModel:
         tok = self.tokenizer
         if tok is not None and "name_or_path" not in getattr(tok, "init_kwargs", {}):
             tok = None  # TransformerLens re-loads tokenizers by path; an in-memory one cannot be
-        bridge = build_bridge_from_module(self.hf, _architecture_name(self.config), hf_config=self.config,
+        bridge = build_bridge_from_module(self.hf, architecture_name(self.config), hf_config=self.config,
                                           tokenizer=tok, model_name=self.name)
         bridge.set_use_split_qkv_input(True)
         bridge.set_use_attn_result(True)
