@@ -13,6 +13,9 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
+from circuitgraph.model.families.base import Family, bias_heads, heads_in, heads_out, register
+from circuitgraph.model.weights import ArchInfo, Attention, Layer, Norm, Weights
+
 MODEL_TYPE = "circuitgraph_tracr"
 
 
@@ -51,7 +54,7 @@ class TracrAttention(nn.Module):
         B, P, _ = x.shape
         split = lambda t: t.view(B, P, self.n_heads, self.d_head).transpose(1, 2)  # [B, H, P, dh]
         q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
-        scores = q @ k.transpose(-1, -2) / self.d_head**0.5
+        scores = (q @ k.transpose(-1, -2)) * self.d_head**-0.5
         allowed = torch.ones(P, P, dtype=torch.bool, device=x.device)
         if self.causal:
             allowed = allowed.tril()
@@ -121,7 +124,7 @@ class TracrForCausalLM(PreTrainedModel):
         return CausalLMOutput(logits=self.lm_head(x))
 
 
-def register() -> None:
+def register_auto() -> None:
     """Make ``AutoConfig`` / ``AutoModelForCausalLM`` know the model type (idempotent)."""
     try:
         AutoConfig.register(MODEL_TYPE, TracrConfig)
@@ -130,4 +133,42 @@ def register() -> None:
         pass
 
 
-register()
+register_auto()
+
+
+@register
+class Tracr(Family):
+    """The engine's view of :class:`TracrForCausalLM`: no norms (identity), causal or not per config."""
+
+    name = "tracr"
+    architectures = ("TracrForCausalLM",)
+    model_types = (MODEL_TYPE,)
+
+    def describe(self, config) -> ArchInfo:
+        H = config.num_attention_heads
+        return ArchInfo(self.name, config.num_hidden_layers, H, H, config.hidden_size, config.head_dim, False)
+
+    def extract(self, hf) -> Weights:
+        config = hf.config
+        info = self.describe(config)
+        H = info.n_heads
+        layers = []
+        for block in hf.layers:
+            a = block.attn
+
+            def project(x, a=a):
+                return a.q_proj(x), a.k_proj(x), a.v_proj(x)
+
+            b = lambda m: bias_heads(m.bias, H)
+            attn = Attention(heads_in(a.q_proj.weight, H), heads_in(a.k_proj.weight, H), heads_in(a.v_proj.weight, H),
+                             b(a.q_proj), b(a.k_proj), b(a.v_proj), heads_out(a.o_proj.weight, H), a.o_proj.bias,
+                             project, a.o_proj, info.d_head**-0.5, causal=bool(config.causal))
+            layers.append(Layer(None, None, attn, block.mlp))
+        wte, wpe = hf.embed_tokens, hf.embed_positions
+
+        def embed(ids):
+            return wte(ids) + wpe(torch.arange(ids.shape[-1], device=ids.device))
+
+        D = info.d_model
+        identity = Norm(nn.Identity(), "identity", torch.ones(D, dtype=wte.weight.dtype, device=wte.weight.device), None, 0.0)
+        return Weights(info, embed, layers, identity, hf.lm_head.weight, None, W_E=wte.weight, W_pos=wpe.weight)
