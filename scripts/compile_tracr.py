@@ -289,7 +289,7 @@ def spec_json(p: Program, edges: list[dict], role: dict, categorical: bool) -> d
         "format": "circuitgraph/1",
         "name": f"tracr {p.name} ground truth",
         "model": f"tracr-{p.name}",
-        "task": f"tracr-{p.name}",
+        "task": "tracr",
         "source": "Compiled with tracr (Lindner et al. 2023, Tracr: Compiled Transformers as a Laboratory for "
                   "Interpretability) by scripts/compile_tracr.py; ground truth read from the compiler's craft model, "
                   "as in the ACDC paper's tracr experiments (Conmy et al. 2023).",
@@ -299,7 +299,7 @@ def spec_json(p: Program, edges: list[dict], role: dict, categorical: bool) -> d
             "edge carries exactly zero into what its destination reads. The spec is therefore exact under zero "
             "ablation (--ablation zero): faithfulness 1 and complement 0 on every input, up to float rounding. "
             f"Metric: {metric}."),
-        "groups": {n: {"nodes": [n], "description": ", ".join(role.get(n, []))} for n in used},
+        "groups": {f"{', '.join(role[n])} ({n})": {"nodes": [n]} for n in used},
         "edges": [e["edge"] for e in edges],
         "metadata": {"ablation": "zero", "metric": "logit_diff", "program": p.name,
                      "edge_directions": {e["edge"]: e["directions"] for e in edges},
