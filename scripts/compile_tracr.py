@@ -53,6 +53,7 @@ class Program:
     causal: bool
     description: str
     unique_tokens: bool = False  # inputs without repeated tokens (sort_unique needs unique keys)
+    task_length: int | None = None  # input length of the task's datasets (default: max_seq_len)
 
 
 def _frac_prevs():
@@ -81,8 +82,10 @@ PROGRAMS = [
             "is_x, one head averages it over the previous positions"),
     Program("reverse", _reverse, ["a", "b", "c"], 5, False,
             "the input reversed: a head and an MLP count the length (SelectorWidth), MLPs compute the opposite "
-            "index, a second head reads the token there (attention -> MLP -> attention)"),
-    Program("sort", _sort, ["a", "b", "c", "d", "e"], 5, False,
+            "index, a second head reads the token there (attention -> MLP -> attention); its task uses 4-token "
+            "inputs, because at the maximum length a zero-ablated length count decodes as that maximum, which is "
+            "right by accident", task_length=4),
+    Program("sort", _sort, ["a", "b", "c", "d", "e", "f", "g", "h"], 5, False,
             "the tokens sorted (distinct tokens; tracr's make_sort_unique): a head and an MLP count the smaller "
             "tokens (SelectorWidth), a second head moves each token to that position", unique_tokens=True),
     Program("shift2", _shift2, ["a", "b", "c"], 5, True,
@@ -204,9 +207,11 @@ def test_inputs(p: Program, rng: random.Random, n_full: int = 200, n_short: int 
             pool = list(itertools.product(p.vocab, repeat=length))
         pool = [list(x) for x in pool]
         return pool if len(pool) <= n else rng.sample(pool, n)
-    out = sample(p.max_seq_len, n_full)
-    for length in range(1, p.max_seq_len):
-        out += sample(length, n_short)
+    task_length = p.task_length or p.max_seq_len
+    out = sample(task_length, n_full)
+    for length in range(1, p.max_seq_len + 1):
+        if length != task_length:
+            out += sample(length, n_short)
     return out
 
 
@@ -298,6 +303,8 @@ def spec_json(p: Program, edges: list[dict], role: dict, categorical: bool) -> d
             "destination port reads (tracr gives every value of every RASP variable its own direction); every other "
             "edge carries exactly zero into what its destination reads. The spec is therefore exact under zero "
             "ablation (--ablation zero): faithfulness 1 and complement 0 on every input, up to float rounding. "
+            "A compiled edge can still be idle on a given input set (the query and key of a head that selects every "
+            "position give constant scores); benchmarks/known_circuits.py reports such edges. "
             f"Metric: {metric}."),
         "groups": {f"{', '.join(role[n])} ({n})": {"nodes": [n]} for n in used},
         "edges": [e["edge"] for e in edges],
@@ -342,6 +349,7 @@ def build(p: Program, bundled: Path, specs: Path, seed: int = 0) -> dict:
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     save_tokenizer(vocab, out, p.max_seq_len + 1)
     meta = {"program": p.name, "description": p.description, "vocab": p.vocab, "max_seq_len": p.max_seq_len,
+            "task_length": p.task_length or p.max_seq_len,
             "causal": p.causal, "output": "categorical" if categorical else "numerical", "output_tokens": out_tokens,
             "bos": BOS, "unique_tokens": p.unique_tokens, "residual_labels": assembled.residual_labels,
             "roles": role, "tests": tests}

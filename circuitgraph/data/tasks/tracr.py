@@ -2,8 +2,8 @@
 
 The examples come from the test set that ``scripts/compile_tracr.py`` saved next to the model
 (``tracr.json``: inputs with tracr's own evaluator outputs), so every answer is the RASP program's.
-Clean: one full-length input (BOS is added by the tokenizer); corrupted: another input of the same
-length.  The metric reads the last position:
+Clean: one input of the program's task length (its maximum, or shorter where the maximum would hide
+part of the circuit; BOS is added by the tokenizer); corrupted: another input of the same length.  The metric reads the last position:
 
 - categorical programs (reverse, sort, shift2): ``answer`` is the program's output there,
   ``wrong`` the other output values, so logit_diff is about 1 clean and 0 with every edge
@@ -34,9 +34,9 @@ def program_info(tokenizer) -> dict:
 
 
 def generate(tokenizer, n: int, seed: int = 0, length: int | None = None) -> list[dict]:
-    """``n`` examples of ``length`` input tokens (default: the model's maximum) from the saved test set."""
+    """``n`` examples of ``length`` input tokens (default: the program's task length) from the saved test set."""
     info = program_info(tokenizer)
-    length = length or info["max_seq_len"]
+    length = length or info.get("task_length", info["max_seq_len"])
     pool = [t for t in info["tests"] if len(t["input"]) == length and t["expected"][-1] is not None]
     if len(pool) < n:
         raise TaskError(f"the saved tracr-{info['program']} test set has {len(pool)} inputs of length {length}; asked for {n}")

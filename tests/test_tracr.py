@@ -1,0 +1,163 @@
+"""The tracr-compiled bundled models: their forward, their programs' outputs and their ground truth.
+
+Three independent references: tracr's compiled JAX model (its output units, saved by
+scripts/compile_tracr.py), tracr's RASP evaluator (the program's outputs) and the registered HF
+model class, whose forward the engine must reproduce.
+"""
+
+import json
+from functools import lru_cache
+
+import pytest
+import torch
+
+from circuitgraph.data.dataset import tokenize, Example
+from circuitgraph.data.tasks import make_data
+from circuitgraph.evaluate import Evaluator
+from circuitgraph.model import load_model
+from circuitgraph.model.families.tracr import TracrConfig, TracrForCausalLM
+from circuitgraph.model.loading import BUNDLED_DIR
+from circuitgraph.spec import CircuitSpec
+
+PROGRAMS = ["frac_prevs", "reverse", "sort", "shift2"]
+SPECS = BUNDLED_DIR.parent / "specs"
+
+
+@lru_cache(maxsize=None)
+def model(name):
+    return load_model(f"tracr-{name}")
+
+
+@lru_cache(maxsize=None)
+def info(name):
+    return json.loads((BUNDLED_DIR / f"tracr-{name}" / "tracr.json").read_text())
+
+
+def by_length(name):
+    """Test inputs grouped by length: {length: (ids [N, 1 + length], tests)}."""
+    m, groups = model(name), {}
+    for t in info(name)["tests"]:
+        groups.setdefault(len(t["input"]), []).append(t)
+    return {n: (m.tokenizer([" ".join(t["input"]) for t in ts], return_tensors="pt")["input_ids"], ts)
+            for n, ts in groups.items()}
+
+
+def output_ids(name):
+    return model(name).tokenizer.convert_tokens_to_ids(info(name)["output_tokens"])
+
+
+@pytest.mark.parametrize("name", PROGRAMS)
+def test_hf_forward_matches_tracr_compiled_model(name):
+    """The HF model carries tracr's weights: its output units equal the JAX model's on every test input."""
+    m, out = model(name), output_ids(name)
+    for ids, tests in by_length(name).values():
+        with torch.no_grad():
+            units = m.hf(ids).logits[..., out]
+        want = torch.tensor([t["units"] for t in tests])
+        assert (units - want).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("name", PROGRAMS)
+def test_outputs_match_rasp_evaluator(name):
+    """The bundled model computes its RASP program (tracr's own evaluator) on every test input."""
+    m, meta, out = model(name), info(name), output_ids(name)
+    n = 0
+    for ids, tests in by_length(name).values():
+        with torch.no_grad():
+            units = m.hf(ids).logits[:, 1:, out]  # position 0 is BOS
+        for row, t in zip(units, tests):
+            for u, e in zip(row, t["expected"]):
+                if e is None:  # the program leaves this position undefined
+                    continue
+                if meta["output"] == "categorical":
+                    assert meta["output_tokens"][int(u.argmax())] == e, (t["input"], t["expected"])
+                else:
+                    assert abs(float(u[0]) - e) < 1e-4, (t["input"], t["expected"])
+                n += 1
+    assert n > 400
+
+
+@pytest.mark.parametrize("name", PROGRAMS)
+def test_engine_matches_hf_forward(name):
+    """Clean engine logits at every position equal the registered model's own forward (1e-5)."""
+    m = model(name)
+    for ids, _ in by_length(name).values():
+        G = m.graph
+        full = torch.ones(1, len(G.sources), len(G.destinations), dtype=torch.bool)
+        with torch.no_grad():
+            ref = m.hf(ids).logits
+            abl = m.engine.make_ablation(None, "zero")
+            got = m.engine.patched_run(ids, abl, m.engine.compile(full))[0]
+            plain, _ = m.engine.run(ids, logit_positions=torch.full((len(ids),), ids.shape[1] - 1))
+        assert (got - ref).abs().max() < 1e-5
+        assert (plain - ref[:, -1]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("name", PROGRAMS)
+def test_full_and_empty_circuits(name):
+    """Full circuit = clean, empty = ablated, under corrupted and zero ablation."""
+    m = model(name)
+    ids, _ = by_length(name)[info(name)["max_seq_len"]]
+    clean, corrupt = ids[: len(ids) // 2], ids[len(ids) // 2: 2 * (len(ids) // 2)]
+    e, G = m.engine, m.graph
+    full = torch.ones(1, len(G.sources), len(G.destinations), dtype=torch.bool)
+    masks = torch.cat([full, ~full])
+    with torch.no_grad():
+        ref_clean, ref_corrupt = m.hf(clean).logits, m.hf(corrupt).logits
+        _, outs = e.run(corrupt, record=True)
+        corrupted = e.patched_run(clean, e.make_ablation(outs, "corrupted"), e.compile(masks))
+        zero = e.patched_run(clean, e.make_ablation(None, "zero"), e.compile(masks))
+    assert (corrupted[0] - ref_clean).abs().max() < 1e-5
+    assert (corrupted[1] - ref_corrupt).abs().max() < 1e-5
+    assert (zero[0] - ref_clean).abs().max() < 1e-5
+    assert zero[1].abs().max() < 1e-5  # no source, no biases: the residual is zero
+    assert (ref_clean - ref_corrupt).abs().max() > 0.5  # the check can fail
+
+
+@pytest.mark.parametrize("name", PROGRAMS)
+def test_ground_truth_spec_verifies_under_zero_ablation(name):
+    m = model(name)
+    spec = CircuitSpec.load(SPECS / f"tracr_{name}.json")
+    assert spec.metadata["ablation"] == "zero"
+    rows = make_data("tracr", m.tokenizer, 60, seed=1)
+    data = tokenize([Example.model_validate(r) for r in rows], m.tokenizer)
+    score = Evaluator(m, data, ablation="zero", progress=False).evaluate(spec)
+    assert score.faithfulness >= 0.99
+    assert 1 - score.necessity <= 0.01  # the complement's normalised score
+    assert score.clean_metric - score.corrupted_metric > 0.1
+    assert not score.warnings
+
+
+# Compiled edges with no effect on the task's inputs: the query and key of reverse's select-all
+# length head (constant scores), and the BOS-fallback terms of heads whose selector always matches.
+IDLE = {"frac_prevs": set(), "shift2": set(), "sort": {"input->a1.h0<k>"},
+        "reverse": {"input->a0.h0<q>", "input->a0.h0<k>", "input->a3.h0<q>"}}
+
+
+@pytest.mark.parametrize("name", PROGRAMS)
+def test_idle_ground_truth_edges_are_the_known_ones(name):
+    """Every other ground-truth edge, removed alone, changes the metric by at least 5%."""
+    m = model(name)
+    spec = CircuitSpec.load(SPECS / f"tracr_{name}.json")
+    rows = make_data("tracr", m.tokenizer, 60, seed=2)
+    data = tokenize([Example.model_validate(r) for r in rows], m.tokenizer)
+    drops = Evaluator(m, data, ablation="zero", progress=False).edge_effects(spec)
+    assert {e for e, (d, _) in drops.items() if abs(d) < 0.01} == IDLE[name]
+    assert min(d for e, (d, _) in drops.items() if e not in IDLE[name]) > 0.05
+
+
+def test_config_round_trip_and_causal_flag(tmp_path):
+    cfg = TracrConfig(vocab_size=5, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, head_dim=3,
+                      intermediate_size=4, max_position_embeddings=6, causal=True)
+    hf = TracrForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path)
+    from transformers import AutoModelForCausalLM
+
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    ids = torch.tensor([[0, 1, 2, 3, 4]])
+    with torch.no_grad():
+        a, b = hf(ids).logits, again(ids).logits
+        changed = hf(torch.tensor([[0, 1, 2, 3, 1]])).logits
+    assert type(again) is TracrForCausalLM and again.config.causal
+    assert torch.equal(a, b)
+    assert torch.equal(a[0, :4], changed[0, :4])  # causal: earlier positions do not see the last token
