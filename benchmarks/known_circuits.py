@@ -1,7 +1,8 @@
 """Every discovery method on every model whose circuit is known: do the methods recover it?
 
 Models: the tracr-compiled bundles (ground truth from the compiler, zero ablation, as in the ACDC
-paper's tracr experiments) and toy-induction (its reference spec, corrupted ablation).  toy-ioi
+paper's tracr experiments) and toy-induction (its reference spec and the minimal one made by
+scripts/make_induction_minimal.py, corrupted ablation).  toy-ioi
 has no reference circuit yet, so it is not scored.  Per method: ROC AUC of |score| against the
 reference (and against its *active* edges: those whose removal alone changes the metric by at
 least 1%), MIB's CPR and CMD, wall time, and the selected circuit's size: ACDC's own circuit, and
@@ -51,6 +52,7 @@ CASES = [
     Case("tracr-sort", "tracr", "tracr_sort.json", "zero", 64),
     Case("tracr-reverse", "tracr", "tracr_reverse.json", "zero", 64),
     Case("toy-induction", "induction", "induction_toy.json", "corrupted", 48),
+    Case("toy-induction", "induction", "induction_toy_minimal.json", "corrupted", 48),
 ]
 
 
@@ -103,7 +105,7 @@ def run_case(case: Case, methods, steps: int = 5) -> list[dict]:
             f_sel = float(ev.normalise(ev.mask_values(sc.in_circuit[None]))[0])
         else:
             n_sel, f_sel = smallest_faithful(ev, sc)
-        row = {"model": case.model, "ablation": case.ablation, "method": method, "metric": metric,
+        row = {"model": case.model, "reference": case.spec, "ablation": case.ablation, "method": method, "metric": metric,
                "auc": roc_auc(sc, ref)[0], "auc_active": roc_auc(sc, active)[0] if active.any() else None,
                "cpr": curve.cpr, "cmd": curve.cmd, "seconds": sc.meta["seconds"],
                "edges_selected": n_sel, "faithfulness_selected": f_sel,
@@ -114,12 +116,12 @@ def run_case(case: Case, methods, steps: int = 5) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    out = ["| model | ablation | method | AUC | AUC (active) | CPR | CMD | edges selected (faith.) | reference / active / all | time (s) |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| model | reference | ablation | method | AUC | AUC (active) | CPR | CMD | edges selected (faith.) | reference / active / all | time (s) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         sel = "-" if r["edges_selected"] is None else f"{r['edges_selected']} ({r['faithfulness_selected']:.2f})"
         act = "-" if r["auc_active"] is None else f"{r['auc_active']:.3f}"
-        out.append(f"| {r['model']} | {r['ablation']} | {r['method']} | {r['auc']:.3f} | {act} | {r['cpr']:.3f} | "
+        out.append(f"| {r['model']} | {r['reference'].removesuffix('.json')} | {r['ablation']} | {r['method']} | {r['auc']:.3f} | {act} | {r['cpr']:.3f} | "
                    f"{r['cmd']:.3f} | {sel} | {r['edges_reference']} / {r['edges_active']} / {r['edges_total']} | "
                    f"{r['seconds']:.2f} |")
     return "\n".join(out) + "\n"
