@@ -111,10 +111,10 @@ class LensComparison:
 def lens_without(model: CircuitModel, data: TaskData, node: str, layer: int | None = None, k: int = 5) -> LensComparison:
     """Decode the residual after ``layer`` (default: the node's own layer) with and without ``node``'s output."""
     G = model.graph
-    G.check_node(node)
-    if node in ("input", "logits"):
+    ref = G.ref(node)
+    if ref.kind in ("input", "logits"):
         raise ValueError(f"lens_without: '{node}' is not a head or MLP node")
-    own = int(node[1:].split(".")[0])
+    own = ref.layer
     layer = own if layer is None else layer
     if not own <= layer < G.n_layers:
         raise ValueError(f"lens_without: layer {layer} is before {node} writes (layer {own}) or past the last layer")

@@ -22,10 +22,10 @@ from circuitgraph.evaluate.evaluator import _on
 def _layer(model: CircuitModel, node) -> int:
     if isinstance(node, int):
         node = f"m{node}"
-    model.graph.check_node(node, where="MLP")
-    if not node.startswith("m"):
+    ref = model.graph.ref(node, where="MLP")
+    if not ref.is_mlp:
         raise ValueError(f"'{node}' is not an MLP node (expected 'm<layer>')")
-    return int(node[1:])
+    return ref.layer
 
 
 @dataclass
