@@ -92,7 +92,7 @@ def run(src: Path, task: str, repeats: int) -> float:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("old")
+    ap.add_argument("old", nargs="?")
     ap.add_argument("new", nargs="?", default=None, help="a revision; default: the working tree")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3)
