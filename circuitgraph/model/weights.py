@@ -58,6 +58,19 @@ class Norm:
             return torch.rsqrt(t.var(-1, unbiased=False, keepdim=True) + self.eps)
         return torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + self.eps)
 
+    def vjp(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """``u^T d norm(x) / dx`` for cotangents ``u [..., B, P, D]`` at one input ``x [B, P, D]``, in float32.
+
+        Closed form, so a batch of cotangents (one per head port) costs no autograd graph.
+        """
+        xf, v = x.float(), u.float() * self.gain.float()
+        if self.kind == "layer":
+            r = torch.rsqrt(xf.var(-1, unbiased=False, keepdim=True) + self.eps)
+            xh = (xf - xf.mean(-1, keepdim=True)) * r
+            return r * (v - v.mean(-1, keepdim=True) - xh * (v * xh).mean(-1, keepdim=True))
+        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return r * v - xf * r.pow(3) * (xf * v).mean(-1, keepdim=True)
+
     def share(self, part: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
         """One summand's share of ``norm(sum of parts)`` given the sum's ``inv_scale`` (post-norms).
 
