@@ -164,7 +164,8 @@ class Weights:
     W_U: torch.Tensor  # [vocab, d_model]
     b_U: torch.Tensor | None = None
     final_softcap: float | None = None
-    W_E: torch.Tensor | None = None  # token embedding matrix as the model scales it (for QK/OV)
+    W_E: torch.Tensor | None = None  # token embedding matrix (for QK/OV), before ``embed_scale``
+    embed_scale: float = 1.0  # Gemma multiplies token embeddings by sqrt(d_model)
     W_pos: torch.Tensor | None = None  # learned position embeddings, if any
     notes: list[str] = field(default_factory=list)
 
