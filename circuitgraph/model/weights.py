@@ -66,6 +66,8 @@ class Norm:
         Closed form, so a batch of cotangents (one per head port) costs no autograd graph.
         """
         xf, v = x.float(), u.float() * self.gain.float()
+        if self.kind == "identity":
+            return v
         if self.kind == "layer":
             r = torch.rsqrt(xf.var(-1, unbiased=False, keepdim=True) + self.eps)
             xh = (xf - xf.mean(-1, keepdim=True)) * r
