@@ -54,8 +54,9 @@ def main():
             "keeps. Those edges are part of the mechanism but carry no difference that matters, so no method scoring "
             "edges against this corruption can see them; AUC against this spec measures what such methods can find."),
         groups={k: v for k, v in ref.groups.items()},
-        edges=[Edge(edge=e, positions=p, score=round(-d, 4)) for e, (p, d) in kept.items()],
+        edges=[Edge(edge=e, positions=p) for e, (p, _) in kept.items()],
         metadata={"min_drop": MIN_DROP, "n_examples": N, "seed": SEED, "ablation": "corrupted",
+                  "faithfulness_drop": {e: round(drops[e][0], 4) for e in drops},
                   "dropped_from_induction_toy": removed})
     score = ev.evaluate(spec)
     full = ev.evaluate(ref)
