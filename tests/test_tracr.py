@@ -161,3 +161,13 @@ def test_config_round_trip_and_causal_flag(tmp_path):
     assert type(again) is TracrForCausalLM and again.config.causal
     assert torch.equal(a, b)
     assert torch.equal(a[0, :4], changed[0, :4])  # causal: earlier positions do not see the last token
+
+
+def test_tracr_task_needs_a_tracr_model():
+    from circuitgraph.data.tasks import TaskError
+
+    toy = load_model("toy-induction")
+    with pytest.raises(TaskError, match="needs a tracr-compiled model"):
+        make_data("tracr", toy.tokenizer, 3)
+    with pytest.raises(TaskError, match="has 81 inputs of length 4; asked for 500"):
+        make_data("tracr", model("reverse").tokenizer, 500)
