@@ -72,15 +72,16 @@ class TaskData:
         ex = self.examples[i] if i < len(self.examples) else None
         return (ex._where if ex is not None and ex._where else None) or f"{self.source} example {i + 1}"
 
-    def check_positions(self, names) -> None:
-        """Every example must name each position in ``names``; the error names the first that does not."""
+    def check_positions(self, names, user: str = "the circuit") -> None:
+        """Every example must name each position in ``names``; the error names the first that does not
+        (an example without it would silently be patched nowhere)."""
         for name in sorted(set(names)):
             if name not in self.positions:
                 raise DataError(f"position '{name}' is not named in the dataset (it names: {', '.join(sorted(self.positions)) or 'none'})")
             missing = torch.nonzero(self.positions[name] < 0).flatten().tolist()
             if missing:
                 more = f" (and {len(missing) - 1} other example(s))" if len(missing) > 1 else ""
-                raise DataError(f"{self.where(missing[0])}: the example has no position '{name}', which the circuit uses{more}")
+                raise DataError(f"{self.where(missing[0])}: the example has no position '{name}', which {user} uses{more}")
 
     def position_mask(self, names: list[str]) -> torch.Tensor:
         """Bool ``[N, P]``: true at the named positions of each example."""

@@ -170,7 +170,7 @@ def path_patch_sweep(model: CircuitModel, data: TaskData, receivers, senders=Non
         raise ValueError(f"receiver(s) {rec} read only from nothing upstream; no senders to sweep")
     ev = _evaluator(model, data, metric, batch_size, evaluator)
     if positions:
-        ev.data.check_positions(positions)
+        ev.data.check_positions(positions, user="the path patching (positions)")
     vals = _patched_values(ev, [[s] for s in src], dst, positions)
     clean, base = ev.clean_values, ev.base_values
     eff = ev.normalise(vals) - 1.0
@@ -249,7 +249,7 @@ def cmd_path_patch(args) -> int:
                         [receiver_index(model.graph, r) for r in receivers], receivers)
     positions = _as_list(args.positions) if args.positions else None
     if positions:
-        data.check_positions(positions)
+        data.check_positions(positions, user="--positions")
     res = path_patch_sweep(model, data, receivers, senders=args.senders, metric=args.metric, positions=positions,
                            batch_size=args.batch_size)
     if args.output:
