@@ -47,6 +47,7 @@ def cmd_evaluate(args) -> int:
 
     spec = CircuitSpec.load(args.spec).require_selection(f"spec '{args.spec}'")
     model, data = _load(args)
+    spec.resolve(model.graph)  # a name the model lacks fails before any run
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # score.warnings holds ours; they are printed below
         ev = Evaluator(model, data, metric=args.metric, ablation=args.ablation, batch_size=args.batch_size,

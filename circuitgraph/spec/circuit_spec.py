@@ -150,7 +150,7 @@ class CircuitSpec(BaseModel):
                 parts.append(f"{len(getattr(self, key))} {key}")
         if not parts:
             fields = sorted(self.model_fields_set - {"groups", "nodes", "connections", "edges"})
-            return "only " + (", ".join(fields) if fields else "nothing")
+            return "only " + ", ".join(fields) if fields else "nothing at all"
         return ", ".join(parts)
 
     def require_selection(self, where: str = "the spec") -> "CircuitSpec":
