@@ -24,7 +24,7 @@ def _load(args, need_data: bool = True):
 
     device = check_device(getattr(args, "device", "cpu"))
     examples = read_jsonl(args.data) if need_data else None
-    model = load_model(args.model, device=device)
+    model = load_model(args.model, device=device, check_exact=not getattr(args, "no_exactness_check", False))
     data = None
     if need_data:
         data = tokenize(examples, model, prepend_bos=args.prepend_bos, source=str(args.data))
@@ -164,6 +164,8 @@ def _common(p: argparse.ArgumentParser, data: bool = True):
         p.add_argument("--prepend-bos", action="store_true", help="put the BOS token first (TransformerLens habit)")
         p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    p.add_argument("--no-exactness-check", action="store_true",
+                   help="skip comparing the engine's clean logits with the model's own forward on the first batch")
 
 
 class _Parser(argparse.ArgumentParser):
