@@ -213,10 +213,11 @@ def _tokenizer_of(tokenizer_or_model):
 
 
 def model_limits(model) -> tuple[int | None, int | None]:
-    """(vocabulary size, context length) of a :class:`~circuitgraph.CircuitModel`."""
-    cfg = model.config
-    context = next((getattr(cfg, k) for k in ("n_positions", "max_position_embeddings") if getattr(cfg, k, None)), None)
-    return int(model.weights.W_U.shape[0]), context
+    """(vocabulary size, context length) of a :class:`~circuitgraph.CircuitModel`.  The context is a
+    hard limit only with learned position embeddings (GPT-2's ``n_positions``: later positions have
+    no embedding); rotary models run past ``max_position_embeddings`` as their HF forward does."""
+    context = getattr(model.config, "n_positions", None)
+    return int(model.weights.W_U.shape[0]), int(context) if context else None
 
 
 def tokenize(examples: list[Example], tokenizer, prepend_bos: bool = False, source: str = "dataset",
