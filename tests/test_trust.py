@@ -445,3 +445,18 @@ def test_edge_scores_as_a_table(model, files):
     effects = ev.edge_effects(SPEC)
     frame = pd.DataFrame.from_dict(effects, orient="index", columns=["drop", "se"])
     assert len(frame) == len(CircuitSpec.from_dict(SPEC).resolve(model.graph))
+
+
+def test_readme_python_section_runs():
+    """The README's Python section, run as written."""
+    pytest.importorskip("pandas")
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Python\n", 1)[1].split("\n## ", 1)[0]
+    code = re.search(r"```python\n(.*?)```", section, re.S)[1]
+    scope = {}
+    exec(compile(code, "README.md (Python)", "exec"), scope)
+    assert scope["score"].faithfulness > 0.9 and len(scope["table"]) == 110
+    assert scope["g"].number_of_edges() == len(scope["spec"].resolve(scope["model"].graph))

@@ -109,13 +109,3 @@ def check_output_dir(path, flag: str = "-o") -> Path:
     if not existing.is_dir() or not _writable(existing):
         raise CLIError(f"{flag} '{path}': '{existing}' is not a writable folder")
     return path
-
-
-def check_input_file(path, flag: str) -> Path:
-    """An input file exists and is a file (a directory is named as such)."""
-    path = Path(path)
-    if path.is_dir():
-        raise CLIError(f"{flag} '{path}' is a directory; expected a file")
-    if not path.is_file():
-        raise CLIError(f"{flag} '{path}': no such file")
-    return path
