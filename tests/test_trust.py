@@ -460,3 +460,12 @@ def test_readme_python_section_runs():
     exec(compile(code, "README.md (Python)", "exec"), scope)
     assert scope["score"].faithfulness > 0.9 and len(scope["table"]) == 110
     assert scope["g"].number_of_edges() == len(scope["spec"].resolve(scope["model"].graph))
+
+
+def test_our_runtime_errors_are_not_called_unexpected():
+    from circuitgraph.cli.commands import error_message
+    from circuitgraph.model.guard import ExactnessError
+
+    assert error_message(ExactnessError("engine and model disagree by 0.3\nmore")) == "engine and model disagree by 0.3"
+    assert "unexpected" in error_message(ZeroDivisionError("division by zero"))
+    assert error_message(FileNotFoundError(2, "No such file or directory", "x.json")) == "No such file or directory: 'x.json'"

@@ -242,8 +242,8 @@ def error_message(e: BaseException) -> str:
     if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
         return "out of memory; try a smaller --batch-size, fewer examples or another --device"
     first = next((line for line in str(e).splitlines() if line.strip()), "")
-    ours = (ValueError, OSError, CLIError, TypeError)
-    if isinstance(e, ours) and first:
+    ours = isinstance(e, (ValueError, OSError, CLIError, TypeError)) or type(e).__module__.startswith("circuitgraph")
+    if ours and first:
         return first
     return f"{type(e).__name__}: {first or 'no message'} (unexpected; set CIRCUITGRAPH_DEBUG=1 to see where, and please report it)"
 
