@@ -87,12 +87,13 @@ CONFIGS = {
 }
 
 
-def randomize_norms(hf, seed=0):
-    """Random-init norms are identity maps, which would hide a norm applied in the wrong place."""
+def randomize_norms(hf, seed=0, biases=False):
+    """Random-init norms are identity maps (and biases zero), which would hide a norm or bias applied
+    in the wrong place."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in hf.named_parameters():
-            if "norm" in name or "ln" in name or name.endswith("bias"):
+            if "norm" in name or "ln" in name or (biases and name.endswith("bias")):
                 p.add_(0.3 * torch.randn(p.shape, generator=g))
     return hf
 

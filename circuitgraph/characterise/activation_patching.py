@@ -1,4 +1,4 @@
-"""Activation patching sweeps through the TransformerLens bridge hooks, in both named directions.
+"""Activation patching sweeps on the engine's forward (TransformerLens hook names), in both named directions.
 
 - ``direction="denoising"``: run the *corrupted* prompt and patch in one *clean* activation.
   Score ``(M(patched) - M(corrupted)) / (M(clean) - M(corrupted))``: 0 = no change,
@@ -25,7 +25,6 @@ import torch
 from circuitgraph.data.dataset import TaskData
 from circuitgraph.evaluate.metrics import get_metric
 from circuitgraph.model.loading import CircuitModel
-from circuitgraph.evaluate.evaluator import _on
 
 DIRECTIONS = ("denoising", "noising")
 HOOKS = {"resid_pre": "blocks.{L}.hook_resid_pre", "attn_out": "blocks.{L}.hook_attn_out",
@@ -49,21 +48,10 @@ class PatchingResult:
     raw: torch.Tensor | None = field(default=None, repr=False)  # mean patched metric, same shape as values
 
 
-# ----- running the bridge -----------------------------------------------------------------------
+# ----- running the engine with hooks -----------------------------------------------------------
 def last_logits(model: CircuitModel, tokens: torch.Tensor, last: torch.Tensor, fwd_hooks=()) -> torch.Tensor:
-    """Logits ``[B, vocab]`` at each row's ``last`` position, running the bridge with ``fwd_hooks``.
-
-    The run stops at the final layer norm's input and unembeds only the positions read, so large
-    vocabularies cost no ``[B, P, vocab]`` tensor.
-    """
-    from transformer_lens.model_bridge.exceptions import StopAtLayerException
-
-    def stop(x, hook):
-        raise StopAtLayerException(x)
-
-    resid = model.bridge.run_with_hooks(tokens, fwd_hooks=list(fwd_hooks) + [("ln_final.hook_in", stop)])
-    resid = resid[torch.arange(tokens.shape[0], device=resid.device), last.to(resid.device)]
-    return model.weights.unembed(resid)
+    """Logits ``[B, vocab]`` at each row's ``last`` position, running the engine's forward with ``fwd_hooks``."""
+    return model.run_with_hooks(tokens, fwd_hooks, logit_positions=last.to(model.device))
 
 
 def _cells(component: str, L: int, H: int, P: int) -> tuple[list[tuple[int | None, int | None]], tuple]:
@@ -99,14 +87,14 @@ def activation_patching(model: CircuitModel, data: TaskData, component: str = "r
         B, last = len(part), part.last.to(dev)
         clean, corrupt = part.clean.to(dev), part.corrupted.to(dev)
         base, source = (corrupt, clean) if direction == "denoising" else (clean, corrupt)
-        pd = _on(part, dev)
+        pd = part.to(dev)
         hooks = [HOOKS[component].format(L=l) for l in layers]
         with torch.no_grad():
             clean_logits = last_logits(model, clean, last)
             corrupt_logits = last_logits(model, corrupt, last)
             clean_sum += float(metric_fn(clean_logits, pd, clean_logits).sum())
             corrupt_sum += float(metric_fn(corrupt_logits, pd, clean_logits).sum())
-            _, cache = model.bridge.run_with_cache(source, names_filter=lambda n: n in hooks)
+            _, cache = model.run_with_cache(source, names_filter=lambda n: n in hooks)
             for li, hook in enumerate(hooks):
                 src = cache[hook]
                 for c0 in range(0, len(cells), per_run):
@@ -133,10 +121,10 @@ def patch_one(model: CircuitModel, data: TaskData, component: str, layer: int, d
         raise ValueError(f"component must be one of {', '.join(HOOKS)} and direction one of {', '.join(DIRECTIONS)}")
     fn, dev = get_metric(metric), model.device
     clean, corrupt, last = data.clean.to(dev), data.corrupted.to(dev), data.last.to(dev)
-    pd = _on(data, dev)
+    pd = data.to(dev)
     base, source = (corrupt, clean) if direction == "denoising" else (clean, corrupt)
     name = HOOKS[component].format(L=layer)
-    _, cache = model.bridge.run_with_cache(source, names_filter=lambda n: n == name)
+    _, cache = model.run_with_cache(source, names_filter=lambda n: n == name)
     pos = slice(None) if positions is None else torch.as_tensor(positions)
 
     def patch(act, hook):

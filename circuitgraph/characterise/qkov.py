@@ -31,11 +31,10 @@ FULL_VOCAB_LIMIT = 5000
 
 
 def _head(model: CircuitModel, head: str) -> tuple[int, int]:
-    model.graph.check_node(head, where="head")
-    if not head.startswith("a"):
+    ref = model.graph.ref(head, where="head")
+    if not ref.is_head:
         raise ValueError(f"'{head}' is not an attention head (expected 'a<layer>.h<head>')")
-    layer, h = head[1:].split(".h")
-    return int(layer), int(h)
+    return ref.layer, ref.head
 
 
 def embedding(model: CircuitModel) -> torch.Tensor:

@@ -83,6 +83,13 @@ class TaskData:
                 more = f" (and {len(missing) - 1} other example(s))" if len(missing) > 1 else ""
                 raise DataError(f"{self.where(missing[0])}: the example has no position '{name}', which {user} uses{more}")
 
+    def to(self, device) -> "TaskData":
+        """The same data with the answer ids (what metrics index with) on ``device``."""
+        if self.answers.device == torch.device(device):
+            return self
+        return TaskData(self.clean, self.corrupted, self.lengths, self.answers.to(device), self.wrongs.to(device),
+                        self.positions, self.examples, self.prepend_bos, self.source)
+
     def position_mask(self, names: list[str]) -> torch.Tensor:
         """Bool ``[N, P]``: true at the named positions of each example."""
         N, P = self.clean.shape

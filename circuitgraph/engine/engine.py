@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from circuitgraph.engine.ablation import Ablation, PrefixState, clean_states, make_ablation
+from circuitgraph.engine.hooks import Tap, names_matching, neuron_hooks
 from circuitgraph.engine.kernel import Kernel
 from circuitgraph.engine.patched_run import PatchedRun
 from circuitgraph.engine.plan import Plan, SourceBlock, compile_plan
@@ -62,6 +63,29 @@ class PatchEngine:
             resid = out.resid
         logits = k.unembed(resid, logit_positions)
         return (logits, outputs, pats) if patterns else (logits, outputs)
+
+    def run_with_hooks(self, tokens: torch.Tensor, fwd_hooks=(), logit_positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of a plain forward with hooks on named activations (:mod:`circuitgraph.engine.hooks`)."""
+        k = self.kernel
+        tap = Tap(list(fwd_hooks))
+        with neuron_hooks(self.w, tap):
+            resid = tap("hook_embed", self.w.embed(tokens))
+            rope = k.rotary(tokens.shape[1], resid)
+            for layer in range(len(self.w.layers)):
+                resid = k.block(layer, resid, rope[layer], tap=tap).resid
+            if logit_positions is not None:
+                resid = resid[torch.arange(resid.shape[0], device=resid.device), logit_positions]
+            return self.w.unembed(tap("ln_final.hook_in", resid))
+
+    def run_with_cache(self, tokens: torch.Tensor, names_filter=None, logit_positions: torch.Tensor | None = None):
+        """``(logits, {name: activation})`` of a plain forward, for the names ``names_filter`` selects."""
+        cache: dict[str, torch.Tensor] = {}
+
+        def keep(x, hook):
+            cache[hook.name] = x
+
+        logits = self.run_with_hooks(tokens, [(n, keep) for n in names_matching(self.w, names_filter)], logit_positions)
+        return logits, cache
 
     def make_ablation(self, outputs: list[torch.Tensor] | None, kind: str, like: torch.Tensor | None = None) -> Ablation:
         """Ablated source outputs cumulated into the residual each destination block reads."""

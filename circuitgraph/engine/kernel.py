@@ -183,15 +183,28 @@ class Kernel:
     # ----- the block ----------------------------------------------------------------------------
     def block(self, layer: int, resid: torch.Tensor, rope, qkv=None, mlp_input: Callable | None = None,
               attn_override: torch.Tensor | None = None, mlp_override: torch.Tensor | None = None,
-              pattern: bool = False, on_attn: Callable | None = None) -> BlockOut:
+              pattern: bool = False, on_attn: Callable | None = None, tap=None) -> BlockOut:
         """One block.  ``qkv`` (default: every port reads ``resid``) and ``mlp_input`` (default: the
         residual the MLP reads in the plain model) let a run give each destination its own input;
         the overrides replace a block's output by a constant (integrated gradients over activations);
-        ``on_attn(z, inv)`` runs between attention and MLP (a patched MLP may read this layer's heads)."""
+        ``on_attn(z, inv)`` runs between attention and MLP (a patched MLP may read this layer's heads);
+        ``tap`` (:class:`~circuitgraph.engine.hooks.Tap`) reads or replaces named activations."""
+        name = f"blocks.{layer}."
+        if tap is not None:
+            resid = tap(name + "hook_resid_pre", resid)
+            pattern = pattern or tap.wants(name + "attn.hook_pattern")
         q, k, v = self.shared_qkv(layer, resid) if qkv is None else qkv
         att = self.attend(layer, q, k, v, rope, pattern)
         z, probs = att if pattern else (att, None)
+        if tap is not None:
+            if tap.wants(name + "attn.hook_pattern"):
+                new = tap(name + "attn.hook_pattern", probs)
+                if new is not probs:
+                    probs, z = new, new @ (v if v.shape[1] == new.shape[1] else v.repeat_interleave(self.w.layers[layer].attn.group, 1))
+            z = tap(name + "attn.hook_z", z.transpose(1, 2)).transpose(1, 2)
         attn, inv = self.attn_out(layer, z)
+        if tap is not None:
+            attn = tap(name + "hook_attn_out", attn)
         if on_attn is not None:
             on_attn(z, inv)
         if attn_override is not None:
@@ -200,6 +213,9 @@ class Kernel:
         mlp = self.mlp_out(layer, mid if mlp_input is None else mlp_input(mid))
         if mlp_override is not None:
             mlp = mlp_override
+        if tap is not None:
+            mlp = tap(name + "hook_mlp_out", mlp)
+            return BlockOut(z, attn, inv, mlp, tap(name + "hook_resid_post", resid + attn + mlp), probs)
         return BlockOut(z, attn, inv, mlp, resid + attn + mlp, probs)
 
     def unembed(self, resid: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:

@@ -78,7 +78,7 @@ def bootstrap_se(fn, *arrays: np.ndarray, n: int = 1000, seed: int = 0) -> float
     return float(np.nanstd(vals, ddof=1))
 
 
-def _normalised(m, clean, base):
+def normalised(m, clean, base):
     with np.errstate(divide="ignore", invalid="ignore"):  # an undefined normalisation is reported, not printed
         return (m.mean(-1) - base.mean(-1)) / (clean.mean(-1) - base.mean(-1))
 
@@ -136,6 +136,15 @@ class Evaluator:
     def _spans(self):
         return [(i, min(i + self.batch_size, len(self.data))) for i in range(0, len(self.data), self.batch_size)]
 
+    @property
+    def n_batches(self) -> int:
+        return len(self._spans())
+
+    def batch(self, i: int):
+        """``(data slice, ablation, clean last-position logits)`` of mini-batch ``i`` (cached when it fits)."""
+        a, b = self._spans()[i]
+        return self._batch(i, a, b)
+
     def _bar(self, it, desc):
         it = list(it)
         return tqdm(it, desc=desc, leave=False, disable=not self.progress or len(it) < 2)
@@ -179,7 +188,7 @@ class Evaluator:
         return out
 
     def _values(self, logits, part, clean_logits):
-        return self.metric(logits, _on(part, logits.device), clean_logits).double().cpu()
+        return self.metric(logits, part.to(logits.device), clean_logits).double().cpu()
 
     @torch.no_grad()
     def _baselines(self):
@@ -232,7 +241,7 @@ class Evaluator:
 
     def normalise(self, values: np.ndarray) -> np.ndarray:
         """Per-circuit normalised score ``(M - M_ablated) / (M_clean - M_ablated)`` of ``[C, N]`` metric values."""
-        return _normalised(values, self.clean_values[None], self.base_values[None])
+        return normalised(values, self.clean_values[None], self.base_values[None])
 
     def _patched(self, part: TaskData, abl: Ablation, circuit: ResolvedCircuit, complement: bool):
         """Logits ``[1, B, vocab]`` of one position-restricted circuit (or its complement)."""
@@ -335,10 +344,10 @@ class Evaluator:
             notes.append(f"faithfulness and necessity are undefined: {undefined}")
             faith = nec = faith_se = nec_se = None
         else:
-            faith = float(_normalised(m_circ, clean, base))
-            nec = 1.0 - float(_normalised(m_comp, clean, base))
-            faith_se = None if one else bootstrap_se(_normalised, m_circ, clean, base)
-            nec_se = None if one else bootstrap_se(lambda *a: 1 - _normalised(*a), m_comp, clean, base)
+            faith = float(normalised(m_circ, clean, base))
+            nec = 1.0 - float(normalised(m_comp, clean, base))
+            faith_se = None if one else bootstrap_se(normalised, m_circ, clean, base)
+            nec_se = None if one else bootstrap_se(lambda *a: 1 - normalised(*a), m_comp, clean, base)
         for note in notes:
             warnings.warn(note, CircuitWarning, stacklevel=2)
         sem = lambda x: None if one else float(np.std(x, ddof=1) / math.sqrt(len(x)))
@@ -354,7 +363,7 @@ class Evaluator:
     def faithfulness_of(self, circuits: list[ResolvedCircuit], desc: str | None = None) -> np.ndarray:
         """Faithfulness of many circuits (batched); NaN or infinite where :attr:`undefined_reason` is set."""
         vals = self.metric_values(circuits, desc=desc)
-        return _normalised(vals, self.clean_values[None], self.base_values[None])
+        return normalised(vals, self.clean_values[None], self.base_values[None])
 
     def edge_effects(self, circuit: CircuitSpec | ResolvedCircuit, chunk: int | None = None) -> dict[str, tuple[float, float]]:
         """Drop in faithfulness when each edge alone is removed from the circuit: ``{edge: (drop, se)}``."""
@@ -379,18 +388,11 @@ class Evaluator:
         full = self.metric_values([circuit])[0]
         reduced = self.metric_values([circuit.without(r) for r in removals], chunk=chunk, desc=desc)
         clean, base = self.clean_values, self.base_values
-        drop = lambda f, r, c, b: _normalised(f, c, b) - _normalised(r, c, b)
+        drop = lambda f, r, c, b: normalised(f, c, b) - normalised(r, c, b)
         out = {}
         for name, row in zip(names, reduced):
             out[name] = (float(drop(full, row, clean, base)), bootstrap_se(drop, full, row, clean, base))
         return out
-
-
-def _on(part: TaskData, device) -> TaskData:
-    if part.answers.device == device:
-        return part
-    return TaskData(part.clean, part.corrupted, part.lengths, part.answers.to(device), part.wrongs.to(device),
-                    part.positions, part.examples, part.prepend_bos, part.source)
 
 
 def _check_inputs(model, data) -> tuple[CircuitModel, TaskData]:

@@ -82,6 +82,23 @@ class CircuitModel:
     def device(self) -> torch.device:
         return self.weights.W_U.device
 
+    def run_with_hooks(self, tokens: torch.Tensor, fwd_hooks=(), logit_positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The engine's forward with TransformerLens-named hooks (:mod:`circuitgraph.engine.hooks`), guarded."""
+        tokens = tokens.to(self.device)
+        self._verify_plain(tokens)
+        return self.engine.run_with_hooks(tokens, fwd_hooks, logit_positions)
+
+    def run_with_cache(self, tokens: torch.Tensor, names_filter=None, logit_positions: torch.Tensor | None = None):
+        """``(logits, cache)`` of the engine's forward, guarded; names as in TransformerLens."""
+        tokens = tokens.to(self.device)
+        self._verify_plain(tokens)
+        return self.engine.run_with_cache(tokens, names_filter, logit_positions)
+
+    def _verify_plain(self, tokens: torch.Tensor) -> None:
+        if self.check_exact and tokens.shape[1] not in self._verified_lengths:
+            with torch.no_grad():
+                self.verify(tokens, torch.full((len(tokens),), tokens.shape[1] - 1, device=tokens.device))
+
     @cached_property
     def bridge(self):
         """A TransformerLens ``TransformerBridge`` around the same weights, per-head hooks on.

@@ -130,6 +130,7 @@ class Layer:
     mlp: Callable[[torch.Tensor], torch.Tensor]
     post_attn: Norm | None = None  # applied to the attention output before the residual (Gemma-2/3, OLMo-2)
     post_mlp: Norm | None = None
+    mlp_down: torch.nn.Module | None = None  # the MLP's output projection: its input is the neurons' activations
 
     # compatibility names used by characterisation
     @property

@@ -40,9 +40,10 @@ class Gemma(Family):
             if post_norms:
                 layers.append(Layer(norm(layer.input_layernorm, 1.0), norm(layer.pre_feedforward_layernorm, 1.0), attn, layer.mlp,
                                     post_attn=norm(layer.post_attention_layernorm, 1.0),
-                                    post_mlp=norm(layer.post_feedforward_layernorm, 1.0)))
+                                    post_mlp=norm(layer.post_feedforward_layernorm, 1.0), mlp_down=layer.mlp.down_proj))
             else:
-                layers.append(Layer(norm(layer.input_layernorm, 1.0), norm(layer.post_attention_layernorm, 1.0), attn, layer.mlp))
+                layers.append(Layer(norm(layer.input_layernorm, 1.0), norm(layer.post_attention_layernorm, 1.0), attn, layer.mlp,
+                                    mlp_down=layer.mlp.down_proj))
         emb = tr.embed_tokens
         return Weights(info, emb, layers, norm(tr.norm, 1.0), hf.lm_head.weight, None,
                        final_softcap=getattr(config, "final_logit_softcapping", None), W_E=emb.weight * emb.embed_scale)

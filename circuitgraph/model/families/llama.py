@@ -33,6 +33,6 @@ class LlamaLike(Family):
             kn = norm(a.k_norm) if hasattr(a, "k_norm") else None
             attn = separate_qkv(a, info.n_heads, info.n_kv_heads, q_norm=qn, k_norm=kn, rotary=rotary,
                                 window=layer_window(config, a, i))
-            layers.append(Layer(norm(layer.input_layernorm), norm(layer.post_attention_layernorm), attn, layer.mlp))
+            layers.append(Layer(norm(layer.input_layernorm), norm(layer.post_attention_layernorm), attn, layer.mlp, mlp_down=layer.mlp.down_proj))
         return Weights(info, tr.embed_tokens, layers, norm(tr.norm), hf.lm_head.weight, getattr(hf.lm_head, "bias", None),
                        W_E=tr.embed_tokens.weight)

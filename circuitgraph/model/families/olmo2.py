@@ -6,7 +6,7 @@ the port's own input (as GQA ports are ungrouped, DESIGN "Grouped-query attentio
 
 from __future__ import annotations
 
-from circuitgraph.model.families.base import Family, common_checks, norm, register, separate_qkv
+from circuitgraph.model.families.base import Family, common_checks, norm, refuse, register, separate_qkv
 from circuitgraph.model.weights import ArchInfo, Layer, Rotary, Weights
 
 
@@ -18,6 +18,8 @@ class OLMo2(Family):
 
     def describe(self, config) -> ArchInfo:
         common_checks(config)
+        if getattr(config, "attention_bias", False):
+            refuse(config, "attention_bias", "a post-normed attention output bias would not be a constant")
         d, h = config.hidden_size, config.num_attention_heads
         return ArchInfo(self.name, config.num_hidden_layers, h, config.num_key_value_heads or h, d, d // h, False)
 
@@ -31,5 +33,5 @@ class OLMo2(Family):
             attn = separate_qkv(a, info.n_heads, info.n_kv_heads, q_norm=norm(a.q_norm), k_norm=norm(a.k_norm),
                                 qk_norm_over_heads=True, rotary=rotary, window=getattr(config, "sliding_window", None))
             layers.append(Layer(None, None, attn, layer.mlp, post_attn=norm(layer.post_attention_layernorm),
-                                post_mlp=norm(layer.post_feedforward_layernorm)))
+                                post_mlp=norm(layer.post_feedforward_layernorm), mlp_down=layer.mlp.down_proj))
         return Weights(info, tr.embed_tokens, layers, norm(tr.norm), hf.lm_head.weight, None, W_E=tr.embed_tokens.weight)

@@ -36,6 +36,6 @@ class Phi3(Family):
             attn = Attention(heads_in(W[:q], H), heads_in(W[q:k], Hkv), heads_in(W[k:], Hkv), None, None, None,
                              heads_out(a.o_proj.weight, H), None, project, a.o_proj, a.scaling, rotary=rotary,
                              window=getattr(config, "sliding_window", None))
-            layers.append(Layer(norm(layer.input_layernorm), norm(layer.post_attention_layernorm), attn, layer.mlp))
+            layers.append(Layer(norm(layer.input_layernorm), norm(layer.post_attention_layernorm), attn, layer.mlp, mlp_down=layer.mlp.down_proj))
         return Weights(info, tr.embed_tokens, layers, norm(tr.norm), hf.lm_head.weight, getattr(hf.lm_head, "bias", None),
                        W_E=tr.embed_tokens.weight)
