@@ -469,3 +469,24 @@ def test_our_runtime_errors_are_not_called_unexpected():
     assert error_message(ExactnessError("engine and model disagree by 0.3\nmore")) == "engine and model disagree by 0.3"
     assert "unexpected" in error_message(ZeroDivisionError("division by zero"))
     assert error_message(FileNotFoundError(2, "No such file or directory", "x.json")) == "No such file or directory: 'x.json'"
+
+
+def test_real_entry_point_warns_and_fails_in_one_line(files, tmp_path):
+    """Through ``python -m circuitgraph``: our warnings are one line each, errors one line, no traceback."""
+    import subprocess
+    import sys
+
+    rows = signal_rows(load_model(files["--model"]), 7, seed=3)
+    rows[1] = {**rows[1], "clean": rows[1]["clean"] + " giraffe", "corrupted": rows[1]["corrupted"] + " okapi"}
+    data = write_jsonl(tmp_path / "unknown.jsonl", rows)
+    base = [sys.executable, "-m", "circuitgraph", "evaluate", "--model", files["--model"], "--data", str(data),
+            "--spec", files["--spec"], "--json"]
+    r = subprocess.run(base, capture_output=True, text=True)
+    assert r.returncode == 0 and "Traceback" not in r.stderr
+    warning = [line for line in r.stderr.splitlines() if "warning" in line]
+    assert any(line.startswith("circuitgraph: warning: ") and "'giraffe'" in line and "'okapi'" in line for line in warning), r.stderr
+    assert not any("warnings.warn" in line for line in r.stderr.splitlines())
+    _strict(r.stdout)
+    r = subprocess.run(base + ["--device", "cdua"], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip() == ("circuitgraph evaluate: error: --device 'cdua': not a device; "
+                                                      "expected cpu, cuda, cuda:N or mps")
