@@ -490,3 +490,18 @@ def test_real_entry_point_warns_and_fails_in_one_line(files, tmp_path):
     r = subprocess.run(base + ["--device", "cdua"], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip() == ("circuitgraph evaluate: error: --device 'cdua': not a device; "
                                                       "expected cpu, cuda, cuda:N or mps")
+
+
+def test_path_patching_with_no_corruption_effect_prints_no_number(files, capsys, model, tmp_path):
+    from circuitgraph.evaluate.path_patching import path_patch
+
+    rows = [{**r, "corrupted": r["clean"]} for r in random_rows(6)]
+    same = write_jsonl(tmp_path / "same.jsonl", rows)
+    code, out, err = run(capsys, "path-patch", "--model", files["--model"], "--data", same, "--receiver", "a1.h0<k>", "--json")
+    result = _strict(out)
+    assert code == 0 and set(result["senders"].values()) == {None} and set(result["senders_se"].values()) == {None}
+    assert "divide by zero" in result["undefined_reason"] and "path-patching effects are not meaningful" in err
+    code, out, _ = run(capsys, "path-patch", "--model", files["--model"], "--data", same, "--receiver", "m1")
+    assert "n/a" in out and "nan" not in out.lower()
+    with pytest.raises(ValueError, match="the path-patching effect is undefined"):
+        path_patch(model, load_dataset(rows, model), "a0.h1", "a1.h0<k>")

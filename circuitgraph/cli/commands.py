@@ -72,9 +72,9 @@ def cmd_evaluate(args) -> int:
     console = Console()
     console.print(t)
     if score.se_reason:
-        console.print(f"s.e. n/a: {score.se_reason}")
+        print(f"s.e. n/a: {score.se_reason}")
     for w in score.warnings:
-        console.print(f"[yellow]warning:[/yellow] {w}", markup=True, highlight=False)
+        print(f"warning: {w}")  # one line, however narrow the terminal
     return 0
 
 

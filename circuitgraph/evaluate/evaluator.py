@@ -83,6 +83,12 @@ def normalised(m, clean, base):
         return (m.mean(-1) - base.mean(-1)) / (clean.mean(-1) - base.mean(-1))
 
 
+def zero_gap(clean: np.ndarray, base: np.ndarray) -> bool:
+    """Clean and ablated metrics equal up to float rounding (relative 1e-6): every ratio is 0/0."""
+    c, b = float(clean.mean()), float(base.mean())
+    return abs(c - b) <= 1e-6 * max(1.0, abs(c), abs(b))
+
+
 def normalisation_problem(clean: np.ndarray, base: np.ndarray, metric: str) -> str | None:
     """Why ``(M - M_ablated) / (M_clean - M_ablated)`` means nothing on this data, or ``None``.
 
@@ -92,7 +98,7 @@ def normalisation_problem(clean: np.ndarray, base: np.ndarray, metric: str) -> s
     if not (math.isfinite(c) and math.isfinite(b)):
         return f"the clean ({c:.4g}) or ablated ({b:.4g}) {metric} is not finite"
     gap = c - b
-    if abs(gap) <= 1e-6 * max(1.0, abs(c), abs(b)):
+    if zero_gap(clean, base):
         return (f"clean and ablated {metric} are equal ({c:.4g}), so faithfulness and necessity divide by zero; "
                 f"check that the corrupted prompts change the answer")
     se = bootstrap_se(lambda x, y: x.mean(-1) - y.mean(-1), clean, base)

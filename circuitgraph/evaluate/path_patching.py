@@ -29,7 +29,7 @@ import torch
 from circuitgraph.data.dataset import TaskData
 from circuitgraph.graph import GraphError, NodeRef
 from circuitgraph.model.loading import CircuitModel
-from circuitgraph.evaluate.evaluator import Evaluator, bootstrap_se, normalised
+from circuitgraph.evaluate.evaluator import Evaluator, bootstrap_se, normalised, zero_gap
 from circuitgraph.spec.circuit_spec import ResolvedCircuit
 
 NORMALISATION = "(M(patched) - M(clean)) / (M(clean) - M(corrupted)); 0 = no effect, -1 = the full corruption effect"
@@ -152,6 +152,8 @@ def path_patch(model: CircuitModel, data: TaskData, senders, receivers, metric: 
     _check_upstream(G, src, dst, _as_list(receivers))
     ev = _evaluator(model, data, metric, batch_size, evaluator)
     vals = _patched_values(ev, [src], dst, positions)
+    if zero_gap(ev.clean_values, ev.base_values):
+        raise ValueError(f"the path-patching effect is undefined: {ev.undefined_reason}")
     return float(ev.normalise(vals)[0] - 1.0)
 
 
@@ -194,6 +196,10 @@ def path_patch_sweep(model: CircuitModel, data: TaskData, receivers, senders=Non
         from circuitgraph.errors import CircuitWarning
 
         warnings.warn(f"path-patching effects are not meaningful: {undefined}", CircuitWarning, stacklevel=2)
+        if zero_gap(clean, base):  # 0/0: no number at all (None in JSON), not a rounding-noise ratio
+            out = {k: float("nan") for k in out}
+            se = {k: float("nan") for k in se}
+            heads.fill_(float("nan")), mlps.fill_(float("nan"))
     return PathPatchResult(rec, ev.metric_name, len(data), out, se, heads, mlps, float(clean.mean()), float(base.mean()),
                            list(positions) if positions else None, data.prepend_bos, undefined_reason=undefined)
 
@@ -269,7 +275,7 @@ def cmd_path_patch(args) -> int:
     console = Console()
     console.print(t)
     if res.undefined_reason:
-        console.print(f"effects are not meaningful: {res.undefined_reason}")
+        print(f"effects are not meaningful: {res.undefined_reason}")
     console.print(f"normalised: {NORMALISATION}")
     if args.output:
         console.print(f"wrote {args.output}")
