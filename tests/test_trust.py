@@ -505,3 +505,12 @@ def test_path_patching_with_no_corruption_effect_prints_no_number(files, capsys,
     assert "n/a" in out and "nan" not in out.lower()
     with pytest.raises(ValueError, match="the path-patching effect is undefined"):
         path_patch(model, load_dataset(rows, model), "a0.h1", "a1.h0<k>")
+
+
+def test_demo_checks_its_inputs_first(capsys, no_model_load):
+    code, _, err = run(capsys, "demo", "-n", "1", "-o", "/tmp/circuitgraph-demo-never")
+    assert code == 2
+    one_error(err, "-n 1: the demo needs at least 2 prompts")
+    code, _, err = run(capsys, "demo", "-o", "/proc/circuitgraph/demo")
+    assert code == 2
+    one_error(err, "-o '/proc/circuitgraph/demo': '/proc' is not a writable folder")

@@ -24,6 +24,8 @@ def run_demo(out: Path, n_examples: int = 64, progress: bool = True) -> dict:
     from circuitgraph.spec.circuit_spec import CircuitSpec
     from circuitgraph.data.tasks import make_data, write_jsonl
 
+    if n_examples < 2:
+        raise ValueError(f"-n {n_examples}: the demo needs at least 2 prompts (standard errors need two)")
     console = Console()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
