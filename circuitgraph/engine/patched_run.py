@@ -41,6 +41,7 @@ class PatchedRun:
         if self.full is not None:
             out = all_out() if callable(all_out) else rows_out
             abl = self._ablated(block)
+            out = out.to(self.dbuf.device)
             self.full.append(out if abl is None else out - abl)
         rows = self.plan.needed[block]
         if not len(rows):
@@ -50,6 +51,7 @@ class PatchedRun:
         if abl is not None:
             out = out - self._tile(abl if len(rows) == abl.shape[0] else abl[rows.to(out.device)])
         o = self.plan.offsets[block]
+        out = out.to(self.dbuf.device)
         self.dbuf[:, o:o + len(rows)] = out.view(len(rows), self.C, self.B, self.P, self.D).transpose(0, 1)
 
     # ----- destination inputs -----------------------------------------------------------------
@@ -107,7 +109,7 @@ class PatchedRun:
         n = 3 * self.e.H
         if len(bp.from_ablated) == n or len(bp.from_patched) == n:
             return self.k.shared_qkv(layer, A if len(bp.from_ablated) == n else R)
-        out = R.new_empty(n, self.Bt, self.P, self.e.dh)
+        out = R.new_empty(n, self.Bt, self.P, self.e.dh, device=self.k.device(layer))
         for idx, base in ((bp.from_ablated, A), (bp.from_patched, R)):
             if len(idx):
                 out[idx.to(R.device)] = self.k.port_qkv(layer, base, idx)
@@ -149,9 +151,9 @@ class PatchedRun:
                 self._record(1 + 2 * layer, heads, lambda: self.k.head_outputs(layer, z, all_heads, inv))
 
             out = self.k.block(layer, resid, rope[layer], qkv=self._qkv(layer, A, resid), on_attn=store_heads,
-                               mlp_input=lambda R_mid: self._single_input(2 * layer + 1, A_mid, R_mid))
+                               mlp_input=lambda R_mid: self._single_input(2 * layer + 1, A_mid, R_mid.to(emb.device)))
             self._record(2 + 2 * layer, out.mlp[None])
-            resid = out.resid
+            resid = out.resid.to(emb.device)
         if self.stop_layer is not None:
             return PrefixState(self.stop_layer, resid, self.full)
         return self._logits(resid)
@@ -190,4 +192,4 @@ class PatchedRun:
                 G = self.dbuf[:, rows[sel]][:, :, b_idx, lp]  # [C, K, B, D]
                 mix = mix + torch.einsum("ckbd,ck->cbd", G, coef[:, sel])
             final = final + mix.reshape(Bt, D) if torch.is_tensor(mix) else final
-        return e.w.unembed(final).view(C, B, -1)
+        return self.k.unembed(final).view(C, B, -1)
