@@ -4,6 +4,10 @@
 the metric with every edge ablated (the corrupted run under corrupted ablation);
 ``necessity = 1 - (M(complement) - M(ablated)) / (M(clean) - M(ablated))``.  Spreads are
 bootstrap standard errors over examples (the ratio of means has no closed form).
+
+When ``M(clean)`` and ``M(ablated)`` are equal within noise the ratios mean nothing: they are
+reported as ``None`` with the reason (:func:`normalisation_problem`), never as a number; so is a
+standard error from one example.
 """
 
 from __future__ import annotations
