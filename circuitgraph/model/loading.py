@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import os
 from functools import cached_property
+from pickle import UnpicklingError
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from circuitgraph.model.families import architecture_name, describe_config, extract_weights
 from circuitgraph.model.weights import UnsupportedArchitecture
@@ -134,6 +136,8 @@ def load_model(name: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     try:
         config = AutoConfig.from_pretrained(where)
     except OSError as e:
+        if Path(where).is_dir():
+            raise ModelLoadError(f"model directory '{name}': could not read config.json ({str(e).splitlines()[0]})") from None
         raise ModelLoadError(f"model '{name}': not a bundled model ({', '.join(bundled_models()) or 'none'}), not a local directory, "
                              f"and the hub could not provide it ({str(e).splitlines()[0]})") from None
     describe_config(config)
@@ -142,6 +146,10 @@ def load_model(name: str | os.PathLike, device: str | torch.device = "cpu", dtyp
         hf = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, attn_implementation="eager", **extra)
     except OSError as e:
         raise ModelLoadError(f"model '{name}': could not read weights ({str(e).splitlines()[0]})") from None
+    except (SafetensorError, RuntimeError, EOFError, UnpicklingError) as e:  # a damaged or truncated weights file
+        first = next(iter(str(e).splitlines()), "")
+        raise ModelLoadError(f"model '{name}': its weights file is damaged or unreadable ({type(e).__name__}: {first}); "
+                             f"download or save it again") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(where)
     except (OSError, ValueError) as e:
