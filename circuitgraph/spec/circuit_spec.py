@@ -224,9 +224,12 @@ class CircuitSpec(BaseModel):
 
     @classmethod
     def load(cls, path: str | Path) -> "CircuitSpec":
-        path = Path(path)
+        """A spec file (ours or EAP-IG/MIB JSON), or a shipped spec by name (``"induction_toy"``)."""
+        from circuitgraph.spec.shipped import missing_spec_hint, resolve_spec
+
+        given, path = path, resolve_spec(path)
         if not path.is_file():
-            raise SpecError(f"spec file '{path}' does not exist")
+            raise SpecError(f"spec file '{given}' does not exist{missing_spec_hint(given)}")
         try:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as e:
