@@ -79,6 +79,8 @@ def cmd_discover(args) -> int:
         spec.name = f"{args.method} circuit"
         spec.model = args.model
         result = ev.evaluate(spec) if len(spec.edges) else None
+        if result is not None:
+            spec.metadata["faithfulness"] = result.faithfulness  # figures of this spec show it in their title
     if args.format == "mib":
         Path(args.output).write_text(json.dumps(spec.to_mib(model.graph)) + "\n")
     else:
@@ -99,8 +101,12 @@ def cmd_make_data(args) -> int:
 
     if args.n < 1:
         raise CLIError(f"-n must be at least 1, got {args.n}")
+    from circuitgraph.data.tasks import OPTIONS, get_task
+
+    get_task(args.task)  # an unknown task fails before the model loads
+    options = {k: getattr(args, k) for k in OPTIONS if getattr(args, k, None) is not None}
     model = load_model(args.model)
-    rows = make_data(args.task, model.tokenizer, args.n, seed=args.seed)
+    rows = make_data(args.task, model.tokenizer, args.n, seed=args.seed, **options)
     write_jsonl(rows, args.output)
     from circuitgraph.data.dataset import read_jsonl, tokenize
 
@@ -116,6 +122,22 @@ def _common(p: argparse.ArgumentParser, data: bool = True):
         p.add_argument("--prepend-bos", action="store_true", help="put the BOS token first (TransformerLens habit)")
         p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cpu")
+
+
+def _task_options(p: argparse.ArgumentParser) -> None:
+    """The generators' own options (word lists, lengths), so the advice in their errors can be followed."""
+    from circuitgraph.data.tasks import OPTIONS
+
+    for name, (tasks, kind, text) in OPTIONS.items():
+        flag, help_ = f"--{name.replace('_', '-')}", f"{', '.join(tasks)}: {text}"
+        if kind == "words":
+            p.add_argument(flag, dest=name, nargs="+", metavar="WORD", help=help_)
+        elif kind == "int":
+            p.add_argument(flag, dest=name, type=int, help=help_)
+        elif kind == "choice":
+            p.add_argument(flag, dest=name, choices=["abc", "s2_flip"], help=help_)
+        else:
+            p.add_argument(flag, dest=name, help=help_)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-o", "--output", required=True, type=Path)
+    _task_options(p)
     p.set_defaults(func=cmd_make_data)
     for register in _EXTRA_COMMANDS:
         register(sub)

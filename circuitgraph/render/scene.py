@@ -126,15 +126,17 @@ def rank_label(rank: tuple[int, int], graph: Graph) -> str:
 
 def group_colors(spec: CircuitSpec) -> dict[str, str]:
     """A colour per group, the same in every figure: the spec's own, a role's, else by name hash."""
-    colors, used = {}, set()
-    for g, grp in spec.groups.items():
-        c = grp.color or ROLE_COLORS.get(g)
+    fixed = {g: grp.color or ROLE_COLORS.get(g) for g, grp in spec.groups.items()}
+    used = {c for c in fixed.values() if c}
+    colors = {}
+    for g in spec.groups:
+        c = fixed[g]
         if c is None:
             start = zlib.crc32(g.encode()) % len(PALETTE)
             free = [PALETTE[(start + i) % len(PALETTE)] for i in range(len(PALETTE))]
             c = next((p for p in free if p not in used), free[0])
+            used.add(c)
         colors[g] = c
-        used.add(c)
     return colors
 
 
