@@ -79,7 +79,7 @@ def cmd_discover(args) -> int:
         spec.name = f"{args.method} circuit"
         spec.model = args.model
         result = ev.evaluate(spec) if len(spec.edges) else None
-        if result is not None:
+        if result is not None and isinstance(result.faithfulness, float) and abs(result.faithfulness) < float("inf"):
             spec.metadata["faithfulness"] = result.faithfulness  # figures of this spec show it in their title
     if args.format == "mib":
         Path(args.output).write_text(json.dumps(spec.to_mib(model.graph)) + "\n")
