@@ -1,7 +1,7 @@
 """Attention heads: their patterns on an example, and head-type scores over many prompts.
 
 Head-type scores use TransformerLens's detection patterns (``transformer_lens.head_detector``)
-on patterns read from the bridge's cache.  A score is the attention mass a head puts on the
+on patterns read from the engine's forward.  A score is the attention mass a head puts on the
 pattern's target keys, averaged over the query positions that *have* a target (so rows with
 nothing to find do not dilute it); 1 = always exactly on target, 0 = never.
 
@@ -23,6 +23,7 @@ from transformer_lens.head_detector import (get_duplicate_token_head_detection_p
                                             get_induction_head_detection_pattern,
                                             get_previous_token_head_detection_pattern)
 
+from circuitgraph.graph import NodeRef
 from circuitgraph.model.loading import CircuitModel
 from circuitgraph.characterise.plots import heatmap, new_figure, save, token_labels
 
@@ -32,8 +33,10 @@ DETECTORS = {"previous_token": get_previous_token_head_detection_pattern,
 
 
 def _head(name: str) -> tuple[int, int]:
-    layer, head = name[1:].split(".h")
-    return int(layer), int(head)
+    ref = NodeRef.parse(name, where="head")
+    if not ref.is_head:
+        raise ValueError(f"'{name}' is not an attention head (expected 'a<layer>.h<head>')")
+    return ref.layer, ref.head
 
 
 def _tokens(model: CircuitModel, text_or_ids) -> torch.Tensor:
@@ -44,9 +47,9 @@ def _tokens(model: CircuitModel, text_or_ids) -> torch.Tensor:
 
 @torch.no_grad()
 def all_patterns(model: CircuitModel, tokens: torch.Tensor) -> torch.Tensor:
-    """Attention patterns ``[L, B, H, P, P]`` of every head on ``tokens [B, P]`` (bridge cache)."""
+    """Attention patterns ``[L, B, H, P, P]`` of every head on ``tokens [B, P]`` (the engine's forward)."""
     names = [f"blocks.{l}.attn.hook_pattern" for l in range(model.graph.n_layers)]
-    _, cache = model.bridge.run_with_cache(tokens.to(model.device), names_filter=lambda n: n in names)
+    _, cache = model.run_with_cache(tokens.to(model.device), names_filter=lambda n: n in names)
     return torch.stack([cache[n].float().cpu() for n in names])
 
 

@@ -60,7 +60,7 @@ def residual_states(model: CircuitModel, data: TaskData) -> tuple[torch.Tensor, 
     """Residual stream ``[n_layers + 1, N, D]`` at each example's last position: after the embedding, after each layer."""
     L = model.graph.n_layers
     names = ["blocks.0.hook_resid_pre"] + [f"blocks.{l}.hook_resid_post" for l in range(L)]
-    _, cache = model.bridge.run_with_cache(data.clean.to(model.device), names_filter=lambda n: n in names)
+    _, cache = model.run_with_cache(data.clean.to(model.device), names_filter=lambda n: n in names)
     idx, last = torch.arange(len(data)), data.last.to(model.device)
     return torch.stack([cache[n][idx, last] for n in names]), ["embed"] + [f"L{l}" for l in range(L)]
 
@@ -111,10 +111,10 @@ class LensComparison:
 def lens_without(model: CircuitModel, data: TaskData, node: str, layer: int | None = None, k: int = 5) -> LensComparison:
     """Decode the residual after ``layer`` (default: the node's own layer) with and without ``node``'s output."""
     G = model.graph
-    G.check_node(node)
-    if node in ("input", "logits"):
+    ref = G.ref(node)
+    if ref.kind in ("input", "logits"):
         raise ValueError(f"lens_without: '{node}' is not a head or MLP node")
-    own = int(node[1:].split(".")[0])
+    own = ref.layer
     layer = own if layer is None else layer
     if not own <= layer < G.n_layers:
         raise ValueError(f"lens_without: layer {layer} is before {node} writes (layer {own}) or past the last layer")

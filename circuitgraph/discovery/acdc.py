@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from circuitgraph.evaluate.evaluator import Evaluator
+from circuitgraph.graph import NodeRef
 from circuitgraph.discovery.edge_scores import EdgeScores
 
 HIGHER_IS_BETTER = {"logit_diff": True, "prob_diff": True, "accuracy": True, "kl": False}
@@ -82,8 +83,8 @@ def acdc(ev: Evaluator, tau: float, batch: int | None = None, progress: bool = T
     for d in reversed(range(len(G.destinations))):
         if max_edges is not None and visited >= max_edges:
             break
-        node = G.node_of(G.destinations[d])
-        layer = len(engine.w.layers) if node == "logits" else int(node[1:].split(".")[0])
+        ref = NodeRef.parse(G.destinations[d])
+        node, layer = ref.name, ref.block_layer(G.n_layers)
         candidates = [s for s in reversed(range(int(G.n_upstream[d]))) if current[s, d]]
         if max_edges is not None:
             candidates = candidates[:max_edges - visited]
@@ -136,8 +137,7 @@ def exact_scores(ev: Evaluator, batch: int | None = None, progress: bool = True)
     clean = float(ev.clean_values.mean())
     layer_of = []
     for _, d in pairs.tolist():
-        node = G.node_of(G.destinations[d])
-        layer_of.append(len(ev.engine.w.layers) if node == "logits" else int(node[1:].split(".")[0]))
+        layer_of.append(NodeRef.parse(G.destinations[d]).block_layer(G.n_layers))
     order = sorted(range(len(pairs)), key=lambda k: layer_of[k])
     groups = [order[i:i + batch] for i in range(0, len(order), batch)]
     for group in tqdm(groups, desc="exact edge effects", leave=False, disable=not progress):
