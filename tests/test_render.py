@@ -63,7 +63,7 @@ def test_toy_svg_nodes_edges_and_port_colours(tmp_path):
     # scored figure: colour = sign (the negative edge is red and solid, not dashed like a weak one)
     assert by_title["input->a0.h0"] == [(SIGN_COLORS[1], None)]
     assert by_title["a0.h1->a1.h2"] == [(SIGN_COLORS[-1], None)]
-    assert by_title["m0->a1.h3"] == [(PORT_COLORS[None], None)]  # unscored: grey
+    assert by_title["m0->a1.h3"] == [(PORT_COLORS["q"], None)]  # unscored: colour by port
     assert "END" in (tmp_path / "toy.svg").read_text()  # position label
     text = (tmp_path / "toy.svg").read_text()
     assert "score &lt; 0" in text and "width: |score|" in text  # the legend explains sign and width

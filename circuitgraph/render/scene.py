@@ -4,7 +4,7 @@ A :class:`Scene` is the figure without geometry: layered ranks, nodes with fills
 with colours and widths, and the legend.  The rules that keep figures honest live here:
 
 - scored edges: width = |score| (square-root scale onto [0.5, 4], so small scores stay visible)
-  and colour = sign (blue positive, red negative), the port drawn as the arrowhead (q filled
+  and colour = sign (purple positive, red negative), the port drawn as the arrowhead (q filled
   triangle, k open arrow, v bar); unscored edges: colour = port (q blue, k green, v orange);
 - verified-weak edges (measured effect < tolerance) are dotted grey whatever their score;
 - node fill = the node's group (its role; a group keeps its colour in every figure) or, for
@@ -28,7 +28,7 @@ from circuitgraph.spec.circuit_spec import CircuitSpec
 
 PORT_COLORS = {"q": "#1f77b4", "k": "#2ca02c", "v": "#ff7f0e", None: "#666666"}
 PORT_NAMES = {"q": "query (q)", "k": "key (k)", "v": "value (v)", None: "MLP / logits input"}
-SIGN_COLORS = {1: "#2166ac", -1: "#b2182b"}
+SIGN_COLORS = {1: "#5e3c99", -1: "#c51b1b"}  # purple / red: apart from the port colours
 ARROWHEADS = {"q": "normal", "k": "vee", "v": "tee", None: "normal"}  # graphviz names; matplotlib maps them
 WEAK_COLOR = "#b5b5b5"
 # ColorBrewer Set3 without its grey (kept for ungrouped nodes): light fills keep black labels readable.
@@ -277,8 +277,8 @@ def build_scene(spec: CircuitSpec, graph: Graph, *, rankdir: str = "BT", collaps
         e.alpha = 1.0 if e.magnitude is None or not scored else 0.5 + 0.5 * (e.width - 0.5) / 3.5
         if e.weak:
             e.color = WEAK_COLOR
-        elif scored:
-            e.color = PORT_COLORS[None] if e.score is None else SIGN_COLORS[1 if e.score >= 0 else -1]
+        elif scored and e.score is not None:
+            e.color = SIGN_COLORS[1 if e.score >= 0 else -1]
         else:
             e.color = PORT_COLORS[e.port]
         if e.positions and e.src not in on_node:
@@ -297,17 +297,17 @@ def build_scene(spec: CircuitSpec, graph: Graph, *, rankdir: str = "BT", collaps
                   if any(owner.get(m, m) in shown for m in spec.groups[g].nodes)]
         if any(n.kind in ("head", "mlp") and not spec.group_of(n.id) for n in nodes):
             items.append(LegendItem("group", "ungrouped (darker: later layer)", layer_fill(graph.n_layers - 1, graph.n_layers)))
-        ports = {e.port for e in edges if not e.weak}
-        if scored:
-            for sign, text in ((1, "score > 0"), (-1, "score < 0")):
-                if any(e.score is not None and (e.score >= 0) == (sign > 0) and not e.weak for e in edges):
-                    items.append(LegendItem("edge", text, SIGN_COLORS[sign]))
-            if any(e.score is None and not e.weak for e in edges):
-                items.append(LegendItem("edge", "unscored", PORT_COLORS[None]))
+        signed = [e for e in edges if scored and e.score is not None and not e.weak]
+        for sign, text in ((1, "score > 0"), (-1, "score < 0")):
+            if any((e.score >= 0) == (sign > 0) for e in signed):
+                items.append(LegendItem("edge", text, SIGN_COLORS[sign]))
+        by_port = {e.port for e in edges if not e.weak and e not in signed}
+        unscored = " (unscored)" if signed else ""
+        items += [LegendItem("edge", PORT_NAMES[p] + unscored, PORT_COLORS[p]) for p in ("q", "k", "v", None) if p in by_port]
+        if signed:  # colour shows the sign, so the arrowhead shows the port
+            ports = {e.port for e in signed}
             items += [LegendItem("edge", f"into {PORT_NAMES[p]}", "#333333", ARROWHEADS[p]) for p in ("q", "k", "v") if p in ports]
             items.append(LegendItem("note", "width: |score|"))
-        else:
-            items += [LegendItem("edge", PORT_NAMES[p], PORT_COLORS[p]) for p in ("q", "k", "v", None) if p in ports]
         if any(e.weak for e in edges):
             items.append(LegendItem("edge", f"measured effect < {verified_tol:g}", WEAK_COLOR, style="dotted"))
         if any(e.positions for e in edges):
