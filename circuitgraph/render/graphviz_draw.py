@@ -29,9 +29,10 @@ def _legend(scene: Scene) -> str:
         if it.kind == "group":
             left.append(f'<TD BGCOLOR="{it.color}" BORDER="1" WIDTH="18"> </TD><TD ALIGN="LEFT">{html.escape(it.text)}</TD>')
         elif it.kind == "edge":
-            line = "&#183;&#183;&#183;&#183;" if it.style == "dotted" else "&#8212;&#8212;"
+            line = "&#183;&#183;&#183;&#183;&#183;" if it.style == "dotted" else "&#9473;&#9473;"
             mark = _LEGEND_MARK.get(it.arrowhead, "")
-            right.append(f'<TD><FONT COLOR="{it.color}"><B>{line}{mark}</B></FONT></TD><TD ALIGN="LEFT">{html.escape(it.text)}</TD>')
+            right.append(f'<TD><FONT COLOR="{it.color}" POINT-SIZE="12"><B>{line}{mark}</B></FONT></TD>'
+                         f'<TD ALIGN="LEFT">{html.escape(it.text)}</TD>')
         else:
             right.append(f'<TD></TD><TD ALIGN="LEFT">{html.escape(it.text)}</TD>')
     blank = "<TD></TD><TD></TD>"
