@@ -38,8 +38,8 @@ class _TrialRunner:
         self.ev, self.engine = ev, ev.engine
         self.n_runs = 0
         self.states = []  # per span: clean prefix states at every layer
-        for i, (a, b) in enumerate(ev._spans()):
-            part, abl, _ = ev._batch(i, a, b)
+        for i in range(ev.n_batches):
+            part, abl, _ = ev.batch(i)
             with torch.no_grad():
                 _, outs = self.engine.run(part.clean.to(ev.model.device), record=True)
             self.states.append(self.engine.clean_states(outs, abl))
@@ -49,8 +49,8 @@ class _TrialRunner:
         ev, engine = self.ev, self.engine
         total = np.zeros(masks.shape[0])
         plan = engine.compile(masks.to(ev.model.device))
-        for i, (a, b) in enumerate(ev._spans()):
-            part, abl, clean_logits = ev._batch(i, a, b)
+        for i in range(ev.n_batches):
+            part, abl, clean_logits = ev.batch(i)
             dev = ev.model.device
             logits = engine.patched_run(part.clean.to(dev), abl, plan, logit_positions=part.last.to(dev),
                                         start=self.states[i][layer])

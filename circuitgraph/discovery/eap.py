@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from circuitgraph.evaluate.evaluator import Evaluator, _on
+from circuitgraph.evaluate.evaluator import Evaluator
 from circuitgraph.discovery.edge_scores import EdgeScores
 
 
@@ -66,11 +66,10 @@ def attribute(evaluator: Evaluator, method: str = "eap", steps: int = 5, progres
     scores = torch.zeros(len(G.sources), len(G.destinations), dtype=torch.float64)
     n_points = 1 if method == "eap" else steps
     n_backward = 0
-    spans = ev._spans()
-    bar = tqdm(total=len(spans) * (n_points if method != "eap-ig-activations" else n_points * len(engine.src_blocks)),
+    bar = tqdm(total=ev.n_batches * (n_points if method != "eap-ig-activations" else n_points * len(engine.src_blocks)),
                desc=method, leave=False, disable=not progress)
-    for i, (a, b) in enumerate(spans):
-        part, abl, clean_logits = ev._batch(i, a, b)
+    for i in range(ev.n_batches):
+        part, abl, clean_logits = ev.batch(i)
         dev = ev.model.device
         toks, last = part.clean.to(dev), part.last.to(dev)
         with torch.no_grad():
@@ -82,7 +81,7 @@ def attribute(evaluator: Evaluator, method: str = "eap", steps: int = 5, progres
         def backward(**kw):
             nonlocal n_backward
             logits, probes = _probed_forward(engine, toks, last, **kw)
-            metric = ev.metric(logits, _on(part, dev), clean_logits).sum()
+            metric = ev.metric(logits, part.to(dev), clean_logits).sum()
             for g, p in zip(grads, torch.autograd.grad(metric, probes, allow_unused=True)):
                 if p is not None:  # None: the probe feeds a block whose output was overridden
                     g += p

@@ -29,7 +29,7 @@ import torch
 from circuitgraph.data.dataset import TaskData
 from circuitgraph.graph import GraphError, NodeRef
 from circuitgraph.model.loading import CircuitModel
-from circuitgraph.evaluate.evaluator import Evaluator, _normalised, bootstrap_se
+from circuitgraph.evaluate.evaluator import Evaluator, bootstrap_se, normalised
 from circuitgraph.spec.circuit_spec import ResolvedCircuit
 
 NORMALISATION = "(M(patched) - M(clean)) / (M(clean) - M(corrupted)); 0 = no effect, -1 = the full corruption effect"
@@ -173,7 +173,7 @@ def path_patch_sweep(model: CircuitModel, data: TaskData, receivers, senders=Non
     for s, e, row in zip(src, eff, vals):
         name = G.sources[s]
         out[name] = float(e)
-        se[name] = bootstrap_se(lambda m, c, b: _normalised(m, c, b) - 1.0, row, clean, base)
+        se[name] = bootstrap_se(lambda m, c, b: normalised(m, c, b) - 1.0, row, clean, base)
         ref = NodeRef.parse(name)
         if ref.is_head:
             heads[ref.layer, ref.head] = float(e)
