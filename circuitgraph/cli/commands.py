@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("evaluate", help="faithfulness and necessity of a circuit spec")
     _common(p)
-    p.add_argument("--spec", required=True, help="circuit spec JSON (ours or EAP-IG/MIB)")
+    p.add_argument("--spec", required=True, help="circuit spec JSON (ours or EAP-IG/MIB), or a shipped spec by name (ioi_gpt2)")
     p.add_argument("--ablation", choices=["corrupted", "mean", "zero"], default="corrupted")
     p.add_argument("--metric", choices=["logit_diff", "prob_diff", "kl", "accuracy"], default="logit_diff")
     p.add_argument("--json", action="store_true", help="print one JSON object")
