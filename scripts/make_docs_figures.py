@@ -26,7 +26,6 @@ ioi.edge_scores.update({"a10.h7->logits": -0.8, "a11.h10->logits": -0.5, "a9.h9-
                         "a9.h6->logits": 0.9, "a10.h0->logits": 0.6})
 g = Graph(12, 12)
 render(ioi, g, f"{out}/example_circuit.png", title="IOI circuit (Wang et al. 2022), simplified")
-render(ioi, g, f"{out}/example_circuit_collapsed.png", collapse_groups=True, title="IOI circuit, groups collapsed")
 
 mib_path = Path(sys.argv[3]) if len(sys.argv) > 3 else Path(__file__).resolve().parents[2] / "shared/data/mib/ioi-eap-ig.json"
 mib = CircuitSpec.load(mib_path)
@@ -43,7 +42,6 @@ n = int(sys.argv[2]) if len(sys.argv) > 2 else 120
 thr = sorted((abs(mib.edge_scores[e.edge]) for e in mib.edges), reverse=True)[n - 1]
 render(mib, None, f"{out}/ioi_mib.png", min_score=thr,
        title=f"MIB IOI circuit (GPT-2 small, EAP-IG): top {n} of {len(mib.edges)} edges by |score|")
-render(mib, None, f"{out}/ioi_mib_full.png", title=f"MIB IOI circuit (GPT-2 small, EAP-IG): all {len(mib.edges)} edges")
 render(mib, None, f"{out}/ioi_mib_collapsed.png", collapse_groups=True, min_score=thr,
        title=f"MIB IOI circuit, IOI head classes collapsed (top {n} edges)")
 
