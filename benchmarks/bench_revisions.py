@@ -1,8 +1,8 @@
 """Two revisions of circuitgraph side by side: the same tasks, alternated, in one invocation.
 
 Machines here are noisy, so a figure measured last week is no baseline.  This checks out each
-revision into a temporary worktree and times each task in a fresh process per revision,
-alternating the order every round; the ratio of medians is what to report.  Tasks (random-init
+revision into a temporary worktree and times every task in a fresh process per revision and
+round, alternating which revision goes first; the ratio of medians is what to report.  Tasks (random-init
 GPT-2-small shape, batch 16 x 16 tokens, 2 threads): a plain engine forward, a patched forward of
 MIB's IOI circuit and of random circuits at several densities (full logits), and EAP over all
 edges.  Writes benchmarks/results/bench_revisions.{json,md}.
@@ -28,7 +28,14 @@ B, P = 16, 16
 TASKS = ["hf_forward", "engine_plain", "patched_ioi", "patched_1pct", "patched_10pct", "patched_50pct", "patched_90pct", "eap"]
 
 
-def worker(task: str, repeats: int) -> None:
+def worker(tasks: list[str], repeats: int) -> None:
+    print(json.dumps({t: _time_task(t, repeats) for t in tasks}))
+
+
+_MODEL = {}
+
+
+def _time_task(task: str, repeats: int) -> float:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -38,10 +45,12 @@ def worker(task: str, repeats: int) -> None:
     from circuitgraph.spec.circuit_spec import CircuitSpec
 
     torch.set_num_threads(2)
-    torch.manual_seed(0)
-    config = GPT2Config()
-    config._attn_implementation = "eager"
-    hf = GPT2LMHeadModel(config).eval()
+    if not _MODEL:
+        torch.manual_seed(0)
+        config = GPT2Config()
+        config._attn_implementation = "eager"
+        _MODEL["hf"] = GPT2LMHeadModel(config).eval()
+    hf = _MODEL["hf"]
     model = CircuitModel(hf)
     if hasattr(model, "check_exact"):
         model.check_exact = False  # timed separately: the guard runs once per study, not per pass
@@ -80,14 +89,15 @@ def worker(task: str, repeats: int) -> None:
             t = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t)
-    print(json.dumps({"median_s": statistics.median(times)}))
+    return statistics.median(times)
 
 
-def run(src: Path, task: str, repeats: int) -> float:
+def run(src: Path, repeats: int) -> dict[str, float]:
+    """All tasks in one fresh process of the revision at ``src``."""
     env = {**os.environ, "PYTHONPATH": str(src), "TOKENIZERS_PARALLELISM": "false"}
-    out = subprocess.run([sys.executable, __file__, "--worker", task, "--repeats", str(repeats)], env=env,
+    out = subprocess.run([sys.executable, __file__, "--worker", ",".join(TASKS), "--repeats", str(repeats)], env=env,
                          capture_output=True, text=True, check=True, cwd=src)
-    return json.loads(out.stdout.strip().splitlines()[-1])["median_s"]
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main():
@@ -99,7 +109,7 @@ def main():
     ap.add_argument("--worker")
     args = ap.parse_args()
     if args.worker:
-        return worker(args.worker, args.repeats)
+        return worker(args.worker.split(","), args.repeats)
     from tqdm import tqdm
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -113,12 +123,12 @@ def main():
             trees[label] = path
         times = {t: {"old": [], "new": []} for t in TASKS}
         try:
-            with tqdm(total=args.rounds * len(TASKS) * 2, desc="revisions") as bar:
+            with tqdm(total=args.rounds * 2, desc="revisions") as bar:
                 for r in range(args.rounds):
-                    for task in TASKS:
-                        for label in (("old", "new") if r % 2 == 0 else ("new", "old")):
-                            times[task][label].append(run(trees[label], task, args.repeats))
-                            bar.update(1)
+                    for label in (("old", "new") if r % 2 == 0 else ("new", "old")):
+                        for task, t in run(trees[label], args.repeats).items():
+                            times[task][label].append(t)
+                        bar.update(1)
         finally:
             for label, rev in (("old", args.old), ("new", args.new)):
                 if rev is not None:

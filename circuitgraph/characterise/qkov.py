@@ -39,8 +39,9 @@ def _head(model: CircuitModel, head: str) -> tuple[int, int]:
 
 def embedding(model: CircuitModel) -> torch.Tensor:
     """Token embeddings as the model adds them to the residual (Gemma's scaling included)."""
-    W_E = model.weights.W_E
-    return W_E if W_E is not None else model.hf.get_input_embeddings().weight
+    w = model.weights
+    W_E = w.W_E if w.W_E is not None else model.hf.get_input_embeddings().weight
+    return W_E if w.embed_scale == 1.0 else W_E * torch.tensor(w.embed_scale, dtype=W_E.dtype)
 
 
 def _fold(x: torch.Tensor, norm, fold: bool) -> torch.Tensor:
