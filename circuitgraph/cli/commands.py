@@ -125,6 +125,8 @@ def cmd_discover(args) -> int:
         spec.name = f"{args.method} circuit"
         spec.model = args.model
         result = ev.evaluate(spec)
+        if result.faithfulness is not None:
+            spec.metadata["faithfulness"] = result.faithfulness  # figures of this spec show it in their title
     if args.format == "mib":
         Path(args.output).write_text(json.dumps(spec.to_mib(model.graph)) + "\n")
     else:
@@ -149,8 +151,14 @@ def cmd_make_data(args) -> int:
     from circuitgraph.model.loading import load_model
 
     check_output(args.output)
+    if args.n < 1:
+        raise CLIError(f"-n must be at least 1, got {args.n}")
+    from circuitgraph.data.tasks import OPTIONS, get_task
+
+    get_task(args.task)  # an unknown task fails before the model loads
+    options = {k: getattr(args, k) for k in OPTIONS if getattr(args, k, None) is not None}
     model = load_model(args.model)
-    rows = make_data(args.task, model.tokenizer, args.n, seed=args.seed)
+    rows = make_data(args.task, model.tokenizer, args.n, seed=args.seed, **options)
     write_jsonl(rows, args.output)
     tokenize(read_jsonl(args.output), model, source=str(args.output))  # checked for this model
     print(f"wrote {len(rows)} {args.task} examples for {args.model} to {args.output}")
@@ -175,12 +183,28 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _task_options(p: argparse.ArgumentParser) -> None:
+    """The generators' own options (word lists, lengths), so the advice in their errors can be followed."""
+    from circuitgraph.data.tasks import OPTIONS
+
+    for name, (tasks, kind, text) in OPTIONS.items():
+        flag, help_ = f"--{name.replace('_', '-')}", f"{', '.join(tasks)}: {text}"
+        if kind == "words":
+            p.add_argument(flag, dest=name, nargs="+", metavar="WORD", help=help_)
+        elif kind == "int":
+            p.add_argument(flag, dest=name, type=int, help=help_)
+        elif kind == "choice":
+            p.add_argument(flag, dest=name, choices=["abc", "s2_flip"], help=help_)
+        else:
+            p.add_argument(flag, dest=name, help=help_)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="circuitgraph", description="Test, discover and characterise transformer circuits.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("evaluate", help="faithfulness and necessity of a circuit spec")
     _common(p)
-    p.add_argument("--spec", required=True, help="circuit spec JSON (ours or EAP-IG/MIB)")
+    p.add_argument("--spec", required=True, help="circuit spec JSON (ours or EAP-IG/MIB), or a shipped spec by name (ioi_gpt2)")
     p.add_argument("--ablation", choices=["corrupted", "mean", "zero"], default="corrupted")
     p.add_argument("--metric", choices=METRICS, default="logit_diff")
     p.add_argument("--json", action="store_true", help="print one JSON object (undefined numbers are null)")
@@ -210,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=positive_int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-o", "--output", required=True, type=Path)
+    _task_options(p)
     p.set_defaults(func=cmd_make_data)
     for register in _EXTRA_COMMANDS:
         register(sub)

@@ -259,11 +259,14 @@ class CircuitSpec(BaseModel):
 
     @classmethod
     def load(cls, path: str | Path) -> "CircuitSpec":
-        path = Path(path)
+        """A spec file (ours or EAP-IG/MIB JSON), or a shipped spec by name (``"induction_toy"``)."""
+        from circuitgraph.spec.shipped import missing_spec_hint, resolve_spec
+
+        given, path = path, resolve_spec(path)
         if path.is_dir():
-            raise SpecError(f"spec '{path}' is a directory; expected a circuit spec JSON file")
+            raise SpecError(f"spec '{given}' is a directory; expected a circuit spec JSON file")
         if not path.is_file():
-            raise SpecError(f"spec file '{path}' does not exist")
+            raise SpecError(f"spec file '{given}' does not exist{missing_spec_hint(given)}")
         raw = path.read_bytes()
         try:
             text = raw.decode("utf-8-sig")
