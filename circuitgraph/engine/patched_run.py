@@ -58,6 +58,8 @@ class PatchedRun:
     def _custom_inputs(self, bp: BlockPlan, A: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
         """``[n_custom, Bt, P, D]`` inputs of the destinations built from deltas."""
         n, B, P, D, C = len(bp.custom), self.B, self.P, self.D, self.C
+        if C == 1 and not bp.positional and self.split is None and bp.coef is not None:
+            return self._single_circuit_inputs(bp, A, R)
         if bp.up is not None and bool(bp.up.any()):
             up = bp.up.repeat_interleave(B, dim=1)[:, :, None, None]  # [n, Bt, 1, 1]
             x = A + up * (R - A)
@@ -78,6 +80,21 @@ class PatchedRun:
             mix = torch.bmm(bp.coef.transpose(1, 2), G.reshape(C, K, -1))  # [C, n, B*P*D]
             mix = mix.view(C, n, B, P, D).transpose(0, 1).reshape(n, self.Bt, P, D)
         return x + mix
+
+    def _single_circuit_inputs(self, bp: BlockPlan, A: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+        """One circuit: each input is its base (``A`` or ``R``, grouped by the plan) plus its mix of deltas,
+        written by one matrix product per group with the base as the product's addend (one pass)."""
+        n = len(bp.custom)
+        dbuf = self.dbuf[0]
+        G = dbuf[:bp.prefix] if bp.gather is None else dbuf.index_select(0, bp.gather.to(dbuf.device))
+        G = G.reshape(G.shape[0], -1)
+        coefT = bp.coef[0].T  # [n, K]
+        n_a = int((bp.up[:, 0] < 0.5).sum())
+        x = G.new_empty(n, G.shape[1])
+        for lo, hi, base in ((0, n_a, A), (n_a, n, R)):
+            if hi > lo:
+                torch.addmm(base.reshape(1, -1), coefT[lo:hi], G, out=x[lo:hi])
+        return x.view(n, self.Bt, self.P, self.D)
 
     def _resumed_mix(self, bp: BlockPlan, n: int) -> torch.Tensor:
         """The mix when rows before ``split`` live in the prefix state (one copy for all circuits)."""
