@@ -223,9 +223,8 @@ def test_random_edge_subsets_match_by_hand(causal, density):
                       intermediate_size=10, max_position_embeddings=8, causal=causal)
     hf = TracrForCausalLM(cfg).eval()
     with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if name.endswith("bias"):
-                p.add_(0.3 * torch.randn(p.shape))
+        for name, p in hf.named_parameters():  # O(1) weights and non-zero biases, so a misplaced term shows
+            p.copy_((0.3 if name.endswith("bias") else 0.5) * torch.randn(p.shape))
     m = CircuitModel(hf)
     G, e = m.graph, m.engine
     g = torch.Generator().manual_seed(int(density * 10) + causal)
@@ -238,6 +237,7 @@ def test_random_edge_subsets_match_by_hand(causal, density):
         got = e.patched_run(clean, e.make_ablation(outs, "corrupted"), e.compile(masks))[0]
         plain = hf(clean).logits
     full_ref, _ = _by_hand(hf, clean, ablated, lambda s, d: True)
-    assert (full_ref - plain).abs().max() < 1e-5  # the written-out forward is the model's
-    assert (got - ref).abs().max() < 1e-5
-    assert (ref - plain).abs().max() > 1e-3  # the check can fail
+    tol = 1e-5 * max(1.0, float(plain.abs().max()))
+    assert (full_ref - plain).abs().max() < tol  # the written-out forward is the model's
+    assert (got - ref).abs().max() < tol
+    assert (ref - plain).abs().max() > 0.1  # the check can fail
