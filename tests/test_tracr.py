@@ -241,3 +241,17 @@ def test_random_edge_subsets_match_by_hand(causal, density):
     assert (full_ref - plain).abs().max() < tol  # the written-out forward is the model's
     assert (got - ref).abs().max() < tol
     assert (ref - plain).abs().max() > 0.1  # the check can fail
+
+
+def test_bidirectional_model_refuses_mixed_lengths():
+    """Right-padding is invisible to causal attention only: a bidirectional model needs equal lengths."""
+    from circuitgraph.data.dataset import DataError
+
+    m = model("reverse")
+    rows = make_data("tracr", m.tokenizer, 4, seed=0) + make_data("tracr", m.tokenizer, 2, seed=0, length=3)
+    data = tokenize([Example.model_validate(r) for r in rows], m.tokenizer)
+    with pytest.raises(DataError, match="bidirectional.*same length"):
+        Evaluator(m, data, ablation="zero", progress=False)
+    causal = model("shift2")  # causal: mixed lengths are fine
+    rows = make_data("tracr", causal.tokenizer, 4, seed=0) + make_data("tracr", causal.tokenizer, 2, seed=0, length=3)
+    Evaluator(causal, tokenize([Example.model_validate(r) for r in rows], causal.tokenizer), ablation="zero", progress=False)

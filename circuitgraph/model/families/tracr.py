@@ -26,7 +26,8 @@ class TracrConfig(PretrainedConfig):
 
     def __init__(self, vocab_size: int = 8, hidden_size: int = 16, num_hidden_layers: int = 2,
                  num_attention_heads: int = 1, head_dim: int = 4, intermediate_size: int = 8,
-                 max_position_embeddings: int = 8, causal: bool = False, bias: bool = True, **kwargs):
+                 max_position_embeddings: int = 8, causal: bool = False, bias: bool = True,
+                 initializer_range: float = 0.02, **kwargs):
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
@@ -36,6 +37,7 @@ class TracrConfig(PretrainedConfig):
         self.max_position_embeddings = max_position_embeddings
         self.causal = causal
         self.bias = bias
+        self.initializer_range = initializer_range
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
 
@@ -104,7 +106,7 @@ class TracrForCausalLM(PreTrainedModel):
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=0.02)
+            nn.init.normal_(module.weight, std=self.config.initializer_range)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
