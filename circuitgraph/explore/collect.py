@@ -164,7 +164,8 @@ def _pattern_heads(G, edges, limits) -> list[str]:
 def _head_scores(model) -> dict:
     from circuitgraph.characterise.heads import head_scores
 
-    hs = head_scores(model)
+    ctx = getattr(getattr(model.hf, "config", None), "max_position_embeddings", None) or 41
+    hs = head_scores(model, seq_len=max(2, min(20, (ctx - 1) // 2)))  # [BOS] + twice seq_len tokens fit the context
     return {"scores": {k: _rows(v) for k, v in hs.scores.items()}, "notes": hs.notes}
 
 

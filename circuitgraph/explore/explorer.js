@@ -176,7 +176,7 @@
     };
     root.append("g").attr("class", "edges").selectAll("path").data(edges.sort((a, b) => (a.mag ?? 0) - (b.mag ?? 0))).join("path")
       .attr("class", d => "edge" + (d.in ? "" : " outside")).attr("data-id", d => d.list.length === 1 ? d.list[0].id : `${d.src}->${d.dst}`)
-      .attr("d", path).attr("stroke-width", widthOf)
+      .attr("data-w", d => d.w).attr("d", path).attr("stroke-width", widthOf)
       .attr("stroke", d => !d.in ? OUTSIDE : d.w === null ? "#555" : d.w < 0 ? NEG : POS)
       .attr("stroke-opacity", d => d.in ? 0.8 : 0.45)
       .attr("stroke-dasharray", d => c === null && TWO ? DASH[d.in] : null)
@@ -195,7 +195,7 @@
       .attr("y", d => d.kind === "group" ? -14 : -11).attr("height", d => d.kind === "group" ? 28 : 22)
       .attr("rx", d => d.kind === "group" ? 9 : 3).attr("fill", fill);
     g.append("text").attr("text-anchor", "middle").attr("dy", "0.35em")
-      .text(d => d.kind === "group" ? d.id.slice(6) : d.kind === "head" ? d.id.split(".")[1] + (geo.slot > 60 ? "" : "") : d.id)
+      .text(d => d.kind === "group" ? d.id.slice(6) : d.kind === "head" && geo.rx < 22 ? d.id.split(".")[1] : d.id)
       .style("font-weight", d => d.kind === "group" ? "bold" : null);
     // q/k/v ports of heads that receive an edge here
     const ports = new Set(edges.filter(d => d.port && kindOf(d.dst) === "head").map(d => d.dst + "<" + d.port));
@@ -343,7 +343,7 @@
       const pts = lens.labels.map((l, i) => [x(l), y(lens[k][i] ?? 0)]);
       svg.append("path").attr("d", d3.line()(pts)).attr("fill", "none").attr("stroke", col).attr("stroke-width", 2);
       svg.append("g").selectAll("circle").data(pts).join("circle").attr("cx", d => d[0]).attr("cy", d => d[1]).attr("r", 3).attr("fill", col);
-      svg.append("text").attr("x", m.l + 8 + j * 120).attr("y", h - 8).attr("fill", col).style("font-size", "11px").text("● " + label);
+      svg.append("text").attr("x", m.l + 8).attr("y", m.t + 12 + j * 14).attr("fill", col).style("font-size", "11px").text("● " + label);
     });
     svg.append("g").selectAll("text").data(lens.labels).join("text").attr("x", d => x(d)).attr("y", h - m.b + 30).attr("text-anchor", "middle")
       .style("font-size", "9px").attr("fill", "#555").text((d, i) => JSON.stringify(lens.top[i]).slice(1, -1).slice(0, 10));
