@@ -55,8 +55,11 @@ def _edge_scores(spec: CircuitSpec) -> dict[str, float]:
 
 def collect(model: CircuitModel, data: TaskData, circuits: list[CircuitSpec], evaluator=None,
             limits: Limits | None = None, title: str | None = None, model_name: str | None = None,
-            progress: bool = False) -> dict:
-    """The page's data: graph layout, circuits with scores and effects, per-example characterisation."""
+            progress: bool = False, edge_effects: list | None = None) -> dict:
+    """The page's data: graph layout, circuits with scores and effects, per-example characterisation.
+
+    ``edge_effects`` (one entry per circuit, None where not known) passes on what
+    :meth:`Evaluator.edge_effects` already returned for a circuit, so it is not measured twice."""
     from circuitgraph.evaluate.evaluator import Evaluator
 
     if not circuits:
@@ -79,7 +82,8 @@ def collect(model: CircuitModel, data: TaskData, circuits: list[CircuitSpec], ev
             "nodes": layout(G),
             "groups": _groups(circuits),
         }
-        out["circuits"], effects = _circuits(ev, circuits, resolved, limits)
+        known = list(edge_effects or []) + [None] * len(circuits)
+        out["circuits"], effects = _circuits(ev, circuits, resolved, limits, known)
         out["edges"], n_scored = _edges(G, circuits, resolved, effects, limits)
         sub = data.slice(0, min(limits.examples, len(data)))
         heads = _pattern_heads(G, out["edges"], limits)
@@ -114,12 +118,12 @@ def _score(score) -> dict:
     return d
 
 
-def _circuits(ev, circuits, resolved, limits):
+def _circuits(ev, circuits, resolved, limits, known):
     out, effects = [], []
     for i, (spec, res) in enumerate(zip(circuits, resolved)):
         nodes = ev.node_effects(res)
-        measured = len(res) <= limits.effect_edges
-        edges = ev.edge_effects(res) if measured else {}
+        measured = known[i] is not None or len(res) <= limits.effect_edges
+        edges = known[i] if known[i] is not None else ev.edge_effects(res) if measured else {}
         effects.append(edges)
         out.append({"name": spec.name or f"circuit {i + 1}", "description": spec.description, "source": spec.source,
                     "n_edges": len(res), "score": _score(ev.evaluate(res)),

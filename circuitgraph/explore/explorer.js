@@ -70,7 +70,7 @@
   const maxY = d3.max(D.nodes, n => n.y);
   function geometry(width) {
     const slot = Math.max(46, Math.min(110, (width - 70) / cols));
-    const rowH = Math.max(56, Math.min(96, slot * 0.9));
+    const rowH = Math.max(36, Math.min(96, slot * 0.9, 860 / (maxY + 1)));  // deep models still fit a screen
     const x = v => 60 + (v + 0.5) * slot, y = v => 24 + (maxY - v) * rowH + rowH / 2;
     return { slot, rowH, x, y, width: 60 + cols * slot + 10, height: (maxY + 1) * rowH + 30, rx: Math.min(26, slot * 0.42), ry: 12 };
   }

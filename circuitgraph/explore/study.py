@@ -21,13 +21,14 @@ class Study:
     @classmethod
     def collect(cls, model: CircuitModel, data: TaskData, spec: CircuitSpec, discovered: CircuitSpec | None = None, *,
                 evaluator=None, limits: Limits | None = None, title: str | None = None, model_name: str | None = None,
-                progress: bool = False) -> "Study":
+                progress: bool = False, edge_effects: list | None = None) -> "Study":
         """Score ``spec`` (and ``discovered``, to compare a hypothesis with what a method found) on ``data``
         and characterise their nodes on the first ``limits.examples`` rows.  ``evaluator`` (an
-        :class:`~circuitgraph.evaluate.Evaluator` on ``data``) sets the metric and ablation and reuses its runs."""
+        :class:`~circuitgraph.evaluate.Evaluator` on ``data``) sets the metric and ablation and reuses its runs;
+        ``edge_effects`` hands over per-circuit results of its ``edge_effects`` already computed."""
         circuits = [spec] + ([discovered] if discovered is not None else [])
         return cls(collect(model, data, circuits, evaluator=evaluator, limits=limits, title=title,
-                           model_name=model_name, progress=progress))
+                           model_name=model_name, progress=progress, edge_effects=edge_effects))
 
     def to_html(self, path: str | Path) -> Path:
         """Write the self-contained page (no server, no network access when viewed)."""
