@@ -17,7 +17,8 @@ def _load(args, need_data: bool = True):
     from circuitgraph.data.dataset import load_dataset
     from circuitgraph.model.loading import load_model
 
-    model = load_model(args.model, device=getattr(args, "device", "cpu"))
+    model = load_model(args.model, device=getattr(args, "device", "cpu"),
+                       check_exact=not getattr(args, "no_exactness_check", False))
     data = None
     if need_data:
         data = load_dataset(args.data, model.tokenizer, prepend_bos=args.prepend_bos, vocab_size=model.weights.W_U.shape[0])
@@ -116,6 +117,8 @@ def _common(p: argparse.ArgumentParser, data: bool = True):
         p.add_argument("--prepend-bos", action="store_true", help="put the BOS token first (TransformerLens habit)")
         p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--no-exactness-check", action="store_true",
+                   help="skip comparing the engine's clean logits with the model's own forward on the first batch")
 
 
 def build_parser() -> argparse.ArgumentParser:
