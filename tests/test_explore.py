@@ -83,7 +83,9 @@ def test_data_comes_from_the_scoring_and_characterisation_functions(toy):
     ex = d["examples"][1]
     P = int(data.lengths[1])
     pats = attention_patterns(model, data.clean[1, :P], ["a1.h2"])
-    assert torch.allclose(torch.tensor(ex["patterns"]["a1.h2"]), pats.patterns[0], atol=6e-4)
+    rows = ex["patterns"]["a1.h2"]  # the causal (lower) triangle
+    assert [len(r) for r in rows] == list(range(1, P + 1)) and pats.patterns[0].triu(1).abs().max() < 1e-6
+    assert torch.allclose(torch.tensor([r + [0.0] * (P - len(r)) for r in rows]), pats.patterns[0], atol=6e-4)
     assert ex["tokens"] == pats.tokens and len(ex["ig"]["attributions"]) == P
     assert ex["dla"]["a1.h0"] == pytest.approx(float(direct_logit_attribution(model, data).per_example[1, model.graph.source_index["a1.h0"]]), rel=1e-3)
     assert ex["lens"]["labels"] == ["embed", "L0", "L1"] and len(ex["lens"]["wrong_prob"]) == 3

@@ -40,7 +40,10 @@ class Limits:
 def _r(x, digits: int = 4):
     """A JSON number with ``digits`` significant digits; None for NaN / inf."""
     x = float(x)
-    return None if not math.isfinite(x) else float(f"{x:.{digits}g}")
+    if not math.isfinite(x):
+        return None
+    x = float(f"{x:.{digits}g}")
+    return int(x) if x.is_integer() and abs(x) < 2**53 else x  # "0", not "0.0": patterns are mostly zeros
 
 
 def _rows(t: torch.Tensor, digits: int = 3) -> list:
@@ -223,7 +226,8 @@ def _examples(model, ev, sub: TaskData, resolved, heads, mlps, dla, limits) -> l
             "answer": tok.decode(answer.tolist()) if tok else answer.tolist(),
             "wrong": tok.decode(wrong.tolist()) if tok else wrong.tolist(),
             "tokens": token_labels(tok, ids.tolist()), "differs": differs,
-            "patterns": {h: _rows(p[:P, :P], 3) for h, p in zip(pats.heads, pats.patterns)} if pats else {},
+            "patterns": {h: [row[:q + 1] for q, row in enumerate(_rows(p[:P, :P], 3))]  # causal: keys <= query only
+                         for h, p in zip(pats.heads, pats.patterns)} if pats else {},
             "dla": {s: _r(v) for s, v in zip(dla.sources, dla.per_example[i].tolist())},
             "neurons": {m: _top(top_neurons(model, sub.slice(i, i + 1), m, k=limits.neurons)) for m in mlps},
             "ig": {"attributions": [_r(v) for v in ig.attributions[i, :P].tolist()],
