@@ -247,6 +247,20 @@ def test_groups_collapse_and_expand(loaded, toy):
     assert loaded.errors() == []
 
 
+def test_one_circuit_page(browser, toy, tmp_path):
+    model, data, spec = toy[:3]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        page = Study.collect(model, data, spec, limits=SMALL).to_html(tmp_path / "one.html")
+    browser.events.clear()
+    browser.open(page)
+    nodes = set(spec.all_nodes()) | {"input", "logits"}
+    assert nodes <= _drawn(browser, "#circuit-0") and not browser.js("document.querySelector('#mode')")
+    browser.click('#circuit-0 .node[data-id="a0.h3"]')
+    assert browser.js("document.querySelectorAll('#attention rect.cell').length") > 0
+    assert browser.errors() == []
+
+
 def test_screenshot(loaded, tmp_path):
     loaded.click('#circuit-overlay .node[data-id="a1.h0"]')
     png = loaded.screenshot(tmp_path / "explorer.png")

@@ -324,6 +324,7 @@
     });
     left.append("h3").text(`Circuit scores (${D.metric}, ${D.ablation} ablation, ${D.n_examples} examples, ± s.e.)`);
     kv(left, rows).attr("id", "scores");
+    D.circuits.forEach(c => c.score.warnings.forEach(w => left.append("p").attr("class", "warning").text(`${c.name}: ${w}`)));
     const m = [["clean", f3(e.metric.clean)], ["corrupted", f3(e.metric.corrupted)]];
     D.circuits.forEach((c, i) => m.push([`${c.name} patched in`, f3(e.metric.circuits[i])]));
     left.append("h3").text(`This example's ${D.metric}`);
