@@ -236,6 +236,16 @@ def test_threshold_and_top_n_filter_edges(loaded):
     assert loaded.errors() == []
 
 
+def test_edges_outside_the_circuits_on_request(loaded, toy):
+    count = "document.querySelectorAll('#circuit-overlay path.edge').length"
+    inside = loaded.js(count)
+    _set(loaded, "#weight", "score")
+    loaded.click("#outside")
+    assert loaded.js(count) == len(toy[5].data["edges"]) == 110 > inside  # the toy's whole graph is embedded
+    assert loaded.js("document.querySelectorAll('#circuit-overlay path.edge.outside').length") == 110 - inside
+    assert loaded.errors() == []
+
+
 def test_groups_collapse_and_expand(loaded, toy):
     spec = toy[2]
     box = "#groups input"

@@ -33,11 +33,9 @@
     const x = e.eff.find(x => x);
     return x ? { v: x[0], se: x[1] } : null;
   }
-  function weightOf(e, c) {
-    const eff = effectOf(e, c);
-    if (S.weight === "effect" && eff) return eff.v;
-    if (e.score !== null) return e.score;
-    return eff ? eff.v : null;
+  function weightOf(e, c) {  // one kind at a time, so one threshold never compares effects with scores
+    if (S.weight === "effect") { const eff = effectOf(e, c); return eff ? eff.v : null; }
+    return e.score;
   }
   function membershipOk(e, c) {
     if (!e.in) return S.outside;
@@ -46,8 +44,8 @@
   }
   function visibleEdges(c) {
     let es = D.edges.filter(e => membershipOk(e, c)).map(e => ({ e, w: weightOf(e, c) }));
-    es = es.filter(x => x.w === null || Math.abs(x.w) >= S.threshold);
-    if (S.topn) es = es.sort((a, b) => Math.abs(b.w ?? 0) - Math.abs(a.w ?? 0)).slice(0, S.topn);
+    if (S.threshold > 0) es = es.filter(x => x.w !== null && Math.abs(x.w) >= S.threshold);  // unweighted edges: only unfiltered
+    if (S.topn) es = es.sort((a, b) => Math.abs(b.w ?? -1) - Math.abs(a.w ?? -1)).slice(0, S.topn);
     return es;
   }
   function ownerOf(n) { const g = groupOf.get(n); return g && S.collapsed.has(g) ? "group:" + g : n; }
@@ -177,8 +175,8 @@
     root.append("g").attr("class", "edges").selectAll("path").data(edges.sort((a, b) => (a.mag ?? 0) - (b.mag ?? 0))).join("path")
       .attr("class", d => "edge" + (d.in ? "" : " outside")).attr("data-id", d => d.list.length === 1 ? d.list[0].id : `${d.src}->${d.dst}`)
       .attr("data-w", d => d.w).attr("d", path).attr("stroke-width", widthOf)
-      .attr("stroke", d => !d.in ? OUTSIDE : d.w === null ? "#555" : d.w < 0 ? NEG : POS)
-      .attr("stroke-opacity", d => d.in ? 0.8 : 0.45)
+      .attr("stroke", d => d.w === null ? OUTSIDE : d.w < 0 ? NEG : POS)
+      .attr("stroke-opacity", d => d.in ? 0.8 : 0.3)
       .attr("stroke-dasharray", d => c === null && TWO ? DASH[d.in] : null)
       .on("mouseenter", (ev, d) => showTip(ev, edgeTip(d))).on("mousemove", moveTip).on("mouseleave", hideTip);
     const g = root.append("g").attr("class", "nodes").selectAll("g").data(nodes).join("g")
@@ -399,7 +397,8 @@
     item(line(POS), "positive");
     item(line(NEG), "negative");
     if (TWO) { item(line("#555", null), "in both (overlay)"); item(line("#555", DASH[1]), `only in ${NAMES[0]}`); item(line("#555", DASH[2]), `only in ${NAMES[1]}`); }
-    if (D.edges.some(e => !e.in)) item(line(OUTSIDE, null, 1.5), "outside the circuits");
+    item(line(OUTSIDE, null, 1.5), "no weight of the chosen kind");
+    if (D.edges.some(e => !e.in)) item(line(POS + "4d", null, 2.5), "faint: outside the circuits");
     host.append("span").text("width: |weight| (measured effect: drop in faithfulness when removed; edge score: the spec's, e.g. attribution); q/k/v: a head's query, key, value input; scroll to zoom.");
   }
 
