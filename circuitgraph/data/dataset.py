@@ -61,6 +61,13 @@ class TaskData:
                         self.answers[start:stop], self.wrongs[start:stop],
                         {k: v[start:stop] for k, v in self.positions.items()}, self.examples[start:stop], self.prepend_bos)
 
+    def to(self, device) -> "TaskData":
+        """The same data with the answer ids (what metrics index with) on ``device``."""
+        if self.answers.device == torch.device(device):
+            return self
+        return TaskData(self.clean, self.corrupted, self.lengths, self.answers.to(device), self.wrongs.to(device),
+                        self.positions, self.examples, self.prepend_bos)
+
     def position_mask(self, names: list[str]) -> torch.Tensor:
         """Bool ``[N, P]``: true at the named positions of each example."""
         N, P = self.clean.shape

@@ -65,6 +65,48 @@ class Kernel:
             q, k = a.q_norm(q), a.k_norm(k)
         return q, k, v
 
+    def probed_qkv(self, layer: int, x: torch.Tensor, watch: Callable):
+        """Like :meth:`shared_qkv`, with keys and values per query head, calling ``watch(q, k, v, pre)``
+        on the per-head projections (before per-head q/k norms and rotary) so a caller can hook their
+        gradients; ``pre`` holds the un-normalised projections where one q/k norm spans every head."""
+        lw = self.w.layers[layer]
+        a = lw.attn
+        xn = lw.ln1(x) if lw.ln1 is not None else x
+        q, k, v = a.project(xn)
+        pre = None
+        if a.qk_norm_over_heads:
+            pre = (q, k)
+            q, k = a.q_norm(q), a.k_norm(k)
+        q, k, v = (t.unflatten(-1, (-1, self.dh)).transpose(1, 2) for t in (q, k, v))
+        if a.group > 1:
+            k, v = k.repeat_interleave(a.group, 1), v.repeat_interleave(a.group, 1)
+        watch(q, k, v, pre)
+        if a.q_norm is not None and not a.qk_norm_over_heads:
+            q, k = a.q_norm(q), a.k_norm(k)
+        return q, k, v
+
+    def port_input_grads(self, layer: int, kind: int, g: torch.Tensor, x: torch.Tensor, pre=None) -> torch.Tensor:
+        """Gradients ``[H, B, P, D]`` of each head's port ``kind`` (0 q, 1 k, 2 v) with respect to that
+        port's own input, from the gradient ``g [B, H, P, dh]`` of the per-head projections that
+        :meth:`probed_qkv` exposed, all ports having read ``x``: the projection's transpose, then the
+        input norm's vector-Jacobian product (one closed form for all ports, no per-port forward)."""
+        lw = self.w.layers[layer]
+        a = lw.attn
+        W, heads = (a.W_Q, None) if kind == 0 else ((a.W_K if kind == 1 else a.W_V), torch.arange(self.H, device=g.device) // a.group)
+        gh = g.transpose(0, 1).float()  # [H, B, P, dh]
+        if pre is not None and kind < 2:  # a q/k norm over all heads: head h's cotangent sits in its own slice
+            norm_, full = (a.q_norm, pre[0]) if kind == 0 else (a.k_norm, pre[1])
+            n_slices = full.shape[-1] // self.dh
+            cot = gh.new_zeros(self.H, *full.shape[:-1], n_slices, self.dh)
+            idx = torch.arange(self.H, device=g.device) if kind == 0 else heads
+            cot[torch.arange(self.H, device=g.device), :, :, idx] = gh
+            u_full = norm_.vjp(full, cot.flatten(-2))  # [H, B, P, n_slices * dh]
+            u = torch.einsum("hbpne,nde->hbpd", u_full.unflatten(-1, (n_slices, self.dh)), W.float())
+        else:
+            Wh = W.float() if heads is None else W.float()[heads]  # [H, D, dh]
+            u = torch.einsum("hbpe,hde->hbpd", gh, Wh)
+        return u if lw.ln1 is None else lw.ln1.vjp(x, u)
+
     def port_qkv(self, layer: int, x: torch.Tensor, ports: torch.Tensor) -> torch.Tensor:
         """Values ``[n, B, P, dh]`` of head ports ``ports`` (local index ``3 * head + {q,k,v}``).
 

@@ -60,7 +60,7 @@ def bootstrap_se(fn, *arrays: np.ndarray, n: int = 1000, seed: int = 0) -> float
     return float(np.nanstd(vals, ddof=1))
 
 
-def _normalised(m, clean, base):
+def normalised(m, clean, base):
     with np.errstate(divide="ignore", invalid="ignore"):  # a zero gap is reported by a warning, and gives nan/inf
         return (m.mean(-1) - base.mean(-1)) / (clean.mean(-1) - base.mean(-1))
 
@@ -95,6 +95,15 @@ class Evaluator:
     # ----- runs ----------------------------------------------------------------------------
     def _spans(self):
         return [(i, min(i + self.batch_size, len(self.data))) for i in range(0, len(self.data), self.batch_size)]
+
+    @property
+    def n_batches(self) -> int:
+        return len(self._spans())
+
+    def batch(self, i: int):
+        """``(data slice, ablation, clean last-position logits)`` of mini-batch ``i`` (cached when it fits)."""
+        a, b = self._spans()[i]
+        return self._batch(i, a, b)
 
     def _bar(self, it, desc):
         it = list(it)
@@ -139,7 +148,7 @@ class Evaluator:
         return out
 
     def _values(self, logits, part, clean_logits):
-        return self.metric(logits, _on(part, logits.device), clean_logits).double().cpu()
+        return self.metric(logits, part.to(logits.device), clean_logits).double().cpu()
 
     @torch.no_grad()
     def _baselines(self):
@@ -192,7 +201,7 @@ class Evaluator:
 
     def normalise(self, values: np.ndarray) -> np.ndarray:
         """Per-circuit normalised score ``(M - M_ablated) / (M_clean - M_ablated)`` of ``[C, N]`` metric values."""
-        return _normalised(values, self.clean_values[None], self.base_values[None])
+        return normalised(values, self.clean_values[None], self.base_values[None])
 
     def _patched(self, part: TaskData, abl: Ablation, circuit: ResolvedCircuit, complement: bool):
         """Logits ``[1, B, vocab]`` of one position-restricted circuit (or its complement)."""
@@ -227,8 +236,8 @@ class Evaluator:
         m_circ = self.metric_values([circuit])[0]
         m_comp = self.metric_values([circuit], complement=True)[0]
         clean, base = self.clean_values, self.base_values
-        faith = float(_normalised(m_circ, clean, base))
-        nec = 1.0 - float(_normalised(m_comp, clean, base))
+        faith = float(normalised(m_circ, clean, base))
+        nec = 1.0 - float(normalised(m_comp, clean, base))
         notes = self._check_gap()
         sem = lambda x: float(np.std(x, ddof=1) / math.sqrt(len(x))) if len(x) > 1 else float("nan")
         return CircuitScore(
@@ -236,8 +245,8 @@ class Evaluator:
             n_edges=len(circuit), n_edges_total=self.graph.n_edges,
             clean_metric=float(clean.mean()), corrupted_metric=float(base.mean()),
             circuit_metric=float(m_circ.mean()), complement_metric=float(m_comp.mean()),
-            faithfulness=faith, faithfulness_se=bootstrap_se(_normalised, m_circ, clean, base),
-            necessity=nec, necessity_se=bootstrap_se(lambda *a: 1 - _normalised(*a), m_comp, clean, base),
+            faithfulness=faith, faithfulness_se=bootstrap_se(normalised, m_circ, clean, base),
+            necessity=nec, necessity_se=bootstrap_se(lambda *a: 1 - normalised(*a), m_comp, clean, base),
             clean_metric_se=sem(clean), corrupted_metric_se=sem(base), circuit_metric_se=sem(m_circ),
             prepend_bos=self.data.prepend_bos, warnings=notes)
 
@@ -255,7 +264,7 @@ class Evaluator:
     def faithfulness_of(self, circuits: list[ResolvedCircuit], desc: str | None = None) -> np.ndarray:
         """Faithfulness of many circuits (batched)."""
         vals = self.metric_values(circuits, desc=desc)
-        return _normalised(vals, self.clean_values[None], self.base_values[None])
+        return normalised(vals, self.clean_values[None], self.base_values[None])
 
     def edge_effects(self, circuit: CircuitSpec | ResolvedCircuit, chunk: int | None = None) -> dict[str, tuple[float, float]]:
         """Drop in faithfulness when each edge alone is removed from the circuit: ``{edge: (drop, se)}``."""
@@ -278,18 +287,11 @@ class Evaluator:
         full = self.metric_values([circuit])[0]
         reduced = self.metric_values([circuit.without(r) for r in removals], chunk=chunk, desc=desc)
         clean, base = self.clean_values, self.base_values
-        drop = lambda f, r, c, b: _normalised(f, c, b) - _normalised(r, c, b)
+        drop = lambda f, r, c, b: normalised(f, c, b) - normalised(r, c, b)
         out = {}
         for name, row in zip(names, reduced):
             out[name] = (float(drop(full, row, clean, base)), bootstrap_se(drop, full, row, clean, base))
         return out
-
-
-def _on(part: TaskData, device) -> TaskData:
-    if part.answers.device == device:
-        return part
-    return TaskData(part.clean, part.corrupted, part.lengths, part.answers.to(device), part.wrongs.to(device),
-                    part.positions, part.examples, part.prepend_bos)
 
 
 def evaluate(model: CircuitModel, data: TaskData, circuit: CircuitSpec, **kw) -> CircuitScore:

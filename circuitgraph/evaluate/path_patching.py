@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 from circuitgraph.data.dataset import TaskData
-from circuitgraph.graph.computational_graph import GraphError
+from circuitgraph.graph import GraphError, NodeRef
 from circuitgraph.model.loading import CircuitModel
-from circuitgraph.evaluate.evaluator import Evaluator, _normalised, bootstrap_se
+from circuitgraph.evaluate.evaluator import Evaluator, bootstrap_se, normalised
 from circuitgraph.spec.circuit_spec import ResolvedCircuit
 
 NORMALISATION = "(M(patched) - M(clean)) / (M(clean) - M(corrupted)); 0 = no effect, -1 = the full corruption effect"
@@ -79,15 +79,16 @@ def receiver_index(graph, name: str) -> int:
     if name in graph.destination_index:
         return graph.destination_index[name]
     what = "a receiver is a head's input port ('a1.h2<q>', '<k>' or '<v>'), an MLP ('m1') or 'logits'"
-    node = graph.node_of(name)
     try:
-        graph.check_node(node, where="receiver")
+        ref = graph.ref(name, where="receiver")
     except GraphError as e:
         reason = str(e).split("': ", 1)[-1]
+        if "unknown port" in reason:
+            raise ValueError(f"receiver '{name}' is not a destination of this model ({reason}); {what}") from None
         raise ValueError(f"receiver '{name}': {reason}; {what}") from None
-    if node == "input":
+    if ref.kind == "input":
         raise ValueError(f"receiver '{name}': 'input' reads nothing; {what}")
-    if node.startswith("a") and "<" not in name:
+    if ref.is_head and ref.port is None:
         raise ValueError(f"receiver '{name}': a head receiver needs a port: '{name}<q>', '{name}<k>' or '{name}<v>'")
     raise ValueError(f"receiver '{name}' is not a destination of this model; {what}")
 
@@ -172,12 +173,12 @@ def path_patch_sweep(model: CircuitModel, data: TaskData, receivers, senders=Non
     for s, e, row in zip(src, eff, vals):
         name = G.sources[s]
         out[name] = float(e)
-        se[name] = bootstrap_se(lambda m, c, b: _normalised(m, c, b) - 1.0, row, clean, base)
-        if name.startswith("a"):
-            layer, head = map(int, name[1:].split(".h"))
-            heads[layer, head] = float(e)
-        elif name.startswith("m"):
-            mlps[int(name[1:])] = float(e)
+        se[name] = bootstrap_se(lambda m, c, b: normalised(m, c, b) - 1.0, row, clean, base)
+        ref = NodeRef.parse(name)
+        if ref.is_head:
+            heads[ref.layer, ref.head] = float(e)
+        elif ref.is_mlp:
+            mlps[ref.layer] = float(e)
     return PathPatchResult(rec, ev.metric_name, len(data), out, se, heads, mlps, float(clean.mean()), float(base.mean()),
                            list(positions) if positions else None, data.prepend_bos)
 

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from circuitgraph.graph.computational_graph import PORTS, Graph, GraphError
+from circuitgraph.graph import PORTS, Graph, GraphError, NodeRef
 
 FORMAT = "circuitgraph/1"
 Port = Literal["q", "k", "v"]
@@ -183,7 +183,7 @@ class CircuitSpec(BaseModel):
             for dst in dsts:
                 if dst == "input":
                     raise SpecError(f"{where}: 'input' cannot be a destination")
-                is_head = dst.startswith("a")
+                is_head = NodeRef.parse(dst).is_head
                 if c.ports and not is_head:
                     raise SpecError(f"{where}: ports {c.ports} given, but destination '{dst}' is not an attention head")
                 for src in srcs:
