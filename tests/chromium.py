@@ -96,11 +96,17 @@ class Browser:
 
     def click(self, selector: str) -> None:
         """A real mouse click at the centre of the first element matching ``selector``."""
+        x, y = self.hover(selector)
+        for kind in ("mousePressed", "mouseReleased"):
+            self.call("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
+
+    def hover(self, selector: str) -> tuple[float, float]:
+        """Move the mouse onto the centre of the first element matching ``selector`` (scrolled into view)."""
         box = self.js(f"(() => {{ const el = document.querySelector({json.dumps(selector)}); el.scrollIntoView({{block: 'center'}});"
                       f" const r = el.getBoundingClientRect();"
                       f" return [r.x + r.width / 2, r.y + r.height / 2]; }})()")
-        for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
-            self.call("Input.dispatchMouseEvent", type=kind, x=box[0], y=box[1], button="left", clickCount=1)
+        self.call("Input.dispatchMouseEvent", type="mouseMoved", x=box[0], y=box[1])
+        return box[0], box[1]
 
     def errors(self) -> list[str]:
         """Console errors, uncaught exceptions and failed loads so far."""

@@ -197,6 +197,23 @@ def test_page_loads_offline_and_draws_every_circuit_node(loaded, toy):
     n_edges = len(set(spec.resolve(model.graph).edge_names) | set(found.resolve(model.graph).edge_names))
     assert loaded.js("document.querySelectorAll('#circuit-overlay path.edge').length") == n_edges
     assert loaded.js("document.title") == "toy </script><b>study</b>"
+    # overlay filters: in both / only in one
+    a, b = set(spec.resolve(model.graph).edge_names), set(found.resolve(model.graph).edge_names)
+    for show, expected in (("both", a & b), ("a", a - b), ("b", b - a)):
+        _set(loaded, "#show", show)
+        assert set(loaded.js("[...document.querySelectorAll('#circuit-overlay path.edge')].map(p => p.dataset.id)")) == expected
+    _set(loaded, "#show", "all")
+    # hovering a node shows its scores with their standard errors
+    loaded.hover('#circuit-overlay .node[data-id="a1.h0"]')
+    tip = loaded.js("document.querySelector('#tooltip').textContent")
+    assert "a1.h0" in tip and "direct logit attribution" in tip and "±" in tip
+    # and hovering an edge (the strongest, drawn on top) its effect with its standard error
+    x, y = loaded.js("(() => { const p = [...document.querySelectorAll('#circuit-overlay path.edge')].pop();"
+                     " const pt = p.getPointAtLength(p.getTotalLength() / 2), m = p.getScreenCTM();"
+                     " return [pt.x * m.a + pt.y * m.c + m.e, pt.x * m.b + pt.y * m.d + m.f]; })()")
+    loaded.call("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)
+    tip = loaded.js("document.querySelector('#tooltip').textContent")
+    assert "->" in tip and "effect of removing it from" in tip and "±" in tip
     # side by side: one panel per circuit, each with its own nodes
     _set(loaded, "#mode", "side")
     assert {"a1.h0", "a0.h3"} <= _drawn(loaded, "#circuit-0") and loaded.js("!!document.querySelector('#circuit-1')")
