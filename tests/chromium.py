@@ -46,12 +46,14 @@ class Browser:
                 f"--window-size={width},{height}", "--hide-scrollbars", "about:blank"]
         if hasattr(os, "geteuid") and os.geteuid() == 0:
             args.insert(1, "--no-sandbox")  # Chromium refuses to run as root with its sandbox
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.log = Path(tempfile.mkstemp(prefix="cg-chromium-", suffix=".log")[1])  # a file: a full pipe would block the browser
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log)
         port_file = Path(self.profile) / "DevToolsActivePort"
         deadline = time.monotonic() + timeout
         while not port_file.exists() or not port_file.read_text().strip():
             if self.proc.poll() is not None:
-                raise RuntimeError(f"chromium exited with {self.proc.returncode}: {self.proc.stderr.read().decode()[-800:]}")
+                raise RuntimeError(f"chromium exited with {self.proc.returncode}: {self.log.read_text(errors='replace')[-800:]}")
             if time.monotonic() > deadline:
                 self.close()
                 raise RuntimeError("chromium did not open its DevTools port")
@@ -145,3 +147,4 @@ class Browser:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
             shutil.rmtree(self.profile, ignore_errors=True)
+            self.log.unlink(missing_ok=True)
