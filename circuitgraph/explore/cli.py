@@ -28,7 +28,7 @@ def _cmd_explore(args) -> int:
 
     from circuitgraph.data.dataset import load_dataset
     from circuitgraph.evaluate.evaluator import Evaluator
-    from circuitgraph.explore.collect import Limits
+    from circuitgraph.explore.study_data import Limits
     from circuitgraph.explore.study import Study
     from circuitgraph.model.loading import load_model
     from circuitgraph.spec.circuit_spec import CircuitSpec

@@ -1,4 +1,4 @@
-// circuitgraph explorer: draws the study embedded in #study-data (see circuitgraph/explore/collect.py).
+// circuitgraph explorer: draws the study embedded in #study-data (see circuitgraph/explore/study_data.py).
 (function () {
   "use strict";
   const D = JSON.parse(document.getElementById("study-data").textContent);

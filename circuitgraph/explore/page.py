@@ -28,7 +28,7 @@ def _script(code: str) -> str:
 
 
 def html_page(data: dict) -> str:
-    """The page for a study's data (see :mod:`circuitgraph.explore.collect`)."""
+    """The page for a study's data (see :mod:`circuitgraph.explore.study_data`)."""
     page = _asset("page.html")
     parts = {"{{TITLE}}": html.escape(data.get("title") or "circuit study"), "{{STYLE}}": _asset("explorer.css"),
              "{{D3}}": _script(_asset("vendor/d3.min.js")), "{{DATA}}": _json(data),

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from circuitgraph.data.dataset import TaskData
-from circuitgraph.explore.collect import Limits, collect
+from circuitgraph.explore.study_data import Limits, collect
 from circuitgraph.explore.page import html_page
 from circuitgraph.model.loading import CircuitModel
 from circuitgraph.spec.circuit_spec import CircuitSpec
