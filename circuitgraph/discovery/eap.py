@@ -29,7 +29,8 @@ class _ScoreFolder:
 
     def _add(self, first_dest: int, cols, grads: torch.Tensor):
         n_up = int(self.e.graph.n_upstream[first_dest])
-        self.scores[:n_up, cols] += (self.deltas[:n_up] @ grads.reshape(grads.shape[0], -1).float().T).double() * self.weight
+        grads = grads.to(self.deltas.device).reshape(grads.shape[0], -1).float()
+        self.scores[:n_up, cols] += (self.deltas[:n_up] @ grads.T).double().cpu() * self.weight
 
     def watch_heads(self, layer: int, x: torch.Tensor):
         G, H = self.e.graph, self.e.H

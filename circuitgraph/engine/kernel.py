@@ -37,18 +37,23 @@ class Kernel:
         self.parallel = info.parallel_attn_mlp
 
     # ----- per-run tables -----------------------------------------------------------------
+    def device(self, layer: int) -> torch.device:
+        """Where layer ``layer``'s weights live (models sharded with ``device_map`` span several)."""
+        return self.w.layers[layer].attn.W_O.device
+
     def rotary(self, length: int, like: torch.Tensor) -> list:
-        """Per layer ``(cos, sin)`` for positions ``0..length-1`` (or None), computed once per table."""
-        positions = torch.arange(length, device=like.device)
+        """Per layer ``(cos, sin)`` for positions ``0..length-1`` (or None), computed once per table and device."""
         cache, out = {}, []
-        for lw in self.w.layers:
+        for layer, lw in enumerate(self.w.layers):
             r = lw.attn.rotary
             if r is None:
                 out.append(None)
                 continue
-            if r.key not in cache:
-                cache[r.key] = r(positions, like)
-            out.append(cache[r.key])
+            dev = self.device(layer)
+            key = (r.key, dev)
+            if key not in cache:
+                cache[key] = r(torch.arange(length, device=dev), like.to(dev))
+            out.append(cache[key])
         return out
 
     # ----- attention inputs ---------------------------------------------------------------
@@ -56,6 +61,7 @@ class Kernel:
         """``q [B, H, P, dh]``, ``k, v [B, H_kv, P, dh]`` when every head port reads the same ``x``."""
         lw = self.w.layers[layer]
         a = lw.attn
+        x = x.to(self.device(layer))
         xn = lw.ln1(x) if lw.ln1 is not None else x
         q, k, v = a.project(xn)
         if a.qk_norm_over_heads:
@@ -115,6 +121,7 @@ class Kernel:
         """
         lw = self.w.layers[layer]
         a = lw.attn
+        x = x.to(self.device(layer))
         ports = ports.to(x.device)
         heads, kinds = ports // 3, ports % 3
         xn = lw.ln1(x) if lw.ln1 is not None else x
@@ -232,6 +239,13 @@ class Kernel:
         ``on_attn(z, inv)`` runs between attention and MLP (a patched MLP may read this layer's heads);
         ``tap`` (:class:`~circuitgraph.engine.hooks.Tap`) reads or replaces named activations."""
         name = f"blocks.{layer}."
+        dev = self.device(layer)
+        if resid.device != dev:  # a sharded model: run each layer where its weights are
+            resid = resid.to(dev)
+            qkv = None if qkv is None else tuple(t.to(dev) for t in qkv)
+            if mlp_input is not None:
+                inner = mlp_input
+                mlp_input = lambda mid: inner(mid).to(dev)
         if tap is not None:
             resid = tap(name + "hook_resid_pre", resid)
             pattern = pattern or tap.wants(name + "attn.hook_pattern")
@@ -262,8 +276,8 @@ class Kernel:
 
     def unembed(self, resid: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         if positions is not None:
-            resid = resid[torch.arange(resid.shape[0], device=resid.device), positions]
-        return self.w.unembed(resid)
+            resid = resid[torch.arange(resid.shape[0], device=resid.device), positions.to(resid.device)]
+        return self.w.unembed(resid.to(self.w.W_U.device))
 
 
 def _rotate(x: torch.Tensor, cos_sin) -> torch.Tensor:

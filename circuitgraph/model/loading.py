@@ -78,7 +78,8 @@ class CircuitModel:
 
     @property
     def device(self) -> torch.device:
-        return self.weights.W_U.device
+        """Where inputs go (the embedding's device; a sharded model's layers may sit elsewhere)."""
+        return self.hf.get_input_embeddings().weight.device
 
     def run_with_hooks(self, tokens: torch.Tensor, fwd_hooks=(), logit_positions: torch.Tensor | None = None) -> torch.Tensor:
         """The engine's forward with TransformerLens-named hooks (:mod:`circuitgraph.engine.hooks`), guarded."""
@@ -120,10 +121,12 @@ class CircuitModel:
 
 
 def load_model(name: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               check_exact: bool = True) -> CircuitModel:
+               check_exact: bool = True, device_map: str | dict | None = None) -> CircuitModel:
     """Load ``name`` (hub id, local HF directory or bundled model name) for patching.
 
     ``check_exact=False`` turns off the run-time comparison with the HF forward (:mod:`circuitgraph.model.guard`).
+    ``device_map`` (e.g. ``"auto"``) shards a model too large for one device through HF accelerate; the
+    engine then runs each layer on the device that holds it (``device`` is ignored).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -135,14 +138,15 @@ def load_model(name: str | os.PathLike, device: str | torch.device = "cpu", dtyp
                              f"and the hub could not provide it ({str(e).splitlines()[0]})") from None
     describe_config(config)
     try:
-        hf = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, attn_implementation="eager")
+        extra = {} if device_map is None else {"device_map": device_map}
+        hf = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, attn_implementation="eager", **extra)
     except OSError as e:
         raise ModelLoadError(f"model '{name}': could not read weights ({str(e).splitlines()[0]})") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(where)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"model '{name}': could not load its tokenizer ({str(e).splitlines()[0]})") from None
-    return CircuitModel(hf.to(device), tokenizer, name=str(name), check_exact=check_exact)
+    return CircuitModel(hf if device_map is not None else hf.to(device), tokenizer, name=str(name), check_exact=check_exact)
 
 
 def from_config(config, seed: int = 0, tokenizer=None) -> CircuitModel:
