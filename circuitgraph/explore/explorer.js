@@ -4,7 +4,7 @@
   const D = JSON.parse(document.getElementById("study-data").textContent);
   const NAMES = D.circuits.map(c => c.name);
   const TWO = D.circuits.length > 1;
-  const POS = "#2166ac", NEG = "#b2182b", OUTSIDE = "#9a9a9a";
+  const POS = D.style.positive, NEG = D.style.negative, OUTSIDE = "#9a9a9a";  // the static figures' colours
   const PORT_X = { q: -0.26, k: 0, v: 0.26 };
   const DASH = { 3: null, 1: "7 4", 2: "1.5 3.5", 0: null };
   const nodeById = new Map(D.nodes.map(n => [n.id, n]));
@@ -200,7 +200,7 @@
     const heads = g.filter(d => d.kind === "head");
     ["q", "k", "v"].forEach(p => {
       const h = heads.filter(d => ports.has(d.id + "<" + p));
-      h.append("circle").attr("class", "port").attr("cx", PORT_X[p] * geo.rx * 2).attr("cy", geo.ry + 2).attr("r", 3).attr("fill", "#fff");
+      h.append("circle").attr("class", "port").attr("cx", PORT_X[p] * geo.rx * 2).attr("cy", geo.ry + 2).attr("r", 3).attr("fill", D.style.ports[p]);
       h.append("text").attr("class", "port-label").attr("x", PORT_X[p] * geo.rx * 2).attr("y", geo.ry + 12).attr("text-anchor", "middle").text(p);
     });
     return { shown: edges.reduce((a, d) => a + d.list.length, 0), total: base };
@@ -399,7 +399,7 @@
     if (TWO) { item(line("#555", null), "in both (overlay)"); item(line("#555", DASH[1]), `only in ${NAMES[0]}`); item(line("#555", DASH[2]), `only in ${NAMES[1]}`); }
     item(line(OUTSIDE, null, 1.5), "no weight of the chosen kind");
     if (D.edges.some(e => !e.in)) item(line(POS + "4d", null, 2.5), "faint: outside the circuits");
-    host.append("span").text("width: |weight| (measured effect: drop in faithfulness when removed; edge score: the spec's, e.g. attribution); q/k/v: a head's query, key, value input; scroll to zoom.");
+    host.append("span").text("width: |weight| (measured effect: drop in faithfulness when removed; edge score: the spec's, e.g. attribution); q, k, v: the dots under a head where edges into its query, key and value inputs end (the static figures' port colours); scroll to zoom, drag to pan.");
   }
 
   setup();

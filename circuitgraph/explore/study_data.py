@@ -21,8 +21,7 @@ from circuitgraph.explore.layout import layout, node_kind
 from circuitgraph.model.loading import CircuitModel
 from circuitgraph.spec.circuit_spec import CircuitSpec
 
-# Fills of the static figure (ColorBrewer Set3): a group has the same colour on the page and in the paper.
-from circuitgraph.render.figure import PALETTE
+from circuitgraph.explore.style import group_colors, page_style
 
 
 @dataclass
@@ -83,7 +82,7 @@ def collect(model: CircuitModel, data: TaskData, circuits: list[CircuitSpec], ev
             "graph": {"n_layers": G.n_layers, "n_heads": G.n_heads, "parallel": G.parallel_attn_mlp,
                       "n_nodes": len(G.nodes), "n_edges": G.n_edges},
             "nodes": layout(G),
-            "groups": _groups(circuits),
+            "groups": _groups(circuits), "style": page_style(),
         }
         known = list(edge_effects or []) + [None] * len(circuits)
         out["circuits"], effects = _circuits(ev, circuits, resolved, limits, known)
@@ -106,10 +105,10 @@ def collect(model: CircuitModel, data: TaskData, circuits: list[CircuitSpec], ev
 def _groups(circuits: list[CircuitSpec]) -> dict:
     groups: dict[str, dict] = {}
     for spec in circuits:
+        colors = group_colors(spec)
         for name, g in spec.groups.items():
             if name not in groups:
-                groups[name] = {"color": g.color or PALETTE[len(groups) % len(PALETTE)], "nodes": list(g.nodes),
-                                "description": g.description}
+                groups[name] = {"color": colors[name], "nodes": list(g.nodes), "description": g.description}
     return groups
 
 
