@@ -197,6 +197,8 @@ def test_page_loads_offline_and_draws_every_circuit_node(loaded, toy):
     n_edges = len(set(spec.resolve(model.graph).edge_names) | set(found.resolve(model.graph).edge_names))
     assert loaded.js("document.querySelectorAll('#circuit-overlay path.edge').length") == n_edges
     assert loaded.js("document.title") == "toy </script><b>study</b>"
+    footer = loaded.js("document.querySelector('#limits').textContent")  # the page states what it left out
+    assert "limit 1000" in footer and f"of {model.graph.n_edges} in the graph" in footer and "limit 3" in footer
     # overlay filters: in both / only in one
     a, b = set(spec.resolve(model.graph).edge_names), set(found.resolve(model.graph).edge_names)
     for show, expected in (("both", a & b), ("a", a - b), ("b", b - a)):
