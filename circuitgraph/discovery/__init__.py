@@ -13,6 +13,7 @@ from circuitgraph.discovery.acdc import acdc, exact_scores
 from circuitgraph.discovery.eap import attribute
 from circuitgraph.discovery.curves import MIB_FRACTIONS, FaithfulnessCurve, faithfulness_curve, roc_auc
 from circuitgraph.discovery.edge_scores import EdgeScores, prune_dangling
+from circuitgraph.discovery.selection import DEFAULT_LEVEL, Selection, SelectionError, smallest_faithful
 
 METHODS = ("acdc", "eap", "eap-ig", "eap-ig-activations", "exact")
 
@@ -32,5 +33,6 @@ def discover(ev: Evaluator, method: str, *, steps: int = 5, tau: float = 0.01, p
     return out
 
 
-__all__ = ["METHODS", "MIB_FRACTIONS", "EdgeScores", "FaithfulnessCurve", "acdc", "attribute", "discover",
-           "exact_scores", "faithfulness_curve", "prune_dangling", "roc_auc"]
+__all__ = ["DEFAULT_LEVEL", "METHODS", "MIB_FRACTIONS", "EdgeScores", "FaithfulnessCurve", "Selection", "SelectionError",
+           "acdc", "attribute", "discover", "exact_scores", "faithfulness_curve", "prune_dangling", "roc_auc",
+           "smallest_faithful"]

@@ -165,14 +165,51 @@ class Graph:
         """The node a destination port belongs to: ``a1.h2<k>`` -> ``a1.h2``."""
         return NodeRef.parse(destination).name
 
-    def to_networkx(self, edges: list[str] | None = None) -> nx.MultiDiGraph:
-        """The graph (or a subset of its edges) as a networkx MultiDiGraph; ports are edge keys."""
+    def to_networkx(self, circuit=None) -> nx.MultiDiGraph:
+        """The graph, or one circuit of it, as a networkx MultiDiGraph; ports are edge keys.
+
+        ``circuit``: a :class:`~circuitgraph.CircuitSpec` (its edges, with their ``positions`` and
+        ``score``; nodes carry their ``group``), a resolved circuit, a list of edge names, or a
+        bool ``[n_sources, n_destinations]`` mask.  Nodes carry ``layer``."""
+        spec = circuit if hasattr(circuit, "edge_scores") and hasattr(circuit, "resolve") else None
+        positions: dict[str, list[str] | None] = {}
+        if spec is not None:
+            circuit = circuit.resolve(self)
+        if hasattr(circuit, "edges") and hasattr(circuit, "graph"):  # a ResolvedCircuit
+            positions = {f"{self.sources[s]}->{self.destinations[d]}": pos for (s, d), pos in circuit.edges.items()}
+            edges = list(positions)
+        elif isinstance(circuit, torch.Tensor):
+            if tuple(circuit.shape) != tuple(self.legal.shape):
+                raise GraphError(f"an edge mask must have shape {list(self.legal.shape)}, got {list(circuit.shape)}")
+            edges = [f"{self.sources[s]}->{self.destinations[d]}" for s, d in torch.nonzero(circuit.bool() & self.legal).tolist()]
+        elif circuit is None:
+            edges = self.edges
+        elif isinstance(circuit, str):
+            raise GraphError("to_networkx takes a list of edge names, not one string")
+        else:
+            edges = list(circuit)
+            for name in edges:
+                self.check_edge(name)
+        scores = {}
+        if spec is not None:
+            scores = {k: v for k, v in spec.edge_scores.items() if v is not None}
+            scores.update({e.edge: e.score for e in spec.edges if e.score is not None})
         g = nx.MultiDiGraph()
         for n in self.nodes:
-            g.add_node(n, layer=_layer_of(n, self.n_layers))
-        for name in edges if edges is not None else self.edges:
+            attrs = {"layer": _layer_of(n, self.n_layers)}
+            if spec is not None and (group := spec.group_of(n)) is not None:
+                attrs["group"] = group
+            g.add_node(n, **attrs)
+        for name in edges:
             src, dst = parse_edge(name)
-            g.add_edge(src.name, dst.name, key=dst.port or "", port=dst.port, name=name)
+            attrs = {"port": dst.port, "name": name}
+            if name in positions:
+                attrs["positions"] = positions[name]
+            if name in scores:
+                attrs["score"] = scores[name]
+            g.add_edge(src.name, dst.name, key=dst.port or "", **attrs)
+        if circuit is not None:  # a circuit's graph holds the nodes its edges touch
+            g.remove_nodes_from([n for n in list(g) if g.degree(n) == 0])
         return g
 
     @classmethod
