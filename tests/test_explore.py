@@ -143,14 +143,19 @@ def test_cli_writes_a_page(toy, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["-o", "x.png"], "ending in .html"),
-    (["-o", "x.html", "--examples", "0"], "--examples must be at least 1"),
+    (["-o", "x.png"], "expected .html"),
+    (["-o", "nowhere/x.html"], "does not exist"),
+    (["-o", "x.html", "--examples", "0"], "--examples: expected a positive integer"),
+    (["-o", "x.html", "--top-edges", "-1"], "--top-edges: expected an integer >= 0"),
     (["-o", "x.html", "--compare", "missing.json"], "missing.json"),
 ])
 def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
     write_jsonl([], tmp_path / "d.jsonl")
-    rc = cli.main(["explore", "--model", "toy-induction", "--data", "d.jsonl", "--spec", str(SPEC), *args])
+    try:
+        rc = cli.main(["explore", "--model", "toy-induction", "--data", "d.jsonl", "--spec", str(SPEC), *args])
+    except SystemExit as e:  # argparse's own one-line errors
+        rc = e.code
     err = capsys.readouterr().err
     assert rc == 2 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 

@@ -37,7 +37,9 @@ class Limits:
 
 
 def _r(x, digits: int = 4):
-    """A JSON number with ``digits`` significant digits; None for NaN / inf."""
+    """A JSON number with ``digits`` significant digits; None for None (undefined), NaN and inf."""
+    if x is None:
+        return None
     x = float(x)
     if not math.isfinite(x):
         return None
@@ -116,7 +118,8 @@ def _score(score) -> dict:
     keys = ("faithfulness", "faithfulness_se", "necessity", "necessity_se", "clean_metric", "clean_metric_se",
             "corrupted_metric", "corrupted_metric_se", "circuit_metric", "circuit_metric_se", "n_edges", "n_edges_total")
     d = {k: _r(getattr(score, k)) for k in keys}
-    d["warnings"] = list(score.warnings)
+    reasons = [getattr(score, k, None) for k in ("undefined_reason", "se_reason")]  # why a number is missing
+    d["warnings"] = list(dict.fromkeys(list(score.warnings) + [r for r in reasons if r]))
     return d
 
 
