@@ -131,6 +131,8 @@ def test_gpt2_small_shaped_graph_page_size(tmp_path):
     kept = [abs(e["score"]) for e in d["edges"] if not e["in"]]
     assert min(kept) >= max(abs(s) for k, s in spec.edge_scores.items() if k not in {e["id"] for e in d["edges"]})
     assert path.stat().st_size < 2.5e6, f"{path.stat().st_size / 1e6:.2f} MB"
+    score = d["circuits"][0]["score"]  # a random model: no signal, so no number, but the reason
+    assert score["faithfulness"] is None and any("undefined" in w for w in score["warnings"])
 
 
 def test_cli_writes_a_page(toy, tmp_path, capsys):

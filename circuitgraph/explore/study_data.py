@@ -119,7 +119,8 @@ def _score(score) -> dict:
             "corrupted_metric", "corrupted_metric_se", "circuit_metric", "circuit_metric_se", "n_edges", "n_edges_total")
     d = {k: _r(getattr(score, k)) for k in keys}
     reasons = [getattr(score, k, None) for k in ("undefined_reason", "se_reason")]  # why a number is missing
-    d["warnings"] = list(dict.fromkeys(list(score.warnings) + [r for r in reasons if r]))
+    msgs = list(dict.fromkeys(list(score.warnings) + [r for r in reasons if r]))
+    d["warnings"] = [m for m in msgs if not any(m != o and m in o for o in msgs)]  # a warning its reason repeats: once
     return d
 
 
