@@ -48,7 +48,7 @@ def test_readme_tour_runs_offline_in_an_empty_directory(tmp_path, monkeypatch, n
         argv = shlex.split(line, comments=True)
         assert argv[0] == "circuitgraph"
         assert cli.main(argv[1:]) == 0, f"README tour line failed: {line}\n{capsys.readouterr().err}"
-    for made in ("induction.jsonl", "found.json", "found.svg", "pp.png", "ioi_toy.png", "circuitgraph-demo/discovered.png"):
+    for made in ("induction.jsonl", "found.json", "found.svg", "study.html", "pp.png", "ioi_toy.png", "circuitgraph-demo/discovered.png"):
         assert (work / made).is_file(), made
     assert "full-quality layout" in capsys.readouterr().err  # the fallback said so, once
 

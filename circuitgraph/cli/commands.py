@@ -245,8 +245,9 @@ def _extra_commands() -> list:
     from circuitgraph.cli.demo import register_cli as demo
     from circuitgraph.evaluate.path_patching import register_cli as path_patch
     from circuitgraph.render.figure import register_cli as render
+    from circuitgraph.explore.cli import register_cli as explore
 
-    return [render, path_patch, demo]
+    return [render, path_patch, demo, explore]
 
 
 _EXTRA_COMMANDS: list = _extra_commands()

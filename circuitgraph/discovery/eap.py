@@ -103,7 +103,7 @@ def attribute(evaluator: Evaluator, method: str = "eap", steps: int = 5, progres
         n_avg = n_points if method != "eap-ig-activations" else n_points * len(engine.src_blocks)
         fold.weight = 1.0 / n_avg
 
-        def backward(**kw):
+        def backward(fold=fold, **kw):
             nonlocal n_backward
             logits, leaf = _lean_forward(engine, toks, last, fold, **kw)
             metric = ev.metric(logits, part.to(dev), clean_logits).sum()
