@@ -199,7 +199,7 @@ def test_cli_discover_writes_spec_and_mib(model_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize("family,ablation", [("qwen2", "corrupted"), ("neox", "corrupted"), ("gemma2", "corrupted"),
                                              ("olmo2", "corrupted"), ("phi3", "corrupted"), ("qwen3", "corrupted"),
-                                             ("llama", "zero")])
+                                             ("llama", "zero"), ("tracr", "zero"), ("tracr-causal", "corrupted")])
 def test_eap_is_the_derivative_of_the_naive_patched_forward(family, ablation):
     """An edge's EAP score is the change in M as the edge moves from clean towards ablated:
     -dM/dk_e at k = 1 in the by-hand forward where every edge carries a weight k_e."""
