@@ -165,7 +165,7 @@ class Tracr(Family):
             attn = Attention(heads_in(a.q_proj.weight, H), heads_in(a.k_proj.weight, H), heads_in(a.v_proj.weight, H),
                              b(a.q_proj), b(a.k_proj), b(a.v_proj), heads_out(a.o_proj.weight, H), a.o_proj.bias,
                              project, a.o_proj, info.d_head**-0.5, causal=bool(config.causal))
-            layers.append(Layer(None, None, attn, block.mlp))
+            layers.append(Layer(None, None, attn, block.mlp, mlp_down=block.mlp.fc_out))
         wte, wpe = hf.embed_tokens, hf.embed_positions
 
         def embed(ids):
