@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
@@ -20,6 +20,7 @@ class Ablation:
     outputs: list[torch.Tensor] | None
     resid: list[torch.Tensor]
     kind: str = "corrupted"
+    qkv_cache: dict = field(default_factory=dict)  # per layer: q, k, v of the all-ablated residual
 
 
 @dataclass

@@ -14,6 +14,9 @@ from circuitgraph.engine.ablation import Ablation, PrefixState
 from circuitgraph.engine.plan import BlockPlan, Plan
 
 
+# Row gathers use advanced indexing: on CPUs ``index_select`` over rows of this width measured ~14x slower.
+
+
 class PatchedRun:
     def __init__(self, engine, tokens: torch.Tensor, ablation: Ablation, plan: Plan,
                  logit_positions: torch.Tensor | None = None, start: PrefixState | None = None,
@@ -70,7 +73,7 @@ class PatchedRun:
         if self.split is not None:
             return x + self._resumed_mix(bp, n)
         dbuf = self.dbuf
-        G = dbuf[:, :bp.prefix] if bp.gather is None else dbuf.index_select(1, bp.gather.to(dbuf.device))
+        G = dbuf[:, :bp.prefix] if bp.gather is None else dbuf[:, bp.gather.to(dbuf.device)]
         K = G.shape[1]
         if bp.positional:
             mix = torch.einsum("kbpd,knbp->nbpd", G[0], bp.coef)
@@ -86,7 +89,7 @@ class PatchedRun:
         written by one matrix product per group with the base as the product's addend (one pass)."""
         n = len(bp.custom)
         dbuf = self.dbuf[0]
-        G = dbuf[:bp.prefix] if bp.gather is None else dbuf.index_select(0, bp.gather.to(dbuf.device))
+        G = dbuf[:bp.prefix] if bp.gather is None else dbuf[bp.gather.to(dbuf.device)]
         G = G.reshape(G.shape[0], -1)
         coefT = bp.coef[0].T  # [n, K]
         n_a = int((bp.up[:, 0] < 0.5).sum())
@@ -104,10 +107,10 @@ class PatchedRun:
         pre = rows < self.split
         mix = 0
         if bool(pre.any()):
-            Gp = self.start.flat.index_select(0, self.plan.buffer_sources[rows[pre]].to(dbuf.device))  # [Kp, B, P, D]
+            Gp = self.start.flat[self.plan.buffer_sources[rows[pre]].to(dbuf.device)]  # [Kp, B, P, D]
             mix = torch.einsum("kx,ckn->cnx", Gp.reshape(Gp.shape[0], -1), coef[:, pre])
         if bool((~pre).any()):
-            Gq = dbuf.index_select(1, rows[~pre])  # [C, Kq, B, P, D]
+            Gq = dbuf[:, rows[~pre]]  # [C, Kq, B, P, D]
             mix = mix + torch.bmm(coef[:, ~pre].transpose(1, 2), Gq.reshape(C, Gq.shape[1], -1))
         return mix.view(C, n, self.B, self.P, self.D).transpose(0, 1).reshape(n, self.Bt, self.P, self.D)
 
@@ -121,19 +124,47 @@ class PatchedRun:
         return self._custom_inputs(bp, A, R)[0]
 
     def _qkv(self, layer: int, A: torch.Tensor, R: torch.Tensor):
-        """Queries, keys and values of one layer under the plan (keys/values per query head unless shared)."""
+        """Queries, keys and values of one layer under the plan (keys/values per query head unless shared).
+
+        Ports reading ``A`` or ``R`` unchanged take their values from one fused projection of that base
+        (``A``'s is cached on the ablation: it is the same for every circuit); only the others are
+        projected port by port."""
         bp = self.plan.blocks[2 * layer]
-        n = 3 * self.e.H
+        H, n = self.e.H, 3 * self.e.H
         if len(bp.from_ablated) == n or len(bp.from_patched) == n:
             return self.k.shared_qkv(layer, A if len(bp.from_ablated) == n else R)
-        out = R.new_empty(n, self.Bt, self.P, self.e.dh, device=self.k.device(layer))
-        for idx, base in ((bp.from_ablated, A), (bp.from_patched, R)):
-            if len(idx):
-                out[idx.to(R.device)] = self.k.port_qkv(layer, base, idx)
+        dev = self.k.device(layer)
+        outs = tuple(R.new_empty(self.Bt, H, self.P, self.e.dh, device=dev) for _ in range(3))
+        group = self.e.w.layers[layer].attn.group
+
+        def fill(ports, vals, per_port: bool):
+            ports = ports.to(dev)
+            heads, kinds = ports // 3, ports % 3
+            for kind in range(3):
+                sel = kinds == kind
+                if not bool(sel.any()):
+                    continue
+                h = heads[sel]
+                if per_port:  # vals [n, Bt, P, dh], one row per port
+                    outs[kind][:, h] = vals[sel].transpose(0, 1)
+                else:  # vals (q, k, v) of a shared projection; keys and values may be grouped
+                    outs[kind][:, h] = vals[kind][:, h if kind == 0 else h // group]
+
+        if len(bp.from_ablated):
+            fill(bp.from_ablated, self._ablated_qkv(layer, A), False)
+        if len(bp.from_patched):
+            fill(bp.from_patched, self.k.shared_qkv(layer, R), False)
         if len(bp.custom):
-            out[bp.custom.to(R.device)] = self.k.port_qkv(layer, self._custom_inputs(bp, A, R), bp.custom)
-        qkv = out.view(self.e.H, 3, self.Bt, self.P, self.e.dh).permute(1, 2, 0, 3, 4)
-        return qkv[0], qkv[1], qkv[2]
+            fill(bp.custom, self.k.port_qkv(layer, self._custom_inputs(bp, A, R), bp.custom), True)
+        return outs
+
+    def _ablated_qkv(self, layer: int, A: torch.Tensor):
+        if self.C != 1:
+            return self.k.shared_qkv(layer, A)
+        cache = self.abl.qkv_cache
+        if layer not in cache:  # on the ablation's own (unexpanded) shape; broadcast when filled
+            cache[layer] = self.k.shared_qkv(layer, self.abl.resid[2 * layer])
+        return cache[layer]
 
     # ----- the run ---------------------------------------------------------------------------
     def run(self):

@@ -117,7 +117,7 @@ def compile_plan(engine, masks: torch.Tensor, position_masks: dict[tuple[int, in
         gather = None
         if not len(pos):  # custom only because circuits disagree on the base; nothing to mix
             coef = None
-        elif len(pos) < prefix / 2:  # sparse: gather the few rows; dense: read the prefix with zero rows
+        elif len(pos) < prefix / 4:  # sparse: gather the few rows; dense: read the prefix with zero rows (a row copy costs about a matmul row)
             gather = pos
         else:
             if positional:
