@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
+
+from circuitgraph.evaluate import distributed as dist
+
+DTYPES = ("float32", "bfloat16", "float16")
+# commands that split their examples over torch.distributed ranks; the others run on rank 0 only
+DISTRIBUTED_COMMANDS = ("evaluate", "discover", "path-patch")
 
 
 class CLIError(Exception):
@@ -14,10 +22,13 @@ class CLIError(Exception):
 
 
 def _load(args, need_data: bool = True):
+    import torch
+
     from circuitgraph.data.dataset import load_dataset
     from circuitgraph.model.loading import load_model
 
-    model = load_model(args.model, device=getattr(args, "device", "cpu"))
+    dtype = getattr(torch, getattr(args, "dtype", "float32"))
+    model = load_model(args.model, device=dist.device_for(getattr(args, "device", "cpu")), dtype=dtype)
     data = None
     if need_data:
         data = load_dataset(args.data, model.tokenizer, prepend_bos=args.prepend_bos, vocab_size=model.weights.W_U.shape[0])
@@ -67,7 +78,7 @@ def cmd_discover(args) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ev = Evaluator(model, data, metric=metric, ablation=args.ablation, batch_size=args.batch_size)
-        scores = discover(ev, args.method, steps=args.steps, tau=args.tau)
+        scores = discover(ev, args.method, steps=args.steps, tau=args.tau, ig_points=args.ig_points)
         if args.method == "acdc" and args.threshold is None and args.top_n is None:
             mask, how = scores.in_circuit, f"ACDC tau={args.tau:g}"
         elif args.threshold is not None:
@@ -79,6 +90,8 @@ def cmd_discover(args) -> int:
         spec.name = f"{args.method} circuit"
         spec.model = args.model
         result = ev.evaluate(spec) if len(spec.edges) else None
+    if not dist.is_main():
+        return 0
     if args.format == "mib":
         Path(args.output).write_text(json.dumps(spec.to_mib(model.graph)) + "\n")
     else:
@@ -115,7 +128,9 @@ def _common(p: argparse.ArgumentParser, data: bool = True):
         p.add_argument("--data", required=True, help="JSONL dataset (clean, corrupted, answer, wrong[, positions])")
         p.add_argument("--prepend-bos", action="store_true", help="put the BOS token first (TransformerLens habit)")
         p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (under torchrun, cuda means each rank's own GPU)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="weights and activations; metrics and score sums accumulate in fp32 either way")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--greedy", action="store_true", help="grow the top-n circuit from the logits (EAP-IG's greedy)")
     p.add_argument("--prune", action="store_true", help="drop edges not on an input -> logits path")
     p.add_argument("--steps", type=int, default=5, help="integrated-gradient steps (eap-ig*)")
+    p.add_argument("--ig-points", choices=["right", "left"], default="right",
+                   help="IG step points: right = k/n for k=1..n (ours, ends at clean); left = k=0..n-1 "
+                        "(the EAP-IG repo's EAP-IG-inputs, as run by MIB)")
     p.add_argument("--tau", type=float, default=0.01, help="ACDC threshold")
     p.add_argument("--metric", choices=["logit_diff", "prob_diff", "kl", "accuracy"], help="default: kl for acdc, else logit_diff")
     p.add_argument("--ablation", choices=["corrupted", "mean", "zero"], default="corrupted")
@@ -167,8 +185,31 @@ _EXTRA_COMMANDS: list = _extra_commands()
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command.  Under ``torchrun`` the evaluation commands split their examples over the
+    ranks (see :mod:`circuitgraph.evaluate.distributed`); only rank 0 prints and writes."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not dist.launched():
+        return _run(args)
+    if args.command not in DISTRIBUTED_COMMANDS:
+        return _run(args) if os.environ.get("RANK", "0") == "0" else 0
+    try:
+        dist.init(getattr(args, "device", "cpu"))
+    except (RuntimeError, ValueError) as e:
+        print(f"circuitgraph {args.command}: error: could not join the torch.distributed group "
+              f"(MASTER_ADDR={os.environ.get('MASTER_ADDR')}, MASTER_PORT={os.environ.get('MASTER_PORT')}): "
+              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+    try:
+        if dist.is_main():
+            return _run(args)
+        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+            return _run(args)  # errors are reported once, by rank 0
+    finally:
+        dist.close()
+
+
+def _run(args) -> int:
     try:
         return args.func(args)
     except (ValueError, OSError, KeyError, CLIError) as e:

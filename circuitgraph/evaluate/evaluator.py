@@ -132,7 +132,7 @@ class Evaluator:
             part = ref.slice(a, b)
             _, outs = self.engine.run(part.corrupted.to(dev), record=True)
             dtype = outs[0].dtype
-            valid = (torch.arange(P)[None] < part.lengths[:, None]).float().to(outs[0].device)  # [B, P]
+            valid = (torch.arange(part.clean.shape[1])[None] < part.lengths[:, None]).float().to(outs[0].device)  # [B, P]
             for s, o in zip(sums, outs):
                 s += (o.float() * valid[None, :, :, None]).sum((1,) if aligned else (1, 2), keepdim=True)
             count += valid.sum(0, keepdim=True)[..., None] if aligned else valid.sum()
