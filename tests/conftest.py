@@ -48,15 +48,52 @@ def qwen2_config():
                        architectures=["Qwen2ForCausalLM"], initializer_range=0.15, use_sliding_window=False)
 
 
-CONFIGS = {"gpt2": gpt2_config, "llama": llama_config, "qwen2": qwen2_config, "neox": neox_config, "neox-sequential": lambda: neox_config(False)}
+SMALL = dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32, intermediate_size=48,
+             vocab_size=VOCAB, max_position_embeddings=32, bos_token_id=1, eos_token_id=1, pad_token_id=2,
+             initializer_range=0.15)
+WINDOW = 3  # shorter than the test prompts, so a window that were ignored would show
 
 
-def randomize_norms(hf, seed=0):
-    """Random-init norms are identity maps, which would hide a norm applied in the wrong place."""
+def _cfg(cls_name, arch, **kw):
+    import transformers
+
+    return getattr(transformers, cls_name)(**{**SMALL, "architectures": [arch], **kw})
+
+
+def rope_config(rope_type, **params):
+    """Llama with a non-default RoPE; a short max_position_embeddings so prompts run past it."""
+    return _cfg("LlamaConfig", "LlamaForCausalLM", max_position_embeddings=4,
+                rope_parameters={"rope_type": rope_type, "rope_theta": 10000.0, **params})
+
+
+CONFIGS = {
+    "gpt2": gpt2_config, "llama": llama_config, "qwen2": qwen2_config, "neox": neox_config, "neox-sequential": lambda: neox_config(False),
+    "mistral": lambda: _cfg("MistralConfig", "MistralForCausalLM", sliding_window=WINDOW),
+    "qwen2-window": lambda: _cfg("Qwen2Config", "Qwen2ForCausalLM", use_sliding_window=True, sliding_window=WINDOW,
+                                 max_window_layers=1, attention_bias=True),
+    "qwen3": lambda: _cfg("Qwen3Config", "Qwen3ForCausalLM", head_dim=8),
+    "gemma": lambda: _cfg("GemmaConfig", "GemmaForCausalLM", head_dim=8),
+    "gemma2": lambda: _cfg("Gemma2Config", "Gemma2ForCausalLM", head_dim=8, sliding_window=WINDOW, query_pre_attn_scalar=12,
+                           attn_logit_softcapping=2.0, final_logit_softcapping=3.0),
+    "gemma3": lambda: _cfg("Gemma3TextConfig", "Gemma3ForCausalLM", head_dim=8, sliding_window=WINDOW,
+                           layer_types=["sliding_attention", "full_attention"]),
+    "phi3": lambda: _cfg("Phi3Config", "Phi3ForCausalLM", partial_rotary_factor=0.5, original_max_position_embeddings=32),
+    "olmo2": lambda: _cfg("Olmo2Config", "Olmo2ForCausalLM"),
+    "llama-dynamic-rope": lambda: rope_config("dynamic", factor=2.0),
+    "llama-yarn": lambda: rope_config("yarn", factor=2.0, original_max_position_embeddings=4),
+    "llama3-rope": lambda: rope_config("llama3", factor=2.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                       original_max_position_embeddings=4),
+    "llama-linear-rope": lambda: rope_config("linear", factor=2.0),
+}
+
+
+def randomize_norms(hf, seed=0, biases=False):
+    """Random-init norms are identity maps (and biases zero), which would hide a norm or bias applied
+    in the wrong place."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in hf.named_parameters():
-            if "norm" in name or "ln" in name:
+            if "norm" in name or "ln" in name or (biases and name.endswith("bias")):
                 p.add_(0.3 * torch.randn(p.shape, generator=g))
     return hf
 

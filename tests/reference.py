@@ -11,8 +11,32 @@ NEG = -1e30
 
 
 def _family(hf):
-    return {"GPT2LMHeadModel": "gpt2", "GPTNeoXForCausalLM": "neox", "LlamaForCausalLM": "llama",
-            "Qwen2ForCausalLM": "llama"}[type(hf).__name__]
+    name = type(hf).__name__
+    return {"GPT2LMHeadModel": "gpt2", "GPTNeoXForCausalLM": "neox"}.get(name, "llama")  # the rest: model.layers[i].self_attn
+
+
+def _cfg(hf, name, default=None):
+    return getattr(hf.config, name, default)
+
+
+def _window(hf, layer):
+    """Sliding window of a layer, read from the config as each family documents it."""
+    w = _cfg(hf, "sliding_window")
+    types = _cfg(hf, "layer_types")
+    if w is None or _cfg(hf, "use_sliding_window", True) is False:
+        return None
+    if types is not None:
+        return w if types[layer] == "sliding_attention" else None
+    return w
+
+
+def _post_norms(hf, layer):
+    """(post-attention norm, pre-MLP norm or None, post-MLP norm) modules where the block has post-norms."""
+    blk = _parts(hf)[1][layer]
+    if hasattr(blk, "post_feedforward_layernorm"):
+        pre_mlp = getattr(blk, "pre_feedforward_layernorm", None)
+        return blk.post_attention_layernorm, pre_mlp, blk.post_feedforward_layernorm
+    return None
 
 
 def _parts(hf):
@@ -22,7 +46,8 @@ def _parts(hf):
         return fam, hf.transformer.h, cfg.n_head, cfg.n_embd // cfg.n_head, False
     if fam == "neox":
         return fam, hf.gpt_neox.layers, cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads, cfg.use_parallel_residual
-    return fam, hf.model.layers, cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads, False
+    dh = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return fam, hf.model.layers, cfg.num_attention_heads, dh, False
 
 
 def sources_of(hf, dest_node):
@@ -66,15 +91,42 @@ def _head_qkv(hf, layer, h, x_q, x_k, x_v, positions):
     a = blk.self_attn
     kvh = h // (H // hf.config.num_key_value_heads)
     sl, kvsl = slice(h * dh, (h + 1) * dh), slice(kvh * dh, (kvh + 1) * dh)
-    bias = lambda lin, s: lin.bias[s] if lin.bias is not None else 0
-    q = blk.input_layernorm(x_q) @ a.q_proj.weight[sl].T + bias(a.q_proj, sl)
-    k = blk.input_layernorm(x_k) @ a.k_proj.weight[kvsl].T + bias(a.k_proj, kvsl)
-    v = blk.input_layernorm(x_v) @ a.v_proj.weight[kvsl].T + bias(a.v_proj, kvsl)
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    if hasattr(a, "qkv_proj"):  # Phi-3: one fused projection, q rows then k then v
+        Wf = a.qkv_proj.weight
+        nq, nkv = H * dh, hf.config.num_key_value_heads * dh
+        Wq, Wk, Wv = Wf[:nq], Wf[nq:nq + nkv], Wf[nq + nkv:]
+        bq = bk = bv = None
+    else:
+        Wq, Wk, Wv = a.q_proj.weight, a.k_proj.weight, a.v_proj.weight
+        bq, bk, bv = a.q_proj.bias, a.k_proj.bias, a.v_proj.bias
+    bias = lambda bb, s_: bb[s_] if bb is not None else 0
+    pre = (lambda x: x) if not hasattr(blk, "input_layernorm") else blk.input_layernorm
+    xq, xk, xv = pre(x_q), pre(x_k), pre(x_v)
+    if hasattr(a, "q_norm") and a.q_norm.weight.shape[0] != dh:  # OLMo-2: the norm spans every head
+        q = a.q_norm(xq @ Wq.T + (bq if bq is not None else 0))[..., sl]
+        k = a.k_norm(xk @ Wk.T + (bk if bk is not None else 0))[..., kvsl]
+    else:
+        q = xq @ Wq[sl].T + bias(bq, sl)
+        k = xk @ Wk[kvsl].T + bias(bk, kvsl)
+        if hasattr(a, "q_norm"):
+            q, k = a.q_norm(q), a.k_norm(k)
+    v = xv @ Wv[kvsl].T + bias(bv, kvsl)
+    rot = hf.model.rotary_emb
+    if _cfg(hf, "model_type") == "gemma3_text":
+        cos, sin = rot(q, positions, hf.config.layer_types[layer])
+    else:
+        cos, sin = rot(q, positions)
+    q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+    return q, k, v, a.scaling
 
-    cos, sin = hf.model.rotary_emb(q, positions)
-    q, k = apply_rotary_pos_emb(q[:, None], k[:, None], cos, sin)
-    return q[:, 0], k[:, 0], v, dh**-0.5
+
+def _rope(x, cos, sin):
+    """Rotary on the first cos.shape[-1] features, rotate-half convention, written out."""
+    rd = cos.shape[-1]
+    r, rest = x[..., :rd], x[..., rd:]
+    half = rd // 2
+    r = r * cos + torch.cat((-r[..., half:], r[..., :half]), -1) * sin
+    return torch.cat((r, rest), -1)
 
 
 def _head_out(hf, layer, h, z):
@@ -98,6 +150,10 @@ def _mlp(hf, layer, x):
     blk = layers[layer]
     if fam == "gpt2":
         return blk.mlp(blk.ln_2(x))
+    post = _post_norms(hf, layer) if fam == "llama" else None
+    if post is not None:
+        _, pre, after = post
+        return after(blk.mlp(pre(x) if pre is not None else x))
     return blk.mlp(blk.post_attention_layernorm(x))
 
 
@@ -105,7 +161,7 @@ def _embed(hf, ids):
     fam = _family(hf)
     if fam == "gpt2":
         return hf.transformer.wte(ids) + hf.transformer.wpe(torch.arange(ids.shape[1]))[None]
-    return (hf.gpt_neox.embed_in if fam == "neox" else hf.model.embed_tokens)(ids)
+    return (hf.gpt_neox.embed_in if fam == "neox" else hf.model.embed_tokens)(ids)  # (Gemma's module scales)
 
 
 def _final(hf, x):
@@ -114,7 +170,9 @@ def _final(hf, x):
         return hf.lm_head(hf.transformer.ln_f(x))
     if fam == "neox":
         return hf.get_output_embeddings()(hf.gpt_neox.final_layer_norm(x))
-    return hf.lm_head(hf.model.norm(x))
+    logits = hf.lm_head(hf.model.norm(x))
+    cap = _cfg(hf, "final_logit_softcapping")
+    return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
 @torch.no_grad()
@@ -137,16 +195,32 @@ def patched_forward(hf, ids, ablated, in_circuit):
             total = total + keep * out[src] + (1 - keep) * ablated.get(src, 0.0)
         return total
 
-    causal = torch.triu(torch.ones(P, P, dtype=torch.bool), 1)
     for layer in range(len(layers)):
+        i = torch.arange(P)
+        hidden = i[None, :] > i[:, None]  # keys after the query
+        if _window(hf, layer) is not None:
+            hidden = hidden | (i[:, None] - i[None, :] >= _window(hf, layer))
+        cap = _cfg(hf, "attn_logit_softcapping")
+        head_out = {}
         for h in range(H):
             node = f"a{layer}.h{h}"
             xs = [dest_input(f"{node}<{p}>", node, bias_before(layer)) for p in "qkv"]
             q, k, v, scale = _head_qkv(hf, layer, h, *xs, positions)
             scores = (q @ k.transpose(-1, -2)) * scale
-            scores = scores.masked_fill(causal, NEG)
+            if cap is not None:
+                scores = torch.tanh(scores / cap) * cap
+            scores = scores.masked_fill(hidden, NEG)
             z = scores.softmax(-1) @ v
-            out[node] = _head_out(hf, layer, h, z)
+            head_out[node] = _head_out(hf, layer, h, z)
+        post = _post_norms(hf, layer) if fam == "llama" else None
+        if post is not None:  # DESIGN "Post-norms": w * o_h / rms(sum of this run's o_h)
+            norm = post[0]
+            total = sum(head_out.values())
+            eps = getattr(norm, "eps", getattr(norm, "variance_epsilon", None))
+            gain = norm.weight + (1.0 if "Gemma" in type(norm).__name__ else 0.0)
+            rms = torch.sqrt(total.pow(2).mean(-1, keepdim=True) + eps)
+            head_out = {n: gain * o / rms for n, o in head_out.items()}
+        out.update(head_out)
         mlp_bias = bias_before(layer) + (0 if parallel else _attn_bias(hf, layer))
         out[f"m{layer}"] = _mlp(hf, layer, dest_input(f"m{layer}", f"m{layer}", mlp_bias))
     final = dest_input("logits", "logits", bias_before(len(layers)))

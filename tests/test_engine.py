@@ -16,7 +16,7 @@ def build(family, seed=0):
     torch.manual_seed(seed)
     cfg = CONFIGS[family]()
     cfg._attn_implementation = "eager"
-    hf = randomize_norms(AutoModelForCausalLM.from_config(cfg).eval(), seed)
+    hf = randomize_norms(AutoModelForCausalLM.from_config(cfg).eval(), seed, biases=True)
     return CircuitModel(hf)
 
 

@@ -1,4 +1,4 @@
-"""Activation patching sweeps through the TransformerLens bridge hooks, in both named directions.
+"""Activation patching sweeps on the engine's forward (TransformerLens hook names), in both named directions.
 
 - ``direction="denoising"``: run the *corrupted* prompt and patch in one *clean* activation.
   Score ``(M(patched) - M(corrupted)) / (M(clean) - M(corrupted))``: 0 = no change,
@@ -49,21 +49,10 @@ class PatchingResult:
     raw: torch.Tensor | None = field(default=None, repr=False)  # mean patched metric, same shape as values
 
 
-# ----- running the bridge -----------------------------------------------------------------------
+# ----- running the engine with hooks -----------------------------------------------------------
 def last_logits(model: CircuitModel, tokens: torch.Tensor, last: torch.Tensor, fwd_hooks=()) -> torch.Tensor:
-    """Logits ``[B, vocab]`` at each row's ``last`` position, running the bridge with ``fwd_hooks``.
-
-    The run stops at the final layer norm's input and unembeds only the positions read, so large
-    vocabularies cost no ``[B, P, vocab]`` tensor.
-    """
-    from transformer_lens.model_bridge.exceptions import StopAtLayerException
-
-    def stop(x, hook):
-        raise StopAtLayerException(x)
-
-    resid = model.bridge.run_with_hooks(tokens, fwd_hooks=list(fwd_hooks) + [("ln_final.hook_in", stop)])
-    resid = resid[torch.arange(tokens.shape[0], device=resid.device), last.to(resid.device)]
-    return model.weights.unembed(resid)
+    """Logits ``[B, vocab]`` at each row's ``last`` position, running the engine's forward with ``fwd_hooks``."""
+    return model.run_with_hooks(tokens, fwd_hooks, logit_positions=last.to(model.device))
 
 
 def _cells(component: str, L: int, H: int, P: int) -> tuple[list[tuple[int | None, int | None]], tuple]:
@@ -106,7 +95,7 @@ def activation_patching(model: CircuitModel, data: TaskData, component: str = "r
             corrupt_logits = last_logits(model, corrupt, last)
             clean_sum += float(metric_fn(clean_logits, pd, clean_logits).sum())
             corrupt_sum += float(metric_fn(corrupt_logits, pd, clean_logits).sum())
-            _, cache = model.bridge.run_with_cache(source, names_filter=lambda n: n in hooks)
+            _, cache = model.run_with_cache(source, names_filter=lambda n: n in hooks)
             for li, hook in enumerate(hooks):
                 src = cache[hook]
                 for c0 in range(0, len(cells), per_run):
@@ -136,7 +125,7 @@ def patch_one(model: CircuitModel, data: TaskData, component: str, layer: int, d
     pd = _on(data, dev)
     base, source = (corrupt, clean) if direction == "denoising" else (clean, corrupt)
     name = HOOKS[component].format(L=layer)
-    _, cache = model.bridge.run_with_cache(source, names_filter=lambda n: n == name)
+    _, cache = model.run_with_cache(source, names_filter=lambda n: n == name)
     pos = slice(None) if positions is None else torch.as_tensor(positions)
 
     def patch(act, hook):

@@ -1,7 +1,7 @@
 """Attention heads: their patterns on an example, and head-type scores over many prompts.
 
 Head-type scores use TransformerLens's detection patterns (``transformer_lens.head_detector``)
-on patterns read from the bridge's cache.  A score is the attention mass a head puts on the
+on patterns read from the engine's forward.  A score is the attention mass a head puts on the
 pattern's target keys, averaged over the query positions that *have* a target (so rows with
 nothing to find do not dilute it); 1 = always exactly on target, 0 = never.
 
@@ -44,9 +44,9 @@ def _tokens(model: CircuitModel, text_or_ids) -> torch.Tensor:
 
 @torch.no_grad()
 def all_patterns(model: CircuitModel, tokens: torch.Tensor) -> torch.Tensor:
-    """Attention patterns ``[L, B, H, P, P]`` of every head on ``tokens [B, P]`` (bridge cache)."""
+    """Attention patterns ``[L, B, H, P, P]`` of every head on ``tokens [B, P]`` (the engine's forward)."""
     names = [f"blocks.{l}.attn.hook_pattern" for l in range(model.graph.n_layers)]
-    _, cache = model.bridge.run_with_cache(tokens.to(model.device), names_filter=lambda n: n in names)
+    _, cache = model.run_with_cache(tokens.to(model.device), names_filter=lambda n: n in names)
     return torch.stack([cache[n].float().cpu() for n in names])
 
 

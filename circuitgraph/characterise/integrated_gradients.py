@@ -39,16 +39,17 @@ def integrated_gradients(model: CircuitModel, data: TaskData, metric: str = "log
     """Per-token IG attributions of the per-example metric, baseline = corrupted embeddings."""
     fn = get_metric(metric)
     dev = model.device
-    W_E = model.hf.get_input_embeddings().weight.detach()
+    embed = model.weights.embed  # the input node's output (token embedding, positions and scaling as the model adds them)
     N = len(data)
     ex = max(1, min(N, max_batch))
     attr, m_clean, m_corr = [], [], []
-    alphas = (torch.arange(n_steps, dtype=W_E.dtype, device=dev) + 0.5) / n_steps
+    alphas = (torch.arange(n_steps, dtype=model.weights.W_U.dtype, device=dev) + 0.5) / n_steps
     for a in range(0, N, ex):
         part = data.slice(a, min(N, a + ex))
         B, P = part.clean.shape
         clean, last = part.clean.to(dev), part.last.to(dev)
-        x1, x0 = W_E[clean], W_E[part.corrupted.to(dev)]
+        with torch.no_grad():
+            x1, x0 = embed(clean), embed(part.corrupted.to(dev))
         pd = _on(part, dev)
         with torch.no_grad():
             cl = last_logits(model, clean, last)

@@ -60,7 +60,7 @@ def residual_states(model: CircuitModel, data: TaskData) -> tuple[torch.Tensor, 
     """Residual stream ``[n_layers + 1, N, D]`` at each example's last position: after the embedding, after each layer."""
     L = model.graph.n_layers
     names = ["blocks.0.hook_resid_pre"] + [f"blocks.{l}.hook_resid_post" for l in range(L)]
-    _, cache = model.bridge.run_with_cache(data.clean.to(model.device), names_filter=lambda n: n in names)
+    _, cache = model.run_with_cache(data.clean.to(model.device), names_filter=lambda n: n in names)
     idx, last = torch.arange(len(data)), data.last.to(model.device)
     return torch.stack([cache[n][idx, last] for n in names]), ["embed"] + [f"L{l}" for l in range(L)]
 

@@ -1,7 +1,7 @@
 """Neuron view of an MLP node: which neurons fire on a dataset, and what removing one does.
 
-Activations are the MLP's hidden activations after the nonlinearity (the bridge's
-``blocks.{L}.mlp.hook_post``).  Ablation sets chosen neurons to zero at every position of the
+Activations are the MLP's hidden activations after the nonlinearity (the input of its output
+projection, ``blocks.{L}.mlp.hook_post`` on the engine's forward).  Ablation sets chosen neurons to zero at every position of the
 clean run; its effect is reported raw and normalised like path patching,
 ``(M(ablated) - M(clean)) / (M(clean) - M(corrupted))`` (-1 = as bad as the corrupted prompt).
 """
@@ -43,7 +43,7 @@ def neuron_activations(model: CircuitModel, data: TaskData, node, position: str 
     """Hidden activations ``[rows, d_mlp]``: one row per example (``last`` / a named position) or per valid token (``all``)."""
     layer = _layer(model, node)
     name = f"blocks.{layer}.mlp.hook_post"
-    _, cache = model.bridge.run_with_cache(data.clean.to(model.device), names_filter=lambda n: n == name)
+    _, cache = model.run_with_cache(data.clean.to(model.device), names_filter=lambda n: n == name)
     act = cache[name].float().cpu()  # [N, P, d_mlp]
     N, P = data.clean.shape
     if position == "all":

@@ -27,7 +27,7 @@ def node_activations(model: CircuitModel, data: TaskData, node: str, position: s
     tokens = data.clean if which == "clean" else data.corrupted
     _, outs = model.engine.run(tokens.to(model.device), record=True)
     s = G.source_index[node]
-    block = model.engine._block_of(s)
+    block = model.engine.source_block_of(s)
     out = outs[block][s - model.engine.src_blocks[block].start]  # [N, P, D]
     N = len(data)
     if position == "last":

@@ -39,11 +39,13 @@ def _head(model: CircuitModel, head: str) -> tuple[int, int]:
 
 
 def embedding(model: CircuitModel) -> torch.Tensor:
-    return model.hf.get_input_embeddings().weight
+    """Token embeddings as the model adds them to the residual (Gemma's scaling included)."""
+    W_E = model.weights.W_E
+    return W_E if W_E is not None else model.hf.get_input_embeddings().weight
 
 
 def _fold(x: torch.Tensor, norm, fold: bool) -> torch.Tensor:
-    if not fold:
+    if not fold or norm is None:
         return x
     if norm.kind == "layer":
         x = x - x.mean(-1, keepdim=True)
@@ -94,7 +96,8 @@ def qk_circuit(model: CircuitModel, head: str, fold_ln: bool = True, tokens: tor
     if tokens is not None:
         E = E[torch.as_tensor(tokens)]
     with torch.no_grad():
-        fm = FactoredMatrix(E @ lw.W_QKV[0, h], (E @ lw.W_QKV[1, h]).T)
+        W_Q, W_K = _qk_weights(lw.attn, h)
+        fm = FactoredMatrix(E @ W_Q, (E @ W_K).T)
     return HeadCircuit("QK", head, fm, "query token", "key token", _ids(tokens), _ids(tokens))
 
 
@@ -111,8 +114,21 @@ def ov_circuit(model: CircuitModel, head: str, fold_ln: bool = True, tokens: tor
     if fold_ln:
         W_O = _fold(W_O, w.ln_final, True)  # centre the written vector, then scale by the final norm's weight
     with torch.no_grad():
-        fm = FactoredMatrix(E @ lw.W_QKV[2, h], W_O @ U.T)
+        fm = FactoredMatrix(E @ lw.attn.W_V[h // lw.attn.group], W_O @ U.T)
     return HeadCircuit("OV", head, fm, "source token", "output token", _ids(tokens), _ids(tokens))
+
+
+def _qk_weights(attn, h: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Head ``h``'s query and key maps ``[D, dh]``, with q/k norm gains folded in where the model has
+    them (the norms' per-token scaling, like the input norm's, is not a linear map and is left out)."""
+    W_Q, W_K = attn.W_Q[h], attn.W_K[h // attn.group]
+    if attn.q_norm is not None:
+        dh = W_Q.shape[-1]
+        gq, gk = attn.q_norm.gain, attn.k_norm.gain
+        if attn.qk_norm_over_heads:
+            gq, gk = gq.view(-1, dh)[h], gk.view(-1, dh)[h // attn.group]
+        W_Q, W_K = W_Q * gq, W_K * gk
+    return W_Q, W_K
 
 
 def _ids(tokens):
@@ -149,7 +165,8 @@ def positional_qk(model: CircuitModel, head: str, n_positions: int = 32, fold_ln
     layer, h = _head(model, head)
     lw = model.weights.layers[layer]
     Pm = _fold(wpe.weight[:n_positions], lw.ln1, fold_ln)
-    qk = (Pm @ lw.W_QKV[0, h]) @ (Pm @ lw.W_QKV[1, h]).T
+    W_Q, W_K = _qk_weights(lw.attn, h)
+    qk = (Pm @ W_Q) @ (Pm @ W_K).T
     return qk.masked_fill(torch.ones_like(qk, dtype=torch.bool).triu(1), float("nan"))
 
 

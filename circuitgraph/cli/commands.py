@@ -28,7 +28,8 @@ def _load(args, need_data: bool = True):
     from circuitgraph.model.loading import load_model
 
     dtype = getattr(torch, getattr(args, "dtype", "float32"))
-    model = load_model(args.model, device=dist.device_for(getattr(args, "device", "cpu")), dtype=dtype)
+    model = load_model(args.model, device=dist.device_for(getattr(args, "device", "cpu")), dtype=dtype,
+                       check_exact=not getattr(args, "no_exactness_check", False))
     data = None
     if need_data:
         data = load_dataset(args.data, model.tokenizer, prepend_bos=args.prepend_bos, vocab_size=model.weights.W_U.shape[0])
@@ -131,6 +132,8 @@ def _common(p: argparse.ArgumentParser, data: bool = True):
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (under torchrun, cuda means each rank's own GPU)")
     p.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="weights and activations; metrics and score sums accumulate in fp32 either way")
+    p.add_argument("--no-exactness-check", action="store_true",
+                   help="skip comparing the engine's clean logits with the model's own forward on the first batch")
 
 
 def build_parser() -> argparse.ArgumentParser:

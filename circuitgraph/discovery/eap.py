@@ -27,29 +27,25 @@ def _probed_forward(engine, tokens, positions, emb=None, override: dict[int, tor
     output incl. bias, or an MLP output) with a constant, for IG over activations.
     Returns ``(logits, probes)`` with one probe ``[n, B, P, D]`` per destination block.
     """
-    w, H, D = engine.w, engine.H, engine.D
+    k, H = engine.kernel, engine.H
     B, P = tokens.shape
-    emb = w.embed(tokens) if emb is None else emb
+    emb = engine.w.embed(tokens) if emb is None else emb
     override = override or {}
     if 0 in override:
         emb = override[0]
-    cos_sin = w.rotary(torch.arange(P, device=tokens.device), emb.dtype)
-    probes = [torch.zeros(b - a, B, P, D, dtype=emb.dtype, device=emb.device, requires_grad=True) for a, b in engine.dst_blocks]
+    rope = k.rotary(P, emb)
+    probes = [torch.zeros(b - a, B, P, engine.D, dtype=emb.dtype, device=emb.device, requires_grad=True) for a, b in engine.dst_blocks]
     resid = emb
-    parallel = w.info.parallel_attn_mlp
-    for layer, lw in enumerate(w.layers):
-        x = resid[None] + probes[2 * layer]  # [3H, B, P, D], head-major / port-minor
-        h = torch.bmm(lw.ln1(x).view(3 * H, B * P, D), engine._head_qkv[layer])
-        if engine._head_bqkv[layer] is not None:
-            h = h + engine._head_bqkv[layer]
-        qkv = h.view(H, 3, B, P, engine.dh).permute(1, 2, 0, 3, 4)
-        attn = engine._attn_out(layer, engine._attend(layer, qkv, cos_sin))
-        attn = override.get(1 + 2 * layer, attn)
-        mlp_in = (resid if parallel else resid + attn) + probes[2 * layer + 1][0]
-        mlp = override.get(2 + 2 * layer, lw.mlp(lw.ln2(mlp_in)))
-        resid = resid + attn + mlp
+    ports = torch.arange(3 * H)
+    for layer in range(len(engine.w.layers)):
+        qkv = k.port_qkv(layer, resid[None] + probes[2 * layer], ports)  # [3H, B, P, dh], head-major / port-minor
+        qkv = qkv.view(H, 3, B, P, engine.dh).permute(1, 2, 0, 3, 4)
+        probe = probes[2 * layer + 1][0]
+        out = k.block(layer, resid, rope[layer], qkv=(qkv[0], qkv[1], qkv[2]), mlp_input=lambda mid, probe=probe: mid + probe,
+                      attn_override=override.get(1 + 2 * layer), mlp_override=override.get(2 + 2 * layer))
+        resid = out.resid
     final = resid + probes[-1][0]
-    logits = w.unembed(final[torch.arange(B, device=final.device), positions])
+    logits = k.unembed(final, positions)
     return logits, probes
 
 
@@ -143,7 +139,8 @@ def _block_outputs(engine, clean_out, ablated):
     out = []
     for block, (c, z) in enumerate(zip(clean_out, ablated)):
         if block % 2 == 1:  # a layer's heads: summed, with the output bias
-            b_O = engine.w.layers[block // 2].b_O
+            lw = engine.w.layers[block // 2]
+            b_O = lw.attn.b_O if lw.post_attn is None else None
             c, z = c.sum(0), z.expand_as(c).sum(0)
             if b_O is not None:
                 c, z = c + b_O, z + b_O

@@ -1,5 +1,8 @@
-"""Step 5: the patching engine, one forward pass per circuit."""
+"""Step 5: the patching engine, one forward pass per circuit, on one block kernel."""
 
-from circuitgraph.engine.patching import Ablation, PatchEngine, Plan, PrefixState
+from circuitgraph.engine.ablation import Ablation, PrefixState
+from circuitgraph.engine.engine import PatchEngine
+from circuitgraph.engine.kernel import Kernel
+from circuitgraph.engine.plan import Plan
 
-__all__ = ["Ablation", "PatchEngine", "Plan", "PrefixState"]
+__all__ = ["Ablation", "Kernel", "PatchEngine", "Plan", "PrefixState"]

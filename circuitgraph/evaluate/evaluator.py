@@ -17,8 +17,8 @@ import torch
 from tqdm.auto import tqdm
 
 from circuitgraph.data.dataset import DataError, TaskData
+from circuitgraph.engine import Ablation
 from circuitgraph.evaluate import distributed as dist
-from circuitgraph.engine.patching import Ablation
 from circuitgraph.evaluate.metrics import get_metric
 from circuitgraph.model.loading import CircuitModel
 from circuitgraph.spec.circuit_spec import CircuitSpec, ResolvedCircuit
@@ -148,6 +148,7 @@ class Evaluator:
         part = self.data.slice(a, b)
         dev = self.model.device
         clean_logits, _ = self.engine.run(part.clean.to(dev), logit_positions=part.last.to(dev))
+        self.model.verify(part.clean, part.last, clean_logits)
         if self.ablation_kind == "corrupted":
             _, outs = self.engine.run(part.corrupted.to(dev), record=True)
             abl = self.engine.make_ablation(outs, "corrupted")

@@ -191,7 +191,7 @@ class Graph:
     @classmethod
     def from_hf_config(cls, config) -> "Graph":
         """Graph of a HuggingFace config (GPT-2, GPT-NeoX/Pythia, Llama/Qwen/Mistral)."""
-        from circuitgraph.model.architectures import describe_config
+        from circuitgraph.model.families import describe_config
 
         arch = describe_config(config)
         return cls(arch.n_layers, arch.n_heads, arch.parallel_attn_mlp, arch.d_model)

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-from circuitgraph.model.architectures import UnsupportedArchitecture, describe_config, extract_weights, _architecture_name
-from circuitgraph.engine.patching import PatchEngine
+from circuitgraph.model.families import architecture_name, describe_config, extract_weights
+from circuitgraph.model.weights import UnsupportedArchitecture
+from circuitgraph.engine import PatchEngine
 from circuitgraph.graph.computational_graph import Graph
 
 BUNDLED_DIR = Path(__file__).resolve().parents[1] / "bundled"
@@ -54,7 +55,7 @@ def resolve(name: str | os.PathLike) -> str:
 class CircuitModel:
     """A causal LM ready for circuit work: HF model, tokenizer, graph and patching engine."""
 
-    def __init__(self, hf_model, tokenizer=None, name: str = "model"):
+    def __init__(self, hf_model, tokenizer=None, name: str = "model", check_exact: bool = True):
         describe_config(hf_model.config)  # raises UnsupportedArchitecture with the reason
         self.hf = hf_model.eval()
         self.tokenizer = tokenizer
@@ -63,10 +64,38 @@ class CircuitModel:
         self.graph = Graph.from_hf_config(self.config)
         self.weights = extract_weights(self.hf)
         self.engine = PatchEngine(self.weights, self.graph)
+        self.check_exact = check_exact  # the run-time guard (circuitgraph.model.guard); off only when asked
+        self._verified_lengths: set[int] = set()
+
+    def verify(self, tokens: torch.Tensor, last: torch.Tensor, engine_logits: torch.Tensor | None = None) -> None:
+        """Run the exactness guard once per prompt length (a no-op when ``check_exact`` is off)."""
+        if not self.check_exact or tokens.shape[1] in self._verified_lengths:
+            return
+        from circuitgraph.model.guard import check_exact
+
+        check_exact(self, tokens, last, engine_logits)
+        self._verified_lengths.add(tokens.shape[1])
 
     @property
     def device(self) -> torch.device:
         return self.weights.W_U.device
+
+    def run_with_hooks(self, tokens: torch.Tensor, fwd_hooks=(), logit_positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The engine's forward with TransformerLens-named hooks (:mod:`circuitgraph.engine.hooks`), guarded."""
+        tokens = tokens.to(self.device)
+        self._verify_plain(tokens)
+        return self.engine.run_with_hooks(tokens, fwd_hooks, logit_positions)
+
+    def run_with_cache(self, tokens: torch.Tensor, names_filter=None, logit_positions: torch.Tensor | None = None):
+        """``(logits, cache)`` of the engine's forward, guarded; names as in TransformerLens."""
+        tokens = tokens.to(self.device)
+        self._verify_plain(tokens)
+        return self.engine.run_with_cache(tokens, names_filter, logit_positions)
+
+    def _verify_plain(self, tokens: torch.Tensor) -> None:
+        if self.check_exact and tokens.shape[1] not in self._verified_lengths:
+            with torch.no_grad():
+                self.verify(tokens, torch.full((len(tokens),), tokens.shape[1] - 1, device=tokens.device))
 
     @cached_property
     def bridge(self):
@@ -79,7 +108,7 @@ class CircuitModel:
         tok = self.tokenizer
         if tok is not None and "name_or_path" not in getattr(tok, "init_kwargs", {}):
             tok = None  # TransformerLens re-loads tokenizers by path; an in-memory one cannot be
-        bridge = build_bridge_from_module(self.hf, _architecture_name(self.config), hf_config=self.config,
+        bridge = build_bridge_from_module(self.hf, architecture_name(self.config), hf_config=self.config,
                                           tokenizer=tok, model_name=self.name)
         bridge.set_use_split_qkv_input(True)
         bridge.set_use_attn_result(True)
@@ -90,8 +119,12 @@ class CircuitModel:
         return f"CircuitModel({self.name!r}, {i.family}, layers={i.n_layers}, heads={i.n_heads}, d_model={i.d_model})"
 
 
-def load_model(name: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> CircuitModel:
-    """Load ``name`` (hub id, local HF directory or bundled model name) for patching."""
+def load_model(name: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+               check_exact: bool = True) -> CircuitModel:
+    """Load ``name`` (hub id, local HF directory or bundled model name) for patching.
+
+    ``check_exact=False`` turns off the run-time comparison with the HF forward (:mod:`circuitgraph.model.guard`).
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     where = resolve(name)
@@ -109,7 +142,7 @@ def load_model(name: str | os.PathLike, device: str | torch.device = "cpu", dtyp
         tokenizer = AutoTokenizer.from_pretrained(where)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"model '{name}': could not load its tokenizer ({str(e).splitlines()[0]})") from None
-    return CircuitModel(hf.to(device), tokenizer, name=str(name))
+    return CircuitModel(hf.to(device), tokenizer, name=str(name), check_exact=check_exact)
 
 
 def from_config(config, seed: int = 0, tokenizer=None) -> CircuitModel:

@@ -1,0 +1,81 @@
+"""What sources output when their edges are ablated, and prefix states for resumed runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+
+@dataclass
+class Ablation:
+    """What a source outputs when its edge is not in the circuit.
+
+    ``outputs[b]`` is ``[k_b, B', P', D]`` per source block (``B'`` is the batch size or 1, ``P'``
+    the length or 1), or ``None`` for zero ablation; ``resid`` holds the all-ablated residual at
+    each destination block, biases included.
+    """
+
+    outputs: list[torch.Tensor] | None
+    resid: list[torch.Tensor]
+    kind: str = "corrupted"
+
+
+@dataclass
+class PrefixState:
+    """A patched run paused at the start of ``layer`` (one circuit): what later layers need to resume.
+
+    Changing edges into layer ``layer`` or later cannot change anything before it, so trials that
+    differ only there (ACDC) resume from here instead of re-running the model from the embedding.
+    """
+
+    layer: int
+    resid: torch.Tensor  # [B, P, D] patched residual at the start of the layer
+    deltas: list[torch.Tensor]  # per source block before the layer: patched - ablated, all rows
+
+    @cached_property
+    def flat(self) -> torch.Tensor:
+        """All sources' deltas before the layer, ``[n_sources_before, B, P, D]`` in source order."""
+        return torch.cat(self.deltas)
+
+
+def _attn_bias(layer) -> torch.Tensor | int:
+    return layer.attn.b_O if layer.attn.b_O is not None and layer.post_attn is None else 0
+
+
+def make_ablation(weights, outputs: list[torch.Tensor] | None, kind: str) -> Ablation:
+    """Cumulate ablated source outputs (plus biases) into the residual each destination block reads.
+
+    ``outputs`` are per source block as a recorded run returns them (``None``: zero ablation).
+    """
+    parallel = weights.info.parallel_attn_mlp
+    if outputs is None:
+        blocks = [None] * (1 + 2 * len(weights.layers))
+        cur = torch.zeros(1, 1, weights.info.d_model, dtype=weights.W_U.dtype, device=weights.W_U.device)
+    else:
+        blocks, cur = outputs, outputs[0][0]
+    resid = []
+    for layer, lw in enumerate(weights.layers):
+        resid.append(cur)  # what this layer's heads read
+        heads = blocks[1 + 2 * layer]
+        after_attn = cur + (heads.sum(0) if heads is not None else 0) + _attn_bias(lw)
+        resid.append(cur if parallel else after_attn)  # what its MLP reads
+        mlp = blocks[2 + 2 * layer]
+        cur = after_attn + (mlp[0] if mlp is not None else 0)
+    resid.append(cur)
+    return Ablation(outputs, resid, kind)
+
+
+def clean_states(weights, outputs: list[torch.Tensor], ablation: Ablation) -> list[PrefixState]:
+    """Prefix states of the full circuit (= the plain run that recorded ``outputs``) at every layer."""
+    states, resid, deltas = [], outputs[0][0], []
+    for block, out in enumerate(outputs):
+        abl = ablation.outputs[block] if ablation.outputs is not None else None
+        deltas.append(out if abl is None else out - abl)
+        if block % 2 == 0:  # after the embedding or an MLP: a layer starts
+            if block:
+                lw = weights.layers[block // 2 - 1]
+                resid = resid + outputs[block - 1].sum(0) + _attn_bias(lw) + out[0]
+            states.append(PrefixState(block // 2, resid, list(deltas)))
+    return states

@@ -1,0 +1,112 @@
+"""The patching engine: a model in per-head form, run plainly or with edges patched.
+
+See :mod:`circuitgraph.engine.plan` for how circuits compile and
+:mod:`circuitgraph.engine.patched_run` for the patched pass; every run goes through the one
+block in :mod:`circuitgraph.engine.kernel`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from circuitgraph.engine.ablation import Ablation, PrefixState, clean_states, make_ablation
+from circuitgraph.engine.hooks import Tap, names_matching, neuron_hooks
+from circuitgraph.engine.kernel import Kernel
+from circuitgraph.engine.patched_run import PatchedRun
+from circuitgraph.engine.plan import Plan, SourceBlock, compile_plan
+from circuitgraph.graph import Graph
+from circuitgraph.model.weights import Weights
+
+
+class PatchEngine:
+    """Runs a model in the canonical per-head form, plainly or with edges patched."""
+
+    def __init__(self, weights: Weights, graph: Graph):
+        self.w = weights
+        self.graph = graph
+        self.kernel = Kernel(weights)
+        info = weights.info
+        self.H, self.D, self.dh = info.n_heads, info.d_model, info.d_head
+        self.src_blocks = [SourceBlock(0, 1)]
+        self.dst_blocks: list[tuple[int, int]] = []  # (start, stop) of destination indices
+        for layer in range(info.n_layers):
+            hs = graph.head_source(layer, 0)
+            self.src_blocks += [SourceBlock(hs, hs + self.H), SourceBlock(hs + self.H, hs + self.H + 1)]
+            hd = graph.head_dest(layer, 0, "q")
+            self.dst_blocks += [(hd, hd + 3 * self.H), (hd + 3 * self.H, hd + 3 * self.H + 1)]
+        self.dst_blocks.append((graph.logits_dest, graph.logits_dest + 1))
+
+    def source_block_of(self, source: int) -> int:
+        """Index of the source block (input, a layer's heads, an MLP) that holds global source ``source``."""
+        if source == 0:
+            return 0
+        layer, within = divmod(source - 1, self.H + 1)
+        return 1 + 2 * layer + (1 if within == self.H else 0)
+
+    def run(self, tokens: torch.Tensor, record: bool = False, logit_positions: torch.Tensor | None = None,
+            patterns: bool = False):
+        """Plain forward.  Returns ``(logits, outputs)``; ``outputs`` (per source block) when ``record``.
+
+        With ``patterns`` it returns ``(logits, outputs, patterns)``, ``patterns`` per layer ``[B, H, P, P]``.
+        """
+        k = self.kernel
+        resid = self.w.embed(tokens)
+        rope = k.rotary(tokens.shape[1], resid)
+        outputs, pats = ([resid[None]] if record else None), []
+        all_heads = torch.arange(self.H)
+        for layer in range(len(self.w.layers)):
+            out = k.block(layer, resid, rope[layer], pattern=patterns)
+            if record:
+                outputs += [k.head_outputs(layer, out.z, all_heads, out.inv), out.mlp[None]]
+            if patterns:
+                pats.append(out.pattern)
+            resid = out.resid
+        logits = k.unembed(resid, logit_positions)
+        return (logits, outputs, pats) if patterns else (logits, outputs)
+
+    def run_with_hooks(self, tokens: torch.Tensor, fwd_hooks=(), logit_positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of a plain forward with hooks on named activations (:mod:`circuitgraph.engine.hooks`)."""
+        k = self.kernel
+        tap = Tap(list(fwd_hooks))
+        with neuron_hooks(self.w, tap):
+            resid = tap("hook_embed", self.w.embed(tokens))
+            rope = k.rotary(tokens.shape[1], resid)
+            for layer in range(len(self.w.layers)):
+                resid = k.block(layer, resid, rope[layer], tap=tap).resid
+            if logit_positions is not None:
+                resid = resid[torch.arange(resid.shape[0], device=resid.device), logit_positions]
+            return self.w.unembed(tap("ln_final.hook_in", resid))
+
+    def run_with_cache(self, tokens: torch.Tensor, names_filter=None, logit_positions: torch.Tensor | None = None):
+        """``(logits, {name: activation})`` of a plain forward, for the names ``names_filter`` selects."""
+        cache: dict[str, torch.Tensor] = {}
+
+        def keep(x, hook):
+            cache[hook.name] = x
+
+        logits = self.run_with_hooks(tokens, [(n, keep) for n in names_matching(self.w, names_filter)], logit_positions)
+        return logits, cache
+
+    def make_ablation(self, outputs: list[torch.Tensor] | None, kind: str, like: torch.Tensor | None = None) -> Ablation:
+        """Ablated source outputs cumulated into the residual each destination block reads."""
+        return make_ablation(self.w, outputs, kind)
+
+    def clean_states(self, outputs: list[torch.Tensor], ablation: Ablation) -> list[PrefixState]:
+        """Prefix states of the full circuit (= the plain run that recorded ``outputs``) at every layer."""
+        return clean_states(self.w, outputs, ablation)
+
+    def compile(self, masks: torch.Tensor, position_masks: dict[tuple[int, int], torch.Tensor] | None = None,
+                batch: int | None = None, length: int | None = None) -> Plan:
+        """Compile circuits (bool ``[C, n_sources, n_destinations]``) into a :class:`Plan`."""
+        return compile_plan(self, masks, position_masks, batch, length)
+
+    def patched_run(self, tokens: torch.Tensor, ablation: Ablation, plan: Plan,
+                    logit_positions: torch.Tensor | None = None, start: PrefixState | None = None,
+                    stop_layer: int | None = None):
+        """Logits of the clean ``tokens`` with every edge outside the plan's circuits ablated.
+
+        Returns ``[C, B, vocab]`` (at ``logit_positions``) or ``[C, B, P, vocab]``.  With
+        ``stop_layer`` it returns the :class:`PrefixState` at that layer instead (one circuit);
+        with ``start`` it resumes from such a state (the plan must agree with it before its layer).
+        """
+        return PatchedRun(self, tokens, ablation, plan, logit_positions, start, stop_layer).run()

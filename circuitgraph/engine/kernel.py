@@ -1,0 +1,235 @@
+"""The transformer block, written once, in the per-head form every run uses.
+
+The plain run, the patched run, the probed (attribution) run and paused/resumed runs differ only
+in what each head port and MLP reads; :meth:`Kernel.block` takes those inputs and does the rest
+(attention with rotary, sliding windows, soft-capping and q/k norms; post-norms; the MLP), so a
+model feature is implemented here or nowhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from circuitgraph.model.weights import Weights
+
+
+@dataclass
+class BlockOut:
+    z: torch.Tensor  # [B, H, P, dh] per-head attention values
+    attn: torch.Tensor  # [B, P, D] what attention adds to the residual (all heads, output bias, post-norm)
+    inv: torch.Tensor | None  # post-attention norm statistic of this run, for head shares
+    mlp: torch.Tensor  # [B, P, D] the MLP node's output
+    resid: torch.Tensor  # [B, P, D] residual after the block
+    pattern: torch.Tensor | None = None  # [B, H, P, P] when asked for
+
+
+class Kernel:
+    """Per-layer computations on :class:`~circuitgraph.model.weights.Weights`."""
+
+    def __init__(self, weights: Weights):
+        self.w = weights
+        info = weights.info
+        self.H, self.D, self.dh = info.n_heads, info.d_model, info.d_head
+        self.parallel = info.parallel_attn_mlp
+
+    # ----- per-run tables -----------------------------------------------------------------
+    def rotary(self, length: int, like: torch.Tensor) -> list:
+        """Per layer ``(cos, sin)`` for positions ``0..length-1`` (or None), computed once per table."""
+        positions = torch.arange(length, device=like.device)
+        cache, out = {}, []
+        for lw in self.w.layers:
+            r = lw.attn.rotary
+            if r is None:
+                out.append(None)
+                continue
+            if r.key not in cache:
+                cache[r.key] = r(positions, like)
+            out.append(cache[r.key])
+        return out
+
+    # ----- attention inputs ---------------------------------------------------------------
+    def shared_qkv(self, layer: int, x: torch.Tensor):
+        """``q [B, H, P, dh]``, ``k, v [B, H_kv, P, dh]`` when every head port reads the same ``x``."""
+        lw = self.w.layers[layer]
+        a = lw.attn
+        xn = lw.ln1(x) if lw.ln1 is not None else x
+        q, k, v = a.project(xn)
+        if a.qk_norm_over_heads:
+            q, k = a.q_norm(q), a.k_norm(k)
+        q, k, v = (t.unflatten(-1, (-1, self.dh)).transpose(1, 2) for t in (q, k, v))
+        if a.q_norm is not None and not a.qk_norm_over_heads:
+            q, k = a.q_norm(q), a.k_norm(k)
+        return q, k, v
+
+    def port_qkv(self, layer: int, x: torch.Tensor, ports: torch.Tensor) -> torch.Tensor:
+        """Values ``[n, B, P, dh]`` of head ports ``ports`` (local index ``3 * head + {q,k,v}``).
+
+        ``x`` is one input ``[B, P, D]`` that all these ports read, or one per port ``[n, B, P, D]``.
+        Weights are gathered per call from views of the HF parameters (nothing kept).
+        """
+        lw = self.w.layers[layer]
+        a = lw.attn
+        ports = ports.to(x.device)
+        heads, kinds = ports // 3, ports % 3
+        xn = lw.ln1(x) if lw.ln1 is not None else x
+        n = len(ports)
+        W = xn.new_empty(n, self.D, self.dh)
+        bias = None
+        for kind, (Wk, bk, idx) in enumerate(((a.W_Q, a.b_Q, heads), (a.W_K, a.b_K, heads // a.group), (a.W_V, a.b_V, heads // a.group))):
+            sel = kinds == kind
+            if bool(sel.any()):
+                W[sel] = Wk[idx[sel]]
+                if bk is not None:
+                    bias = xn.new_zeros(n, self.dh) if bias is None else bias
+                    bias[sel] = bk[idx[sel]]
+        if xn.dim() == 3:  # shared input: one matmul for all ports
+            B, P, D = xn.shape
+            out = (xn.reshape(B * P, D) @ W.permute(1, 0, 2).reshape(D, n * self.dh)).view(B, P, n, self.dh).permute(2, 0, 1, 3)
+        else:
+            B, P = xn.shape[1:3]
+            out = torch.bmm(xn.reshape(n, B * P, self.D), W).view(n, B, P, self.dh)
+        if bias is not None:
+            out = out + bias[:, None, None, :]
+        if a.q_norm is not None:
+            out = self._port_qk_norm(layer, xn, ports, out)
+        return out
+
+    def _port_qk_norm(self, layer, xn, ports, out):
+        a = self.w.layers[layer].attn
+        heads, kinds = ports // 3, ports % 3
+        for kind, norm_ in ((0, a.q_norm), (1, a.k_norm)):
+            sel = torch.nonzero(kinds == kind).flatten()
+            if not len(sel):
+                continue
+            if not a.qk_norm_over_heads:
+                out[sel] = norm_(out[sel])
+                continue
+            # the norm spans every head: run the port's whole projection, normalise, keep its head
+            Wfull, bfull = (a.W_Q, a.b_Q) if kind == 0 else (a.W_K, a.b_K)
+            x = xn if xn.dim() == 3 else xn[sel]
+            full = torch.einsum("...d,hde->...he", x, Wfull).flatten(-2)
+            if bfull is not None:
+                full = full + bfull.flatten()
+            full = norm_(full).unflatten(-1, (-1, self.dh))  # [..., B, P, n_heads, dh]
+            h = heads[sel] if kind == 0 else heads[sel] // a.group
+            if xn.dim() == 3:
+                out[sel] = full[:, :, h].permute(2, 0, 1, 3)
+            else:
+                out[sel] = full[torch.arange(len(sel), device=full.device), :, :, h]
+        return out
+
+    # ----- attention --------------------------------------------------------------------------
+    def attend(self, layer: int, q, k, v, rope, pattern: bool = False):
+        """Per-head values ``z [B, H, P, dh]`` (and the pattern when asked); ``k, v`` may be grouped."""
+        a = self.w.layers[layer].attn
+        if rope is not None:
+            q, k = _rotate(q, rope), _rotate(k, rope)
+        P = q.shape[-2]
+        mask = None
+        if a.window is not None or not a.causal:
+            i = torch.arange(P, device=q.device)
+            gap = i[:, None] - i[None, :]  # query position - key position
+            mask = torch.ones(P, P, dtype=torch.bool, device=q.device)
+            if a.causal:
+                mask = gap >= 0
+            if a.window is not None:
+                mask = mask & (gap.abs() < a.window)
+        if a.softcap is None and not pattern:
+            gqa = k.shape[1] != q.shape[1]
+            if mask is None:
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=a.scale, enable_gqa=gqa)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=a.scale, enable_gqa=gqa)
+        if k.shape[1] != q.shape[1]:
+            k, v = k.repeat_interleave(a.group, 1), v.repeat_interleave(a.group, 1)
+        scores = (q @ k.transpose(-1, -2)) * a.scale
+        if a.softcap is not None:
+            scores = torch.tanh(scores / a.softcap) * a.softcap
+        if mask is None:
+            i = torch.arange(P, device=q.device)
+            mask = i[:, None] >= i[None, :]
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        probs = scores.softmax(-1, dtype=torch.float32).to(q.dtype)
+        z = probs @ v
+        return (z, probs) if pattern else z
+
+    def attn_out(self, layer: int, z: torch.Tensor):
+        """``(what attention adds to the residual [B, P, D], post-norm statistic or None)``."""
+        lw = self.w.layers[layer]
+        out = lw.attn.out(z.transpose(1, 2).flatten(2))
+        if lw.post_attn is None:
+            return out, None
+        return lw.post_attn(out), lw.post_attn.inv_scale(out)
+
+    def head_outputs(self, layer: int, z: torch.Tensor, heads: torch.Tensor, inv: torch.Tensor | None = None) -> torch.Tensor:
+        """Outputs ``[k, B, P, D]`` of the chosen heads: their slices of the output projection, as each
+        writes into the residual (its share of a post-norm, with this run's statistic ``inv``)."""
+        lw = self.w.layers[layer]
+        B, H, P, dh = z.shape
+        idx = heads.to(z.device)
+        zs = z[:, idx].transpose(0, 1).reshape(len(idx), B * P, dh)
+        out = torch.bmm(zs, lw.attn.W_O[idx]).view(len(idx), B, P, self.D)
+        return out if lw.post_attn is None else lw.post_attn.share(out, inv)
+
+    def mlp_out(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """The MLP node's output for input ``x`` (pre-norm, MLP and post-norm)."""
+        lw = self.w.layers[layer]
+        out = lw.mlp(lw.ln2(x) if lw.ln2 is not None else x)
+        return out if lw.post_mlp is None else lw.post_mlp(out)
+
+    # ----- the block ----------------------------------------------------------------------------
+    def block(self, layer: int, resid: torch.Tensor, rope, qkv=None, mlp_input: Callable | None = None,
+              attn_override: torch.Tensor | None = None, mlp_override: torch.Tensor | None = None,
+              pattern: bool = False, on_attn: Callable | None = None, tap=None) -> BlockOut:
+        """One block.  ``qkv`` (default: every port reads ``resid``) and ``mlp_input`` (default: the
+        residual the MLP reads in the plain model) let a run give each destination its own input;
+        the overrides replace a block's output by a constant (integrated gradients over activations);
+        ``on_attn(z, inv)`` runs between attention and MLP (a patched MLP may read this layer's heads);
+        ``tap`` (:class:`~circuitgraph.engine.hooks.Tap`) reads or replaces named activations."""
+        name = f"blocks.{layer}."
+        if tap is not None:
+            resid = tap(name + "hook_resid_pre", resid)
+            pattern = pattern or tap.wants(name + "attn.hook_pattern")
+        q, k, v = self.shared_qkv(layer, resid) if qkv is None else qkv
+        att = self.attend(layer, q, k, v, rope, pattern)
+        z, probs = att if pattern else (att, None)
+        if tap is not None:
+            if tap.wants(name + "attn.hook_pattern"):
+                new = tap(name + "attn.hook_pattern", probs)
+                if new is not probs:
+                    probs, z = new, new @ (v if v.shape[1] == new.shape[1] else v.repeat_interleave(self.w.layers[layer].attn.group, 1))
+            z = tap(name + "attn.hook_z", z.transpose(1, 2)).transpose(1, 2)
+        attn, inv = self.attn_out(layer, z)
+        if tap is not None:
+            attn = tap(name + "hook_attn_out", attn)
+        if on_attn is not None:
+            on_attn(z, inv)
+        if attn_override is not None:
+            attn = attn_override
+        mid = resid if self.parallel else resid + attn
+        mlp = self.mlp_out(layer, mid if mlp_input is None else mlp_input(mid))
+        if mlp_override is not None:
+            mlp = mlp_override
+        if tap is not None:
+            mlp = tap(name + "hook_mlp_out", mlp)
+            return BlockOut(z, attn, inv, mlp, tap(name + "hook_resid_post", resid + attn + mlp), probs)
+        return BlockOut(z, attn, inv, mlp, resid + attn + mlp, probs)
+
+    def unembed(self, resid: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        if positions is not None:
+            resid = resid[torch.arange(resid.shape[0], device=resid.device), positions]
+        return self.w.unembed(resid)
+
+
+def _rotate(x: torch.Tensor, cos_sin) -> torch.Tensor:
+    """Rotary embedding on the first ``rotary_dim`` features (GPT-NeoX and Llama convention)."""
+    cos, sin = cos_sin
+    rd = cos.shape[-1]
+    rot, keep = x[..., :rd], x[..., rd:]
+    half = rd // 2
+    rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
+    out = rot * cos + rotated * sin
+    return torch.cat((out, keep), dim=-1) if keep.shape[-1] else out

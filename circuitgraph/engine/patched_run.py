@@ -1,0 +1,193 @@
+"""One patched forward pass of ``C`` circuits, stacked on the batch axis.
+
+The run walks the layers with the shared :class:`~circuitgraph.engine.kernel.Kernel`; what it adds
+is where each destination's input comes from (the plan) and a buffer of source deltas
+(``patched - ablated``) laid out ``[C, rows, B, P, D]`` so one batched matmul per block mixes them.
+It can pause at a layer (returning a :class:`PrefixState`) and resume from one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from circuitgraph.engine.ablation import Ablation, PrefixState
+from circuitgraph.engine.plan import BlockPlan, Plan
+
+
+class PatchedRun:
+    def __init__(self, engine, tokens: torch.Tensor, ablation: Ablation, plan: Plan,
+                 logit_positions: torch.Tensor | None = None, start: PrefixState | None = None,
+                 stop_layer: int | None = None):
+        self.e, self.k, self.plan, self.abl = engine, engine.kernel, plan, ablation
+        self.C = plan.n_circuits
+        self.B, self.P = tokens.shape
+        self.Bt, self.D = self.C * self.B, engine.D
+        self.tokens, self.logit_positions, self.start, self.stop_layer = tokens, logit_positions, start, stop_layer
+        self.split: int | None = None  # buffer rows below this live in ``start`` (shared by all circuits)
+        self.full: list[torch.Tensor] | None = [] if stop_layer is not None else None  # all-row deltas when pausing
+        if stop_layer is not None and self.C != 1:
+            raise ValueError("a prefix state holds one circuit")
+
+    # ----- the delta buffer ------------------------------------------------------------------
+    def _tile(self, t: torch.Tensor) -> torch.Tensor:
+        """Ablation tensors are ``[..., B', P', D]`` with ``B'`` in {1, B}: repeat them per circuit."""
+        return t if t.shape[-3] == 1 or self.C == 1 else t.repeat(*([1] * (t.dim() - 3)), self.C, 1, 1)
+
+    def _ablated(self, block: int) -> torch.Tensor | None:
+        return self.abl.outputs[block] if self.abl.outputs is not None else None
+
+    def _record(self, block: int, rows_out: torch.Tensor, all_out=None):
+        """Keep ``patched - ablated`` for the rows later blocks read (``rows_out`` holds just those rows)."""
+        if self.full is not None:
+            out = all_out() if callable(all_out) else rows_out
+            abl = self._ablated(block)
+            self.full.append(out if abl is None else out - abl)
+        rows = self.plan.needed[block]
+        if not len(rows):
+            return
+        out = rows_out
+        abl = self._ablated(block)
+        if abl is not None:
+            out = out - self._tile(abl if len(rows) == abl.shape[0] else abl[rows.to(out.device)])
+        o = self.plan.offsets[block]
+        self.dbuf[:, o:o + len(rows)] = out.view(len(rows), self.C, self.B, self.P, self.D).transpose(0, 1)
+
+    # ----- destination inputs -----------------------------------------------------------------
+    def _custom_inputs(self, bp: BlockPlan, A: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+        """``[n_custom, Bt, P, D]`` inputs of the destinations built from deltas."""
+        n, B, P, D, C = len(bp.custom), self.B, self.P, self.D, self.C
+        if bp.up is not None and bool(bp.up.any()):
+            up = bp.up.repeat_interleave(B, dim=1)[:, :, None, None]  # [n, Bt, 1, 1]
+            x = A + up * (R - A)
+        else:
+            x = A.expand(n, self.Bt, P, D)
+        if bp.coef is None:
+            return x
+        if self.split is not None:
+            return x + self._resumed_mix(bp, n)
+        dbuf = self.dbuf
+        G = dbuf[:, :bp.prefix] if bp.gather is None else dbuf.index_select(1, bp.gather.to(dbuf.device))
+        K = G.shape[1]
+        if bp.positional:
+            mix = torch.einsum("kbpd,knbp->nbpd", G[0], bp.coef)
+        elif C == 1:
+            mix = (bp.coef[0].T @ G[0].reshape(K, -1)).view(n, self.Bt, P, D)
+        else:
+            mix = torch.bmm(bp.coef.transpose(1, 2), G.reshape(C, K, -1))  # [C, n, B*P*D]
+            mix = mix.view(C, n, B, P, D).transpose(0, 1).reshape(n, self.Bt, P, D)
+        return x + mix
+
+    def _resumed_mix(self, bp: BlockPlan, n: int) -> torch.Tensor:
+        """The mix when rows before ``split`` live in the prefix state (one copy for all circuits)."""
+        dbuf, C = self.dbuf, self.C
+        rows = bp.gather.to(dbuf.device) if bp.gather is not None else torch.arange(bp.prefix, device=dbuf.device)
+        coef = bp.coef  # [C, K, n]
+        pre = rows < self.split
+        mix = 0
+        if bool(pre.any()):
+            Gp = self.start.flat.index_select(0, self.plan.buffer_sources[rows[pre]].to(dbuf.device))  # [Kp, B, P, D]
+            mix = torch.einsum("kx,ckn->cnx", Gp.reshape(Gp.shape[0], -1), coef[:, pre])
+        if bool((~pre).any()):
+            Gq = dbuf.index_select(1, rows[~pre])  # [C, Kq, B, P, D]
+            mix = mix + torch.bmm(coef[:, ~pre].transpose(1, 2), Gq.reshape(C, Gq.shape[1], -1))
+        return mix.view(C, n, self.B, self.P, self.D).transpose(0, 1).reshape(n, self.Bt, self.P, self.D)
+
+    def _single_input(self, bi: int, A: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+        """Input of a one-destination block (an MLP or the logits)."""
+        bp = self.plan.blocks[bi]
+        if len(bp.from_patched):
+            return R
+        if len(bp.from_ablated):
+            return A
+        return self._custom_inputs(bp, A, R)[0]
+
+    def _qkv(self, layer: int, A: torch.Tensor, R: torch.Tensor):
+        """Queries, keys and values of one layer under the plan (keys/values per query head unless shared)."""
+        bp = self.plan.blocks[2 * layer]
+        n = 3 * self.e.H
+        if len(bp.from_ablated) == n or len(bp.from_patched) == n:
+            return self.k.shared_qkv(layer, A if len(bp.from_ablated) == n else R)
+        out = R.new_empty(n, self.Bt, self.P, self.e.dh)
+        for idx, base in ((bp.from_ablated, A), (bp.from_patched, R)):
+            if len(idx):
+                out[idx.to(R.device)] = self.k.port_qkv(layer, base, idx)
+        if len(bp.custom):
+            out[bp.custom.to(R.device)] = self.k.port_qkv(layer, self._custom_inputs(bp, A, R), bp.custom)
+        qkv = out.view(self.e.H, 3, self.Bt, self.P, self.e.dh).permute(1, 2, 0, 3, 4)
+        return qkv[0], qkv[1], qkv[2]
+
+    # ----- the run ---------------------------------------------------------------------------
+    def run(self):
+        """Logits ``[C, B, vocab]`` (at ``logit_positions``) or ``[C, B, P, vocab]``; or the prefix state."""
+        e, plan, C, B, P, Bt, D = self.e, self.plan, self.C, self.B, self.P, self.Bt, self.D
+        toks = self.tokens.repeat(C, 1) if C > 1 else self.tokens
+        emb = e.w.embed(toks)
+        rope = self.k.rotary(P, emb)
+        self.dbuf = emb.new_empty(C, plan.n_rows, B, P, D)
+        if self.start is None:
+            resid, first = emb, 0
+            self._record(0, emb[None])
+        else:
+            st = self.start
+            resid, first = (st.resid.repeat(C, 1, 1) if C > 1 else st.resid), st.layer
+            if any(bp.positional for bp in plan.blocks):  # the simple way: copy the state into the buffer
+                for block in range(1 + 2 * first):
+                    rows = plan.needed[block]
+                    if len(rows):
+                        o = plan.offsets[block]
+                        self.dbuf[:, o:o + len(rows)] = st.deltas[block][rows.to(self.dbuf.device)][None]
+            else:
+                self.split = plan.offsets[1 + 2 * first] if 1 + 2 * first < len(plan.offsets) else plan.n_rows
+        last_layer = len(e.w.layers) if self.stop_layer is None else self.stop_layer
+        all_heads = torch.arange(e.H)
+        for layer in range(first, last_layer):
+            A = self._tile(self.abl.resid[2 * layer]).expand(Bt, P, D)
+            A_mid = self._tile(self.abl.resid[2 * layer + 1]).expand(Bt, P, D)
+            def store_heads(z, inv, layer=layer):
+                rows = plan.needed[1 + 2 * layer]
+                heads = self.k.head_outputs(layer, z, rows, inv) if len(rows) else None
+                self._record(1 + 2 * layer, heads, lambda: self.k.head_outputs(layer, z, all_heads, inv))
+
+            out = self.k.block(layer, resid, rope[layer], qkv=self._qkv(layer, A, resid), on_attn=store_heads,
+                               mlp_input=lambda R_mid: self._single_input(2 * layer + 1, A_mid, R_mid))
+            self._record(2 + 2 * layer, out.mlp[None])
+            resid = out.resid
+        if self.stop_layer is not None:
+            return PrefixState(self.stop_layer, resid, self.full)
+        return self._logits(resid)
+
+    def _logits(self, resid: torch.Tensor) -> torch.Tensor:
+        e, plan, C, B, P, Bt, D = self.e, self.plan, self.C, self.B, self.P, self.Bt, self.D
+        A = self._tile(self.abl.resid[-1]).expand(Bt, P, D)
+        lp = self.logit_positions
+        positions = lp.repeat(C) if lp is not None and C > 1 else lp
+        bp = plan.blocks[-1]
+        if positions is None or bp.positional:
+            logits = self.k.unembed(self._single_input(len(e.dst_blocks) - 1, A, resid), positions)
+            return logits.view(C, B, *logits.shape[1:])
+        # only the read positions of the final residual matter: build them alone
+        rows_bt = torch.arange(Bt, device=resid.device)
+        A_last, R_last = A[rows_bt, positions], resid[rows_bt, positions]  # [Bt, D]
+        if len(bp.from_patched) or len(bp.from_ablated) or bp.coef is None:
+            final = R_last if len(bp.from_patched) else A_last
+            if bp.coef is None and len(bp.custom):
+                final = A_last + bp.up.repeat_interleave(B, dim=1)[0, :, None] * (R_last - A_last)
+        else:
+            up = bp.up.repeat_interleave(B, dim=1)[0, :, None]  # [Bt, 1]
+            final = A_last + up * (R_last - A_last)
+            rows = bp.gather.to(resid.device) if bp.gather is not None else torch.arange(bp.prefix, device=resid.device)
+            b_idx = torch.arange(B, device=resid.device)
+            coef = bp.coef[:, :, 0]  # [C, K]
+            lim = self.split if self.split is not None else plan.n_rows
+            pre, post = rows < lim, rows >= lim
+            mix = 0
+            if self.split is not None and bool(pre.any()):
+                src = plan.buffer_sources[rows[pre]].to(resid.device)
+                G = self.start.flat[src[:, None], b_idx[None], lp[None]]  # [Kp, B, D]
+                mix = torch.einsum("kbd,ck->cbd", G, coef[:, pre])
+            sel = post if self.split is not None else torch.ones_like(post)
+            if bool(sel.any()):
+                G = self.dbuf[:, rows[sel]][:, :, b_idx, lp]  # [C, K, B, D]
+                mix = mix + torch.einsum("ckbd,ck->cbd", G, coef[:, sel])
+            final = final + mix.reshape(Bt, D) if torch.is_tensor(mix) else final
+        return e.w.unembed(final).view(C, B, -1)

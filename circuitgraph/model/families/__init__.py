@@ -1,0 +1,17 @@
+"""The architecture registry: one module per family, each registering itself on import."""
+
+from circuitgraph.model.families import gemma, gpt2, llama, neox, olmo2, phi3  # noqa: F401  (they register)
+from circuitgraph.model.families.base import REGISTRY, Family, architecture_name, family_of, register
+
+
+def describe_config(config):
+    """Shape facts of a HF config, or :class:`UnsupportedArchitecture` naming what cannot be run exactly."""
+    return family_of(config).describe(config)
+
+
+def extract_weights(hf_model):
+    """A HF causal LM (in eval mode) in the engine's per-head form, sharing its tensors."""
+    return family_of(hf_model.config).extract(hf_model)
+
+
+__all__ = ["REGISTRY", "Family", "architecture_name", "describe_config", "extract_weights", "family_of", "register"]

@@ -1,0 +1,38 @@
+"""Llama, Mistral, Qwen2, Qwen3: RMSNorm, rotary, gated MLP, grouped-query attention.
+
+Mistral slides every layer's window; Qwen2/3 slide the layers their ``layer_types`` mark (from
+``max_window_layers``); Qwen3 normalises each head's queries and keys.
+"""
+
+from __future__ import annotations
+
+from circuitgraph.model.families.base import Family, common_checks, layer_window, norm, register, separate_qkv
+from circuitgraph.model.weights import ArchInfo, Layer, Rotary, Weights
+
+
+@register
+class LlamaLike(Family):
+    name = "llama"
+    architectures = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+    model_types = ("llama", "mistral", "qwen2", "qwen3")
+
+    def describe(self, config) -> ArchInfo:
+        common_checks(config)
+        d, h = config.hidden_size, config.num_attention_heads
+        dh = getattr(config, "head_dim", None) or d // h
+        return ArchInfo(self.name, config.num_hidden_layers, h, config.num_key_value_heads or h, d, dh, False)
+
+    def extract(self, hf) -> Weights:
+        config, tr = hf.config, hf.model
+        info = self.describe(config)
+        rotary = Rotary(tr.rotary_emb)
+        layers = []
+        for i, layer in enumerate(tr.layers):
+            a = layer.self_attn
+            qn = norm(a.q_norm) if hasattr(a, "q_norm") else None
+            kn = norm(a.k_norm) if hasattr(a, "k_norm") else None
+            attn = separate_qkv(a, info.n_heads, info.n_kv_heads, q_norm=qn, k_norm=kn, rotary=rotary,
+                                window=layer_window(config, a, i))
+            layers.append(Layer(norm(layer.input_layernorm), norm(layer.post_attention_layernorm), attn, layer.mlp, mlp_down=layer.mlp.down_proj))
+        return Weights(info, tr.embed_tokens, layers, norm(tr.norm), hf.lm_head.weight, getattr(hf.lm_head, "bias", None),
+                       W_E=tr.embed_tokens.weight)

@@ -1,0 +1,169 @@
+"""The canonical per-head form of a causal LM that the engine runs.
+
+The engine needs every head's query, key and value input separately, which no stock forward
+offers; each architecture family (``circuitgraph.model.families``) describes its model in this
+form.  Every tensor here is a *view* of a HF parameter and every callable is a HF module or a thin
+wrapper around one, so the engine adds no weight copies and reproduces each family's own
+arithmetic (norm variants, embedding scaling, rotary types, MLPs) by construction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+class UnsupportedArchitecture(ValueError):
+    """The model's architecture or config cannot be edge-patched exactly (the message says why)."""
+
+
+@dataclass
+class ArchInfo:
+    family: str
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_model: int
+    d_head: int
+    parallel_attn_mlp: bool
+
+
+@dataclass
+class Norm:
+    """A norm as the model applies it (``module``) plus what folding and post-norm shares need.
+
+    ``gain`` is the effective per-feature gain (``w``, or ``1 + w`` in Gemma), ``bias`` LayerNorm's.
+    """
+
+    module: Callable[[torch.Tensor], torch.Tensor]
+    kind: str  # "layer" or "rms"
+    gain: torch.Tensor
+    bias: torch.Tensor | None
+    eps: float
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.gain
+
+    def inv_scale(self, total: torch.Tensor) -> torch.Tensor:
+        """``1 / rms`` (or ``1 / std``) of ``total``, in float32, ``[..., 1]``."""
+        t = total.float()
+        if self.kind == "layer":
+            return torch.rsqrt(t.var(-1, unbiased=False, keepdim=True) + self.eps)
+        return torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    def share(self, part: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+        """One summand's share of ``norm(sum of parts)`` given the sum's ``inv_scale`` (post-norms).
+
+        RMSNorm(sum_h o_h) = sum_h gain * o_h / rms; a LayerNorm centres each part and its bias is a
+        constant that belongs to no node.
+        """
+        p = part.float()
+        if self.kind == "layer":
+            p = p - p.mean(-1, keepdim=True)
+        return (p * inv * self.gain.float()).to(part.dtype)
+
+
+@dataclass
+class Rotary:
+    """Cos/sin from the model's own rotary module, for the actual positions (every HF RoPE type)."""
+
+    module: torch.nn.Module
+    layer_type: str | None = None  # Gemma-3 keeps one table per attention type
+
+    def __call__(self, positions: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = positions[None]
+        if self.layer_type is None:
+            cos, sin = self.module(like, pos)
+        else:
+            cos, sin = self.module(like, pos, self.layer_type)
+        return cos[0].to(like.dtype), sin[0].to(like.dtype)
+
+    @property
+    def key(self) -> tuple:
+        return id(self.module), self.layer_type
+
+
+@dataclass
+class Attention:
+    """One layer's attention in per-head form; tensors are views of the HF parameters."""
+
+    W_Q: torch.Tensor  # [H, D, dh]
+    W_K: torch.Tensor  # [H_kv, D, dh]
+    W_V: torch.Tensor  # [H_kv, D, dh]
+    b_Q: torch.Tensor | None  # [H, dh]
+    b_K: torch.Tensor | None  # [H_kv, dh]
+    b_V: torch.Tensor | None
+    W_O: torch.Tensor  # [H, dh, D]
+    b_O: torch.Tensor | None  # [D], a constant that belongs to no node
+    project: Callable  # x [..., D] -> (q [..., H*dh], k [..., H_kv*dh], v [..., H_kv*dh]) with the fused HF weights
+    out: Callable  # z [..., H*dh] -> [..., D], output bias included
+    scale: float
+    q_norm: Callable | None = None
+    k_norm: Callable | None = None
+    qk_norm_over_heads: bool = False  # OLMo-2: one norm over all heads' queries (keys), not one per head
+    rotary: Rotary | None = None
+    window: int | None = None  # sliding window: a query sees keys with q - k < window
+    causal: bool = True
+    softcap: float | None = None  # attention-logit soft-capping (Gemma-2)
+
+    @property
+    def n_heads(self) -> int:
+        return self.W_Q.shape[0]
+
+    @property
+    def group(self) -> int:
+        return self.W_Q.shape[0] // self.W_K.shape[0]
+
+
+@dataclass
+class Layer:
+    ln1: Norm | None  # before attention (None: no pre-norm, OLMo-2)
+    ln2: Norm | None  # before the MLP
+    attn: Attention
+    mlp: Callable[[torch.Tensor], torch.Tensor]
+    post_attn: Norm | None = None  # applied to the attention output before the residual (Gemma-2/3, OLMo-2)
+    post_mlp: Norm | None = None
+    mlp_down: torch.nn.Module | None = None  # the MLP's output projection: its input is the neurons' activations
+
+    # compatibility names used by characterisation
+    @property
+    def W_O(self) -> torch.Tensor:
+        return self.attn.W_O
+
+    @property
+    def b_O(self) -> torch.Tensor | None:
+        return self.attn.b_O
+
+
+@dataclass
+class Weights:
+    info: ArchInfo
+    embed: Callable[[torch.Tensor], torch.Tensor]  # token ids [B, P] -> input node output [B, P, D]
+    layers: list[Layer]
+    ln_final: Norm
+    W_U: torch.Tensor  # [vocab, d_model]
+    b_U: torch.Tensor | None = None
+    final_softcap: float | None = None
+    W_E: torch.Tensor | None = None  # token embedding matrix as the model scales it (for QK/OV)
+    W_pos: torch.Tensor | None = None  # learned position embeddings, if any
+    notes: list[str] = field(default_factory=list)
+
+    def unembed(self, resid: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(self.ln_final(resid), self.W_U, self.b_U)
+        if self.final_softcap is not None:
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return logits
+
+    def unembed_normed(self, normed: torch.Tensor) -> torch.Tensor:
+        """Logits of an already final-normed residual (soft-capping included)."""
+        logits = F.linear(normed, self.W_U, self.b_U)
+        if self.final_softcap is not None:
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return logits

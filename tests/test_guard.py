@@ -1,0 +1,47 @@
+"""The run-time exactness guard stops runs whose engine forward differs from the HF model's."""
+
+import pytest
+import torch
+
+import circuitgraph.model.families.llama as llama_family
+from circuitgraph import Evaluator, CircuitSpec
+from circuitgraph.data import tokenize, Example
+from circuitgraph.model.guard import ExactnessError, check_exact
+from circuitgraph.model.loading import CircuitModel
+from conftest import CONFIGS, make_tokenizer, random_rows, randomize_norms
+
+
+def mistral(monkeypatch=None):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = CONFIGS["mistral"]()
+    cfg._attn_implementation = "eager"
+    return randomize_norms(AutoModelForCausalLM.from_config(cfg).eval())
+
+
+def data(tok):
+    return tokenize([Example(**r) for r in random_rows(4, length=8, positions=False)], tok)
+
+
+def test_guard_catches_an_unmodelled_config_feature(monkeypatch):
+    # a family adapter that forgets the sliding window: every number it produced would be wrong
+    monkeypatch.setattr(llama_family, "layer_window", lambda config, attn, layer: None)
+    tok = make_tokenizer()
+    model = CircuitModel(mistral(), tok, name="mistral-window-ignored")
+    with pytest.raises(ExactnessError, match=r"model 'mistral-window-ignored': the patching engine's clean logits differ .* by \d"):
+        Evaluator(model, data(tok), progress=False)
+    # switched off explicitly, it runs (and would be wrong)
+    model = CircuitModel(mistral(), tok, name="unchecked", check_exact=False)
+    Evaluator(model, data(tok), progress=False)
+
+
+def test_guard_passes_exact_models_and_reports_the_difference():
+    tok = make_tokenizer()
+    model = CircuitModel(mistral(), tok)
+    d = data(tok)
+    assert check_exact(model, d.clean, d.last) < 1e-4
+    ev = Evaluator(model, d, progress=False)
+    assert d.clean.shape[1] in model._verified_lengths
+    with pytest.warns(UserWarning):  # random model: no clean-vs-ablated signal
+        assert ev.evaluate(CircuitSpec(edges=["input->logits"])).n_edges == 1
