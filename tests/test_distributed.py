@@ -52,6 +52,12 @@ def _results(model, data) -> dict:
     out["clean_values"] = ev.clean_values
     out["eap"] = eap.scores.nan_to_num().numpy()
     out["eap-ig"] = attribute(ev, "eap-ig", steps=3, progress=False).scores.nan_to_num().numpy()
+    from circuitgraph.spec.circuit_spec import CircuitSpec, Edge
+
+    positional = CircuitSpec(edges=[Edge(edge=e.edge, positions=["END"] if i % 2 else None)
+                                    for i, e in enumerate(spec.edges)])
+    pos_score = ev.evaluate(positional)
+    out["positional.faithfulness"], out["positional.necessity"] = pos_score.faithfulness, pos_score.necessity
     mean = Evaluator(model, data, batch_size=3, ablation="mean", progress=False)
     out["mean.faithfulness"] = mean.evaluate(spec).faithfulness
     ev_kl = Evaluator(model, data, metric="kl", batch_size=3, progress=False)
