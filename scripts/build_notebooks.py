@@ -21,7 +21,7 @@ TOY = [
     ("md", "## 1. Hypothesis\nPrevious-token heads in layer 0 write the previous token into the residual stream; "
            "induction heads in layer 1 use it as their *key* (K-composition), attend to the token after the earlier "
            "occurrence of the current token, and copy it through their *values*."),
-    ("code", "spec = cg.CircuitSpec.load(Path(cg.__file__).parent / 'specs' / 'induction_toy.json')\n"
+    ("code", "spec = cg.CircuitSpec.load('induction_toy')  # a shipped spec, by name\n"
              "print(spec.description)\nev = cg.Evaluator(model, data, progress=False)\nscore = ev.evaluate(spec)\n"
              "print(f'faithfulness {score.faithfulness:.3f} ± {score.faithfulness_se:.3f}, necessity {score.necessity:.3f} ± {score.necessity_se:.3f}')\n"
              "assert score.faithfulness > 0.9"),
@@ -58,7 +58,7 @@ TOY = [
 
 IOI = [
     ("md", "# IOI: GPT-2's circuit, or the offline playground\n\nWith the hub, this evaluates Wang et al.'s 26-head "
-           "circuit (`specs/ioi_gpt2.json`) on `gpt2`. Without it, the same steps run on the bundled `toy-ioi` "
+           "circuit (the shipped `ioi_gpt2` spec) on `gpt2`. Without it, the same steps run on the bundled `toy-ioi` "
            "model, whose circuit is not known in advance: there we *discover* it, then check and characterise it."),
     ("code", "import warnings; warnings.simplefilter('ignore')\nfrom pathlib import Path\nimport circuitgraph as cg\n"
              "from circuitgraph.data.tasks import make_data\n\ntry:\n    model, offline = cg.load_model('gpt2'), False\n"
@@ -70,7 +70,7 @@ IOI = [
     ("md", "## The hypothesis\nOn `gpt2`: the published circuit, with each class acting at its positions. Offline: "
            "EAP-IG proposes one."),
     ("code", "from circuitgraph.discovery import discover\nif not offline:\n"
-             "    spec = cg.CircuitSpec.load(Path(cg.__file__).parent / 'specs' / 'ioi_gpt2.json')\nelse:\n"
+             "    spec = cg.CircuitSpec.load('ioi_gpt2')\nelse:\n"
              "    scores = discover(ev, 'eap-ig', steps=5, progress=False)\n"
              "    spec = scores.to_spec(scores.greedy(40), prune=True)\n"
              "score = ev.evaluate(spec)\nprint(f'{score.n_edges} edges: faithfulness {score.faithfulness:.3f} ± {score.faithfulness_se:.3f}, '\n"

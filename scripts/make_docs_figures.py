@@ -1,5 +1,9 @@
-"""Figures for docs/: a hand-written IOI-style spec and MIB's IOI circuit."""
+"""Figures for docs/: a hand-written IOI-style spec, MIB's IOI circuit and toy-induction's verified spec.
+
+    python scripts/make_docs_figures.py [OUT_DIR [TOP_N [MIB_JSON]]]
+"""
 import sys
+from pathlib import Path
 from circuitgraph.spec.circuit_spec import CircuitSpec
 from circuitgraph.graph.computational_graph import Graph
 from circuitgraph.render.figure import render
@@ -22,9 +26,9 @@ ioi.edge_scores.update({"a10.h7->logits": -0.8, "a11.h10->logits": -0.5, "a9.h9-
                         "a9.h6->logits": 0.9, "a10.h0->logits": 0.6})
 g = Graph(12, 12)
 render(ioi, g, f"{out}/example_circuit.png", title="IOI circuit (Wang et al. 2022), simplified")
-render(ioi, g, f"{out}/example_circuit_collapsed.png", collapse_groups=True, title="IOI circuit, groups collapsed")
 
-mib = CircuitSpec.load(str(__import__("pathlib").Path(__file__).resolve().parents[2] / "shared/data/mib/ioi-eap-ig.json"))
+mib_path = Path(sys.argv[3]) if len(sys.argv) > 3 else Path(__file__).resolve().parents[2] / "shared/data/mib/ioi-eap-ig.json"
+mib = CircuitSpec.load(mib_path)
 classes = {"name movers": ["a9.h9", "a9.h6", "a10.h0"], "negative name movers": ["a10.h7", "a11.h10"],
            "backup name movers": ["a10.h10", "a10.h6", "a10.h2", "a10.h1", "a11.h2", "a9.h7", "a9.h0", "a11.h9"],
            "S-inhibition": ["a7.h3", "a7.h9", "a8.h6", "a8.h10"], "induction": ["a5.h5", "a6.h9", "a5.h8", "a5.h9"],
@@ -38,6 +42,23 @@ n = int(sys.argv[2]) if len(sys.argv) > 2 else 120
 thr = sorted((abs(mib.edge_scores[e.edge]) for e in mib.edges), reverse=True)[n - 1]
 render(mib, None, f"{out}/ioi_mib.png", min_score=thr,
        title=f"MIB IOI circuit (GPT-2 small, EAP-IG): top {n} of {len(mib.edges)} edges by |score|")
-render(mib, None, f"{out}/ioi_mib_full.png", title=f"MIB IOI circuit (GPT-2 small, EAP-IG): all {len(mib.edges)} edges")
 render(mib, None, f"{out}/ioi_mib_collapsed.png", collapse_groups=True, min_score=thr,
        title=f"MIB IOI circuit, IOI head classes collapsed (top {n} edges)")
+
+# toy-induction's shipped spec, each edge checked by removing it alone (dotted where it does nothing)
+import warnings
+
+from circuitgraph import Evaluator, load_model
+from circuitgraph.data.dataset import Example, tokenize
+from circuitgraph.data.tasks import make_data
+
+model = load_model("toy-induction")
+data = tokenize([Example(**r) for r in make_data("induction", model.tokenizer, 64, seed=0)], model.tokenizer)
+spec = CircuitSpec.load("induction_toy")
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    ev = Evaluator(model, data, progress=False)
+    score = ev.evaluate(spec)
+    effects = ev.edge_effects(spec)
+render(spec, model.graph, f"{out}/toy_induction_hypothesis.png", verified={k: v[0] for k, v in effects.items()},
+       title=f"{spec.name}: faithfulness {score.faithfulness:.2f}")

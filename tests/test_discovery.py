@@ -273,3 +273,32 @@ def test_cli_dtype_and_ig_points(model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["discover", "--model", str(model_dir), "--data", str(data), "--method", "eap", "--dtype", "float8", "-o", str(out)])
     assert "--dtype" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["qwen2", "neox", "gemma2", "olmo2", "phi3", "qwen3"])
+def test_eap_is_the_derivative_of_the_naive_patched_forward(family):
+    """An edge's EAP score is the change in M as the edge moves from clean towards ablated:
+    -dM/dk_e at k = 1 in the by-hand forward where every edge carries a weight k_e."""
+    from reference import node_outputs, patched_forward
+    from test_engine import build
+
+    from circuitgraph.data.dataset import TaskData
+
+    m = build(family, seed=2)
+    G = m.graph
+    g = torch.Generator().manual_seed(3)
+    B, P = 3, 6
+    clean, corrupt = torch.randint(3, 40, (B, P), generator=g), torch.randint(3, 40, (B, P), generator=g)
+    ans = torch.randint(3, 40, (B, 1), generator=g)
+    data = TaskData(clean, corrupt, torch.full((B,), P), ans, (ans + 1) % 40 + 3, {})
+    eap = attribute(Evaluator(m, data, progress=False), "eap", progress=False).scores
+
+    keep = torch.ones(len(G.sources), len(G.destinations), dtype=torch.float64, requires_grad=True)
+    ablated = node_outputs(m.hf, corrupt)
+    logits, _ = patched_forward.__wrapped__(m.hf, clean, ablated, lambda s, d: keep[G.source_index[s], G.destination_index[d]])
+    last = logits[:, -1]
+    metric = (last.gather(1, ans) - last.gather(1, data.wrongs)).mean()
+    (grad,) = torch.autograd.grad(metric, keep)
+    ref = -grad[G.legal]
+    assert ref.abs().max() > 1e-3
+    assert (eap[G.legal] - ref).abs().max() < 1e-4 * max(1.0, float(ref.abs().max())), family

@@ -45,3 +45,13 @@ def test_guard_passes_exact_models_and_reports_the_difference():
     assert d.clean.shape[1] in model._verified_lengths
     with pytest.warns(UserWarning):  # random model: no clean-vs-ablated signal
         assert ev.evaluate(CircuitSpec(edges=["input->logits"])).n_edges == 1
+
+
+def test_load_with_a_device_map(model_dir):
+    """Sharding goes through HF accelerate; here every layer lands on the one CPU."""
+    from circuitgraph.model.loading import load_model
+
+    m = load_model(model_dir, device_map={"": "cpu"})
+    x = torch.randint(3, 40, (2, 5))
+    with torch.no_grad():
+        assert (m.engine.run(x)[0] - m.hf(x).logits).abs().max() < 1e-4

@@ -136,8 +136,10 @@ def test_close_baselines_warn(setup, tmp_path):
     model, _, _ = setup
     rows = [{**r, "corrupted": r["clean"]} for r in random_rows(6)]
     data = load_dataset(write_jsonl(tmp_path / "same.jsonl", rows), model.tokenizer)
-    with pytest.warns(UserWarning, match="normalised scores are not meaningful"):
-        Evaluator(model, data, progress=False).evaluate(CircuitSpec(edges=["m1->logits"]))
+    with pytest.warns(UserWarning, match="faithfulness and necessity are undefined: clean and ablated logit_diff are equal"):
+        score = Evaluator(model, data, progress=False).evaluate(CircuitSpec(edges=["m1->logits"]))
+    assert score.faithfulness is None and score.necessity is None and score.faithfulness_se is None
+    assert "divide by zero" in score.undefined_reason
 
 
 def test_cli_evaluate_json_and_table(setup, model_dir, tmp_path, capsys):

@@ -56,6 +56,7 @@ def test_shipped_schema_is_current():
     assert shipped == json_schema()
 
 
+@pytest.mark.skipif(not MIB.is_file(), reason=f"{MIB} not found (shared data, not in a fresh clone)")
 def test_mib_round_trip_is_lossless():
     original = json.loads(MIB.read_text())
     g = Graph.from_hf_config(GPT2Config())

@@ -25,7 +25,6 @@ import torch
 from circuitgraph.data.dataset import TaskData
 from circuitgraph.evaluate.metrics import get_metric
 from circuitgraph.model.loading import CircuitModel
-from circuitgraph.evaluate.evaluator import _on
 
 DIRECTIONS = ("denoising", "noising")
 HOOKS = {"resid_pre": "blocks.{L}.hook_resid_pre", "attn_out": "blocks.{L}.hook_attn_out",
@@ -88,7 +87,7 @@ def activation_patching(model: CircuitModel, data: TaskData, component: str = "r
         B, last = len(part), part.last.to(dev)
         clean, corrupt = part.clean.to(dev), part.corrupted.to(dev)
         base, source = (corrupt, clean) if direction == "denoising" else (clean, corrupt)
-        pd = _on(part, dev)
+        pd = part.to(dev)
         hooks = [HOOKS[component].format(L=l) for l in layers]
         with torch.no_grad():
             clean_logits = last_logits(model, clean, last)
@@ -122,7 +121,7 @@ def patch_one(model: CircuitModel, data: TaskData, component: str, layer: int, d
         raise ValueError(f"component must be one of {', '.join(HOOKS)} and direction one of {', '.join(DIRECTIONS)}")
     fn, dev = get_metric(metric), model.device
     clean, corrupt, last = data.clean.to(dev), data.corrupted.to(dev), data.last.to(dev)
-    pd = _on(data, dev)
+    pd = data.to(dev)
     base, source = (corrupt, clean) if direction == "denoising" else (clean, corrupt)
     name = HOOKS[component].format(L=layer)
     _, cache = model.run_with_cache(source, names_filter=lambda n: n == name)

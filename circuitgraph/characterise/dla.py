@@ -19,7 +19,6 @@ import torch
 from circuitgraph.data.dataset import TaskData
 from circuitgraph.evaluate.metrics import logit_diff
 from circuitgraph.model.loading import CircuitModel
-from circuitgraph.evaluate.evaluator import _on
 
 
 @dataclass
@@ -72,7 +71,7 @@ def direct_logit_attribution(model: CircuitModel, data: TaskData, batch_size: in
         srcs = torch.cat([o[:, idx, last] for o in outs])  # [S, B, D]
         c = srcs - srcs.mean(-1, keepdim=True) if centre else srcs
         rows.append(((c / scale * w.ln_final.weight) * du).sum(-1).T.cpu())  # [B, S]
-        totals.append(logit_diff(w.unembed(final), _on(part, dev)).cpu())
+        totals.append(logit_diff(w.unembed(final), part.to(dev)).cpu())
     per = torch.cat(rows)
     total = torch.cat(totals)
     L, H = G.n_layers, G.n_heads

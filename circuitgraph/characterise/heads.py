@@ -23,6 +23,7 @@ from transformer_lens.head_detector import (get_duplicate_token_head_detection_p
                                             get_induction_head_detection_pattern,
                                             get_previous_token_head_detection_pattern)
 
+from circuitgraph.graph import NodeRef
 from circuitgraph.model.loading import CircuitModel
 from circuitgraph.characterise.plots import heatmap, new_figure, save, token_labels
 
@@ -32,8 +33,10 @@ DETECTORS = {"previous_token": get_previous_token_head_detection_pattern,
 
 
 def _head(name: str) -> tuple[int, int]:
-    layer, head = name[1:].split(".h")
-    return int(layer), int(head)
+    ref = NodeRef.parse(name, where="head")
+    if not ref.is_head:
+        raise ValueError(f"'{name}' is not an attention head (expected 'a<layer>.h<head>')")
+    return ref.layer, ref.head
 
 
 def _tokens(model: CircuitModel, text_or_ids) -> torch.Tensor:

@@ -20,7 +20,6 @@ from circuitgraph.characterise.activation_patching import last_logits
 from circuitgraph.data.dataset import TaskData
 from circuitgraph.evaluate.metrics import get_metric
 from circuitgraph.model.loading import CircuitModel
-from circuitgraph.evaluate.evaluator import _on
 
 
 @dataclass
@@ -50,7 +49,7 @@ def integrated_gradients(model: CircuitModel, data: TaskData, metric: str = "log
         clean, last = part.clean.to(dev), part.last.to(dev)
         with torch.no_grad():
             x1, x0 = embed(clean), embed(part.corrupted.to(dev))
-        pd = _on(part, dev)
+        pd = part.to(dev)
         with torch.no_grad():
             cl = last_logits(model, clean, last)
             m_clean.append(fn(cl, pd, cl).cpu())

@@ -21,7 +21,6 @@ import torch
 from circuitgraph.data.dataset import TaskData
 from circuitgraph.evaluate.metrics import logit_diff
 from circuitgraph.model.loading import CircuitModel
-from circuitgraph.evaluate.evaluator import _on
 from circuitgraph.characterise.dla import final_norm_scale, linear_decode
 
 
@@ -50,7 +49,7 @@ def summarise(logits: torch.Tensor, data: TaskData, labels: list[str], k: int = 
     ans_logit = logits.gather(-1, ans.clamp(min=0).expand(*logits.shape[:-1], ans.shape[-1]))
     ans_logit = ans_logit.masked_fill(~valid, float("-inf")).max(-1, keepdim=True).values
     rank = 1 + (logits > ans_logit).sum(-1)
-    ld = logit_diff(logits, _on(data, logits.device))
+    ld = logit_diff(logits, data.to(logits.device))
     return LensResult(labels, answer_prob.cpu(), (1.0 / rank.float()).cpu(), ld.float().cpu(),
                       logits.topk(k, dim=-1).indices.cpu(), logits.cpu() if keep_logits else None)
 
@@ -111,10 +110,10 @@ class LensComparison:
 def lens_without(model: CircuitModel, data: TaskData, node: str, layer: int | None = None, k: int = 5) -> LensComparison:
     """Decode the residual after ``layer`` (default: the node's own layer) with and without ``node``'s output."""
     G = model.graph
-    G.check_node(node)
-    if node in ("input", "logits"):
+    ref = G.ref(node)
+    if ref.kind in ("input", "logits"):
         raise ValueError(f"lens_without: '{node}' is not a head or MLP node")
-    own = int(node[1:].split(".")[0])
+    own = ref.layer
     layer = own if layer is None else layer
     if not own <= layer < G.n_layers:
         raise ValueError(f"lens_without: layer {layer} is before {node} writes (layer {own}) or past the last layer")

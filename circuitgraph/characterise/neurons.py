@@ -16,16 +16,15 @@ from circuitgraph.characterise.activation_patching import last_logits
 from circuitgraph.data.dataset import TaskData
 from circuitgraph.evaluate.metrics import get_metric
 from circuitgraph.model.loading import CircuitModel
-from circuitgraph.evaluate.evaluator import _on
 
 
 def _layer(model: CircuitModel, node) -> int:
     if isinstance(node, int):
         node = f"m{node}"
-    model.graph.check_node(node, where="MLP")
-    if not node.startswith("m"):
+    ref = model.graph.ref(node, where="MLP")
+    if not ref.is_mlp:
         raise ValueError(f"'{node}' is not an MLP node (expected 'm<layer>')")
-    return int(node[1:])
+    return ref.layer
 
 
 @dataclass
@@ -82,7 +81,7 @@ def neuron_ablation(model: CircuitModel, data: TaskData, node, neurons, metric: 
     neurons = torch.as_tensor(neurons).flatten()
     dev, N = model.device, len(data)
     clean, last = data.clean.to(dev), data.last.to(dev)
-    pd = _on(data, dev)
+    pd = data.to(dev)
     clean_logits = last_logits(model, clean, last)
     m_clean = float(fn(clean_logits, pd, clean_logits).mean())
     m_corrupt = float(fn(last_logits(model, data.corrupted.to(dev), last), pd, clean_logits).mean())

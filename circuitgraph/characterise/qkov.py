@@ -31,17 +31,17 @@ FULL_VOCAB_LIMIT = 5000
 
 
 def _head(model: CircuitModel, head: str) -> tuple[int, int]:
-    model.graph.check_node(head, where="head")
-    if not head.startswith("a"):
+    ref = model.graph.ref(head, where="head")
+    if not ref.is_head:
         raise ValueError(f"'{head}' is not an attention head (expected 'a<layer>.h<head>')")
-    layer, h = head[1:].split(".h")
-    return int(layer), int(h)
+    return ref.layer, ref.head
 
 
 def embedding(model: CircuitModel) -> torch.Tensor:
     """Token embeddings as the model adds them to the residual (Gemma's scaling included)."""
-    W_E = model.weights.W_E
-    return W_E if W_E is not None else model.hf.get_input_embeddings().weight
+    w = model.weights
+    W_E = w.W_E if w.W_E is not None else model.hf.get_input_embeddings().weight
+    return W_E if w.embed_scale == 1.0 else W_E * torch.tensor(w.embed_scale, dtype=W_E.dtype)
 
 
 def _fold(x: torch.Tensor, norm, fold: bool) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""The ``circuitgraph`` command line.  Errors go to stderr, one line, exit status 2, no traceback."""
+"""The ``circuitgraph`` command line.  Errors go to stderr, one line, exit status 2, no traceback;
+inputs, the device and output paths are checked before any model is loaded (see ``checks``)."""
 
 from __future__ import annotations
 
@@ -10,62 +11,107 @@ import sys
 import warnings
 from pathlib import Path
 
+from circuitgraph.cli.checks import (CLIError, check_device, check_output, finite_float, non_negative_float,
+                                     positive_int)
+from circuitgraph.errors import CircuitWarning
 from circuitgraph.evaluate import distributed as dist
 
+METRICS = ["logit_diff", "prob_diff", "kl", "accuracy"]
 DTYPES = ("float32", "bfloat16", "float16")
 # commands that split their examples over torch.distributed ranks; the others run on rank 0 only
 DISTRIBUTED_COMMANDS = ("evaluate", "discover", "path-patch")
 
 
-class CLIError(Exception):
-    pass
-
-
 def _load(args, need_data: bool = True):
+    """The model and (read first, so that a bad line fails before the model loads) the dataset."""
     import torch
 
-    from circuitgraph.data.dataset import load_dataset
+    from circuitgraph.data.dataset import read_jsonl, tokenize
     from circuitgraph.model.loading import load_model
 
+    device = dist.device_for(check_device(getattr(args, "device", "cpu")))
     dtype = getattr(torch, getattr(args, "dtype", "float32"))
-    model = load_model(args.model, device=dist.device_for(getattr(args, "device", "cpu")), dtype=dtype,
-                       check_exact=not getattr(args, "no_exactness_check", False))
+    examples = read_jsonl(args.data) if need_data else None
+    model = load_model(args.model, device=device, dtype=dtype, check_exact=not getattr(args, "no_exactness_check", False))
     data = None
     if need_data:
-        data = load_dataset(args.data, model.tokenizer, prepend_bos=args.prepend_bos, vocab_size=model.weights.W_U.shape[0])
+        data = tokenize(examples, model, prepend_bos=args.prepend_bos, source=str(args.data))
     return model, data
+
+
+def _number(v, se: bool = False) -> str:
+    if v is None:
+        return "n/a" if se else "undefined"
+    return f"{v:.4f}"
+
+
+def _note(message: str) -> None:
+    print(f"circuitgraph: warning: {message}", file=sys.stderr)
 
 
 def cmd_evaluate(args) -> int:
     from circuitgraph.evaluate.evaluator import Evaluator
     from circuitgraph.spec.circuit_spec import CircuitSpec
 
-    spec = CircuitSpec.load(args.spec)
+    spec = CircuitSpec.load(args.spec).require_selection(f"spec '{args.spec}'")
     model, data = _load(args)
+    spec.resolve(model.graph)  # a name the model lacks fails before any run
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore")  # score.warnings holds ours; they are printed below
         ev = Evaluator(model, data, metric=args.metric, ablation=args.ablation, batch_size=args.batch_size,
                        progress=not args.json)
         score = ev.evaluate(spec)
     if args.json:
-        print(json.dumps(score.to_dict(), indent=2))
+        for w in score.warnings:
+            _note(w)
+        print(score.to_json(indent=2))
         return 0
     from rich.console import Console
     from rich.table import Table
 
     t = Table(title=f"{spec.name or args.spec} on {args.model} ({score.n_examples} examples, {args.ablation} ablation)")
     t.add_column("quantity"), t.add_column("value", justify="right"), t.add_column("± s.e.", justify="right")
-    t.add_row(f"clean {score.metric}", f"{score.clean_metric:.4f}", f"{score.clean_metric_se:.4f}")
-    t.add_row(f"ablated {score.metric}", f"{score.corrupted_metric:.4f}", f"{score.corrupted_metric_se:.4f}")
-    t.add_row(f"circuit {score.metric}", f"{score.circuit_metric:.4f}", f"{score.circuit_metric_se:.4f}")
-    t.add_row("faithfulness (sufficiency)", f"{score.faithfulness:.4f}", f"{score.faithfulness_se:.4f}")
-    t.add_row("necessity", f"{score.necessity:.4f}", f"{score.necessity_se:.4f}")
+    t.add_row(f"clean {score.metric}", _number(score.clean_metric), _number(score.clean_metric_se, True))
+    t.add_row(f"ablated {score.metric}", _number(score.corrupted_metric), _number(score.corrupted_metric_se, True))
+    t.add_row(f"circuit {score.metric}", _number(score.circuit_metric), _number(score.circuit_metric_se, True))
+    t.add_row("faithfulness (sufficiency)", _number(score.faithfulness), _number(score.faithfulness_se, True))
+    t.add_row("necessity", _number(score.necessity), _number(score.necessity_se, True))
     t.add_row("edges", f"{score.n_edges} / {score.n_edges_total}", "")
     console = Console()
     console.print(t)
+    if score.se_reason:
+        print(f"s.e. n/a: {score.se_reason}")
     for w in score.warnings:
-        console.print(f"[yellow]warning:[/yellow] {w}")
+        print(f"warning: {w}")  # one line, however narrow the terminal
     return 0
+
+
+def _select(args, ev, scores, total: int):
+    """(mask, description) of the edges to keep, refusing selections that keep nothing."""
+    from circuitgraph.discovery.edge_scores import prune_dangling
+    from circuitgraph.discovery.selection import check_selection, smallest_faithful
+
+    if args.method == "acdc" and args.threshold is None and args.top_n is None:
+        mask, how = scores.in_circuit, f"ACDC tau={args.tau:g}"
+        if not bool(mask.any()):
+            raise CLIError(f"ACDC kept no edge at --tau {args.tau:g}; lower --tau or give --top-n")
+    elif args.threshold is not None:
+        mask, how = scores.threshold(args.threshold), f"|score| >= {args.threshold:g}"
+    elif args.top_n is not None:
+        if args.top_n > total:
+            raise CLIError(f"--top-n {args.top_n} is more than the model's {total} edges")
+        n = args.top_n
+        mask, how = (scores.greedy(n) if args.greedy else scores.top_n(n)), f"{'greedy ' if args.greedy else ''}top {n}"
+    else:
+        sel = smallest_faithful(ev, scores, level=args.target_faithfulness, greedy=args.greedy)
+        mask, how = sel.mask, sel.how
+    check_selection(mask, how, scores)
+    if args.prune:
+        mask = prune_dangling(ev.graph, mask)
+        if not bool(mask.any()):
+            raise CLIError(f"the selection ({how}) has no edge left on an input -> logits path after --prune; "
+                           f"keep more edges or drop --prune")
+    return mask, how
 
 
 def cmd_discover(args) -> int:
@@ -74,23 +120,22 @@ def cmd_discover(args) -> int:
 
     if args.threshold is not None and args.top_n is not None:
         raise CLIError("give --threshold or --top-n, not both")
+    check_output(args.output)
     model, data = _load(args)
     metric = args.metric or ("kl" if args.method == "acdc" else "logit_diff")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ev = Evaluator(model, data, metric=metric, ablation=args.ablation, batch_size=args.batch_size)
-        scores = discover(ev, args.method, steps=args.steps, tau=args.tau, ig_points=args.ig_points)
-        if args.method == "acdc" and args.threshold is None and args.top_n is None:
-            mask, how = scores.in_circuit, f"ACDC tau={args.tau:g}"
-        elif args.threshold is not None:
-            mask, how = scores.threshold(args.threshold), f"|score| >= {args.threshold:g}"
-        else:
-            n = args.top_n if args.top_n is not None else max(1, model.graph.n_edges // 100)
-            mask, how = (scores.greedy(n) if args.greedy else scores.top_n(n)), f"top {n}{' (greedy)' if args.greedy else ''}"
-        spec = scores.to_spec(mask, prune=args.prune, model=args.model, selection=how)
+        ev = Evaluator(model, data, metric=metric, ablation=args.ablation, batch_size=args.batch_size,
+                       progress=not args.json)
+        scores = discover(ev, args.method, steps=args.steps, tau=args.tau, progress=not args.json,
+                          ig_points=args.ig_points)
+        mask, how = _select(args, ev, scores, model.graph.n_edges)
+        spec = scores.to_spec(mask, model=args.model, selection=how)
         spec.name = f"{args.method} circuit"
         spec.model = args.model
-        result = ev.evaluate(spec) if len(spec.edges) else None
+        result = ev.evaluate(spec)
+        if result.faithfulness is not None:
+            spec.metadata["faithfulness"] = result.faithfulness  # figures of this spec show it in their title
     if not dist.is_main():
         return 0
     if args.format == "mib":
@@ -98,27 +143,35 @@ def cmd_discover(args) -> int:
     else:
         spec.to_json(args.output)
     summary = {"method": args.method, "selection": how, "n_edges": len(spec.edges), "n_edges_total": model.graph.n_edges,
-               "seconds": round(scores.meta["seconds"], 3), "faithfulness": result.faithfulness if result else None,
-               "output": str(args.output)}
-    print(json.dumps(summary) if args.json else
-          f"{args.method}: {summary['n_edges']} of {summary['n_edges_total']} edges ({how}), faithfulness "
-          f"{summary['faithfulness']:.3f} in {summary['seconds']:.1f}s; wrote {args.output}" if result else
-          f"{args.method}: no edge selected ({how}); wrote {args.output}")
+               "seconds": round(scores.meta["seconds"], 3), "faithfulness": result.faithfulness,
+               "faithfulness_undefined": result.undefined_reason, "output": str(args.output)}
+    if args.json:
+        print(json.dumps(summary, allow_nan=False))
+        return 0
+    faith = f"faithfulness {result.faithfulness:.3f}" if result.faithfulness is not None else "faithfulness undefined"
+    print(f"{args.method}: {summary['n_edges']} of {summary['n_edges_total']} edges ({how}); {faith}; "
+          f"{summary['seconds']:.1f}s; wrote {args.output}")
+    if result.undefined_reason:
+        _note(f"faithfulness is undefined: {result.undefined_reason}")
     return 0
 
 
 def cmd_make_data(args) -> int:
-    from circuitgraph.model.loading import load_model
+    from circuitgraph.data.dataset import read_jsonl, tokenize
     from circuitgraph.data.tasks import make_data, write_jsonl
+    from circuitgraph.model.loading import load_model
 
+    check_output(args.output)
     if args.n < 1:
         raise CLIError(f"-n must be at least 1, got {args.n}")
-    model = load_model(args.model)
-    rows = make_data(args.task, model.tokenizer, args.n, seed=args.seed)
-    write_jsonl(rows, args.output)
-    from circuitgraph.data.dataset import read_jsonl, tokenize
+    from circuitgraph.data.tasks import OPTIONS, get_task
 
-    tokenize(read_jsonl(args.output), model.tokenizer, source=str(args.output))  # checked for this model
+    get_task(args.task)  # an unknown task fails before the model loads
+    options = {k: getattr(args, k) for k in OPTIONS if getattr(args, k, None) is not None}
+    model = load_model(args.model)
+    rows = make_data(args.task, model.tokenizer, args.n, seed=args.seed, **options)
+    write_jsonl(rows, args.output)
+    tokenize(read_jsonl(args.output), model, source=str(args.output))  # checked for this model
     print(f"wrote {len(rows)} {args.task} examples for {args.model} to {args.output}")
     return 0
 
@@ -128,37 +181,65 @@ def _common(p: argparse.ArgumentParser, data: bool = True):
     if data:
         p.add_argument("--data", required=True, help="JSONL dataset (clean, corrupted, answer, wrong[, positions])")
         p.add_argument("--prepend-bos", action="store_true", help="put the BOS token first (TransformerLens habit)")
-        p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (under torchrun, cuda means each rank's own GPU)")
+        p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--device", default="cpu",
+                   help="cpu, cuda, cuda:N or mps (under torchrun, cuda means each rank's own GPU)")
     p.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="weights and activations; metrics and score sums accumulate in fp32 either way")
     p.add_argument("--no-exactness-check", action="store_true",
                    help="skip comparing the engine's clean logits with the model's own forward on the first batch")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (usage is one ``--help`` away)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _task_options(p: argparse.ArgumentParser) -> None:
+    """The generators' own options (word lists, lengths), so the advice in their errors can be followed."""
+    from circuitgraph.data.tasks import OPTIONS
+
+    for name, (tasks, kind, text) in OPTIONS.items():
+        flag, help_ = f"--{name.replace('_', '-')}", f"{', '.join(tasks)}: {text}"
+        if kind == "words":
+            p.add_argument(flag, dest=name, nargs="+", metavar="WORD", help=help_)
+        elif kind == "int":
+            p.add_argument(flag, dest=name, type=int, help=help_)
+        elif kind == "choice":
+            p.add_argument(flag, dest=name, choices=["abc", "s2_flip"], help=help_)
+        else:
+            p.add_argument(flag, dest=name, help=help_)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="circuitgraph", description="Test, discover and characterise transformer circuits.")
+    parser = _Parser(prog="circuitgraph", description="Test, discover and characterise transformer circuits.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("evaluate", help="faithfulness and necessity of a circuit spec")
     _common(p)
-    p.add_argument("--spec", required=True, help="circuit spec JSON (ours or EAP-IG/MIB)")
+    p.add_argument("--spec", required=True, help="circuit spec JSON (ours or EAP-IG/MIB), or a shipped spec by name (ioi_gpt2)")
     p.add_argument("--ablation", choices=["corrupted", "mean", "zero"], default="corrupted")
-    p.add_argument("--metric", choices=["logit_diff", "prob_diff", "kl", "accuracy"], default="logit_diff")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--metric", choices=METRICS, default="logit_diff")
+    p.add_argument("--json", action="store_true", help="print one JSON object (undefined numbers are null)")
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("discover", help="find a circuit automatically (ACDC, EAP, EAP-IG, exact)")
     _common(p)
     p.add_argument("--method", required=True, choices=["acdc", "eap", "eap-ig", "eap-ig-activations", "exact"])
-    p.add_argument("--threshold", type=float, help="keep edges with |score| >= T")
-    p.add_argument("--top-n", type=int, help="keep the N best edges (default: 1%% of the edges; ACDC: its own decision)")
+    p.add_argument("--threshold", type=non_negative_float, help="keep edges with |score| >= T")
+    p.add_argument("--top-n", type=positive_int,
+                   help="keep the N best edges (default: the smallest N whose faithfulness reaches "
+                        "--target-faithfulness; ACDC: its own decision)")
+    p.add_argument("--target-faithfulness", type=finite_float, default=0.8,
+                   help="faithfulness the default selection must reach (default 0.8)")
     p.add_argument("--greedy", action="store_true", help="grow the top-n circuit from the logits (EAP-IG's greedy)")
     p.add_argument("--prune", action="store_true", help="drop edges not on an input -> logits path")
-    p.add_argument("--steps", type=int, default=5, help="integrated-gradient steps (eap-ig*)")
+    p.add_argument("--steps", type=positive_int, default=5, help="integrated-gradient steps (eap-ig*)")
     p.add_argument("--ig-points", choices=["right", "left"], default="right",
                    help="IG step points: right = k/n for k=1..n (ours, ends at clean); left = k=0..n-1 "
                         "(the EAP-IG repo's EAP-IG-inputs, as run by MIB)")
-    p.add_argument("--tau", type=float, default=0.01, help="ACDC threshold")
-    p.add_argument("--metric", choices=["logit_diff", "prob_diff", "kl", "accuracy"], help="default: kl for acdc, else logit_diff")
+    p.add_argument("--tau", type=non_negative_float, default=0.01, help="ACDC threshold")
+    p.add_argument("--metric", choices=METRICS, help="default: kl for acdc, else logit_diff")
     p.add_argument("--ablation", choices=["corrupted", "mean", "zero"], default="corrupted")
     p.add_argument("--format", choices=["spec", "mib"], default="spec")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -167,9 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("make-data", help="write a task dataset (ioi, greater-than, induction, docstring)")
     p.add_argument("task", help="ioi, greater-than, induction or docstring")
     p.add_argument("--model", required=True, help="the model whose tokenizer the data is made and checked for")
-    p.add_argument("-n", type=int, default=100)
+    p.add_argument("-n", type=positive_int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-o", "--output", required=True, type=Path)
+    _task_options(p)
     p.set_defaults(func=cmd_make_data)
     for register in _EXTRA_COMMANDS:
         register(sub)
@@ -187,6 +269,31 @@ def _extra_commands() -> list:
 _EXTRA_COMMANDS: list = _extra_commands()
 
 
+def error_message(e: BaseException) -> str:
+    """One line for any exception: ours carry a full message; others get their type and first line."""
+    import torch
+
+    if isinstance(e, KeyError):
+        return str(e).strip("'\"")
+    if isinstance(e, UnicodeDecodeError):
+        return f"not UTF-8 text ({e.reason} at byte {e.start}); save the file as UTF-8"
+    if isinstance(e, OSError) and e.filename:
+        return f"{e.strerror or type(e).__name__}: '{e.filename}'"
+    if isinstance(e, RecursionError):
+        return "input nested too deeply"
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        return "out of memory; try a smaller --batch-size, fewer examples or another --device"
+    first = next((line for line in str(e).splitlines() if line.strip()), "")
+    ours = isinstance(e, (ValueError, OSError, CLIError, TypeError)) or type(e).__module__.startswith("circuitgraph")
+    if ours and first:
+        return first
+    return f"{type(e).__name__}: {first or 'no message'} (unexpected; set CIRCUITGRAPH_DEBUG=1 to see where, and please report it)"
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    _note(str(message).splitlines()[0] if str(message) else category.__name__)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command.  Under ``torchrun`` the evaluation commands split their examples over the
     ranks (see :mod:`circuitgraph.evaluate.distributed`); only rank 0 prints and writes."""
@@ -197,11 +304,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command not in DISTRIBUTED_COMMANDS:
         return _run(args) if os.environ.get("RANK", "0") == "0" else 0
     try:
-        dist.init(getattr(args, "device", "cpu"))
-    except (RuntimeError, ValueError) as e:
+        dist.init(check_device(getattr(args, "device", "cpu")))
+    except Exception as e:  # noqa: BLE001 -- one line, no traceback
         print(f"circuitgraph {args.command}: error: could not join the torch.distributed group "
               f"(MASTER_ADDR={os.environ.get('MASTER_ADDR')}, MASTER_PORT={os.environ.get('MASTER_PORT')}): "
-              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+              f"{error_message(e)}", file=sys.stderr)
         return 2
     try:
         if dist.is_main():
@@ -213,12 +320,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
-    try:
-        return args.func(args)
-    except (ValueError, OSError, KeyError, CLIError) as e:
-        msg = str(e).strip("'\"") if isinstance(e, KeyError) else str(e)
-        print(f"circuitgraph {args.command}: error: {msg}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # other libraries' warnings are not the user's business here
+        warnings.simplefilter("always", CircuitWarning)
+        warnings.showwarning = _show_warning
+        try:
+            return args.func(args)
+        except KeyboardInterrupt:
+            print(f"circuitgraph {args.command}: interrupted", file=sys.stderr)
+            return 130
+        except Exception as e:  # noqa: BLE001 -- the command line's promise: no traceback
+            if os.environ.get("CIRCUITGRAPH_DEBUG"):
+                raise
+            print(f"circuitgraph {args.command}: error: {error_message(e)}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

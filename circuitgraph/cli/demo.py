@@ -24,6 +24,8 @@ def run_demo(out: Path, n_examples: int = 64, progress: bool = True) -> dict:
     from circuitgraph.spec.circuit_spec import CircuitSpec
     from circuitgraph.data.tasks import make_data, write_jsonl
 
+    if n_examples < 2:
+        raise ValueError(f"-n {n_examples}: the demo needs at least 2 prompts (standard errors need two)")
     console = Console()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -83,6 +85,8 @@ def run_demo(out: Path, n_examples: int = 64, progress: bool = True) -> dict:
 
 def register_cli(sub):
     p = sub.add_parser("demo", help="offline end-to-end tour on the bundled toy-induction model")
+    from circuitgraph.cli.checks import check_output_dir, positive_int
+
     p.add_argument("-o", "--out", type=Path, default=Path("circuitgraph-demo"), help="folder for the outputs")
-    p.add_argument("-n", type=int, default=64, help="number of prompts")
-    p.set_defaults(func=lambda args: (run_demo(args.out, args.n), 0)[1])
+    p.add_argument("-n", type=positive_int, default=64, help="number of prompts")
+    p.set_defaults(func=lambda args: (run_demo(check_output_dir(args.out), args.n), 0)[1])

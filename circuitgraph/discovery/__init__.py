@@ -14,6 +14,7 @@ from circuitgraph.discovery.acdc import acdc, exact_scores
 from circuitgraph.discovery.eap import IG_POINTS, attribute, ig_alphas
 from circuitgraph.discovery.curves import MIB_FRACTIONS, FaithfulnessCurve, faithfulness_curve, roc_auc
 from circuitgraph.discovery.edge_scores import EdgeScores, prune_dangling
+from circuitgraph.discovery.selection import DEFAULT_LEVEL, Selection, SelectionError, smallest_faithful
 
 METHODS = ("acdc", "eap", "eap-ig", "eap-ig-activations", "exact")
 
@@ -37,5 +38,6 @@ def discover(ev: Evaluator, method: str, *, steps: int = 5, tau: float = 0.01, p
     return out
 
 
-__all__ = ["IG_POINTS", "METHODS", "MIB_FRACTIONS", "EdgeScores", "FaithfulnessCurve", "acdc", "attribute", "discover",
-           "exact_scores", "faithfulness_curve", "ig_alphas", "prune_dangling", "roc_auc"]
+__all__ = ["DEFAULT_LEVEL", "IG_POINTS", "METHODS", "MIB_FRACTIONS", "EdgeScores", "FaithfulnessCurve", "Selection",
+           "SelectionError", "acdc", "attribute", "discover", "exact_scores", "faithfulness_curve", "ig_alphas",
+           "prune_dangling", "roc_auc", "smallest_faithful"]

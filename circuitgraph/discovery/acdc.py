@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from circuitgraph.evaluate.evaluator import Evaluator
+from circuitgraph.graph import NodeRef
 from circuitgraph.discovery.edge_scores import EdgeScores
 
 HIGHER_IS_BETTER = {"logit_diff": True, "prob_diff": True, "accuracy": True, "kl": False}
@@ -37,8 +38,8 @@ class _TrialRunner:
         self.ev, self.engine = ev, ev.engine
         self.n_runs = 0
         self.states = []  # per span: clean prefix states at every layer
-        for i, (a, b) in enumerate(ev._spans()):
-            part, abl, _ = ev._batch(i, a, b)
+        for i in range(ev.n_batches):
+            part, abl, _ = ev.batch(i)
             with torch.no_grad():
                 _, outs = self.engine.run(part.clean.to(ev.model.device), record=True)
             self.states.append(self.engine.clean_states(outs, abl))
@@ -51,7 +52,7 @@ class _TrialRunner:
         values = np.zeros((masks.shape[0], len(ev.data)))
         plan = engine.compile(masks.to(ev.model.device))
         for i, (a, b) in enumerate(ev._spans()):
-            part, abl, clean_logits = ev._batch(i, a, b)
+            part, abl, clean_logits = ev.batch(i)
             dev = ev.model.device
             logits = engine.patched_run(part.clean.to(dev), abl, plan, logit_positions=part.last.to(dev),
                                         start=self.states[i][layer])
@@ -83,8 +84,8 @@ def acdc(ev: Evaluator, tau: float, batch: int | None = None, progress: bool = T
     for d in reversed(range(len(G.destinations))):
         if max_edges is not None and visited >= max_edges:
             break
-        node = G.node_of(G.destinations[d])
-        layer = len(engine.w.layers) if node == "logits" else int(node[1:].split(".")[0])
+        ref = NodeRef.parse(G.destinations[d])
+        node, layer = ref.name, ref.block_layer(G.n_layers)
         candidates = [s for s in reversed(range(int(G.n_upstream[d]))) if current[s, d]]
         if max_edges is not None:
             candidates = candidates[:max_edges - visited]
@@ -137,8 +138,7 @@ def exact_scores(ev: Evaluator, batch: int | None = None, progress: bool = True)
     clean = float(ev.clean_values.mean())
     layer_of = []
     for _, d in pairs.tolist():
-        node = G.node_of(G.destinations[d])
-        layer_of.append(len(ev.engine.w.layers) if node == "logits" else int(node[1:].split(".")[0]))
+        layer_of.append(NodeRef.parse(G.destinations[d]).block_layer(G.n_layers))
     order = sorted(range(len(pairs)), key=lambda k: layer_of[k])
     groups = [order[i:i + batch] for i in range(0, len(order), batch)]
     for group in tqdm(groups, desc="exact edge effects", leave=False, disable=not progress):

@@ -2,13 +2,16 @@
 
 An edge's score is ``(ablated_s - clean_s) . dM/dx_d`` summed over positions and averaged over
 examples, where ``x_d`` is the destination's own input (each head's q, k and v input separately).
-The gradients come from one differentiable forward in which every destination reads the shared
-residual plus a zero "probe" tensor of its own; the probes' gradients are the per-destination
-input gradients.  EAP-IG averages the gradients over ``steps`` points between the ablated and
-the clean run; :func:`ig_alphas` says where (ours by default, or the EAP-IG repository's).
+The gradients come from the ordinary shared forward: a head port's input gradient is the
+gradient of its own projection pulled back through the port's input norm (a closed-form
+vector-Jacobian product, one batched product for all ports of a layer), and each destination's
+gradient is folded into the scores by a hook as soon as the backward produces it, so neither
+per-port copies of the residual nor all destinations' gradients are ever held.  EAP-IG averages
+the gradients over ``steps`` points between the ablated and the clean run; :func:`ig_alphas` says
+where (ours by default, or the EAP-IG repository's).
 
-Scores are summed in float64 (each block's products in fp32) whatever the model's dtype, and over
-ranks under ``torch.distributed`` (each rank attributes its share of the examples).
+Scores are summed in float64 (each destination's products in fp32) whatever the model's dtype,
+and over ranks under ``torch.distributed`` (each rank attributes its share of the examples).
 """
 
 from __future__ import annotations
@@ -16,45 +19,61 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from circuitgraph.evaluate.evaluator import Evaluator, _on
+from circuitgraph.evaluate.evaluator import Evaluator
 from circuitgraph.discovery.edge_scores import EdgeScores
 
 
-def _probed_forward(engine, tokens, positions, emb=None, override: dict[int, torch.Tensor] | None = None):
-    """Logits at ``positions`` with a zero probe added to every destination input.
+class _ScoreFolder:
+    """Folds each destination's input gradient into the edge scores as the backward produces it,
+    so no destination's gradient outlives its own hook (the lean part of the attribution)."""
 
-    ``override[block]`` replaces a source block's output (the embedding, a layer's summed attention
-    output incl. bias, or an MLP output) with a constant, for IG over activations.
-    Returns ``(logits, probes)`` with one probe ``[n, B, P, D]`` per destination block.
-    """
-    k, H = engine.kernel, engine.H
-    B, P = tokens.shape
-    emb = engine.w.embed(tokens) if emb is None else emb
+    def __init__(self, engine, scores: torch.Tensor, deltas: torch.Tensor):
+        self.e, self.scores, self.deltas = engine, scores, deltas  # deltas: [S, B*P*D], noising direction
+        self.weight = 1.0
+
+    def _add(self, first_dest: int, cols, grads: torch.Tensor):
+        n_up = int(self.e.graph.n_upstream[first_dest])
+        grads = grads.to(self.deltas.device).reshape(grads.shape[0], -1).float()
+        self.scores[:n_up, cols] += (self.deltas[:n_up] @ grads.T).double().cpu() * self.weight
+
+    def watch_heads(self, layer: int, x: torch.Tensor):
+        G, H = self.e.graph, self.e.H
+        base = G.head_dest(layer, 0, "q")
+
+        def watch(q, k, v, pre):
+            for kind, t in enumerate((q, k, v)):
+                if t.requires_grad:
+                    cols = base + 3 * torch.arange(H) + kind
+                    t.register_hook(lambda g, kind=kind, cols=cols: self._add(
+                        base, cols, self.e.kernel.port_input_grads(layer, kind, g, x.detach(), pre)))
+        return watch
+
+    def watch(self, t: torch.Tensor, dest: int) -> torch.Tensor:
+        """``t`` as a destination's input: a view whose gradient is folded into column ``dest``."""
+        t = t.view_as(t)
+        if t.requires_grad:
+            t.register_hook(lambda g: self._add(dest, [dest], g[None]))
+        return t
+
+
+def _lean_forward(engine, tokens, positions, fold: _ScoreFolder, emb=None, override: dict[int, torch.Tensor] | None = None):
+    """Logits at ``positions`` from the ordinary shared forward, with ``fold`` hooked on every
+    destination input.  ``override[block]`` replaces a source block's output (the embedding, a layer's
+    summed attention output incl. bias, or an MLP output) with a constant, for IG over activations.
+    Returns ``(logits, leaf)``: differentiate the metric with respect to ``leaf`` to run the hooks."""
+    k, G = engine.kernel, engine.graph
     override = override or {}
-    if 0 in override:
-        emb = override[0]
-    rope = k.rotary(P, emb)
-    probes = [torch.zeros(b - a, B, P, engine.D, dtype=emb.dtype, device=emb.device, requires_grad=True) for a, b in engine.dst_blocks]
-    resid = emb
-    ports = torch.arange(3 * H)
+    emb = override.get(0, engine.w.embed(tokens) if emb is None else emb)
+    leaf = emb.detach().requires_grad_(True)
+    rope = k.rotary(tokens.shape[1], leaf)
+    resid = leaf
     for layer in range(len(engine.w.layers)):
-        qkv = k.port_qkv(layer, resid[None] + probes[2 * layer], ports)  # [3H, B, P, dh], head-major / port-minor
-        qkv = qkv.view(H, 3, B, P, engine.dh).permute(1, 2, 0, 3, 4)
-        probe = probes[2 * layer + 1][0]
-        out = k.block(layer, resid, rope[layer], qkv=(qkv[0], qkv[1], qkv[2]), mlp_input=lambda mid, probe=probe: mid + probe,
+        qkv = k.probed_qkv(layer, resid, fold.watch_heads(layer, resid))
+        mlp_dest = G.mlp_dest(layer)
+        out = k.block(layer, resid, rope[layer], qkv=qkv, mlp_input=lambda mid, d=mlp_dest: fold.watch(mid, d),
                       attn_override=override.get(1 + 2 * layer), mlp_override=override.get(2 + 2 * layer))
         resid = out.resid
-    final = resid + probes[-1][0]
-    logits = k.unembed(final, positions)
-    return logits, probes
-
-
-def _accumulate(engine, scores, deltas, grads):
-    """scores[s, d] += sum_{b,p} delta_s . grad_d over each destination block's upstream sources."""
-    flat = torch.cat([d.reshape(d.shape[0], -1) for d in deltas])  # [S, B*P*D]
-    for (a, b), g in zip(engine.dst_blocks, grads):
-        n_up = int(engine.graph.n_upstream[a])
-        scores[:n_up, a:b] += flat[:n_up] @ g.reshape(b - a, -1).T
+    return k.unembed(fold.watch(resid, G.logits_dest), positions), leaf
 
 
 IG_POINTS = ("right", "left")
@@ -85,29 +104,28 @@ def attribute(evaluator: Evaluator, method: str = "eap", steps: int = 5, progres
     alphas = ig_alphas(steps, ig_points)
     ev, engine = evaluator, evaluator.engine
     G = engine.graph
-    scores = torch.zeros(len(G.sources), len(G.destinations), dtype=torch.float64, device=ev.model.device)
+    scores = torch.zeros(len(G.sources), len(G.destinations), dtype=torch.float64)
     n_points = 1 if method == "eap" else steps
     n_backward = 0
-    spans = ev._spans()
-    bar = tqdm(total=len(spans) * (n_points if method != "eap-ig-activations" else n_points * len(engine.src_blocks)),
+    bar = tqdm(total=ev.n_batches * (n_points if method != "eap-ig-activations" else n_points * len(engine.src_blocks)),
                desc=method, leave=False, disable=not progress)
-    for i, (a, b) in enumerate(spans):
-        part, abl, clean_logits = ev._batch(i, a, b)
+    for i in range(ev.n_batches):
+        part, abl, clean_logits = ev.batch(i)
         dev = ev.model.device
         toks, last = part.clean.to(dev), part.last.to(dev)
         with torch.no_grad():
             _, clean_out = engine.run(toks, record=True)
-        ablated = abl.outputs if abl.outputs is not None else [torch.zeros_like(o) for o in clean_out]
-        deltas = [(ab.expand_as(c) - c).float() for ab, c in zip(ablated, clean_out)]  # noising direction
-        grads = [torch.zeros(b_ - a_, *toks.shape, engine.D, device=dev) for a_, b_ in engine.dst_blocks]
+            ablated = abl.outputs if abl.outputs is not None else [torch.zeros_like(o) for o in clean_out]
+            deltas = torch.cat([(ab.expand_as(c) - c).float().reshape(c.shape[0], -1) for ab, c in zip(ablated, clean_out)])
+        fold = _ScoreFolder(engine, scores, deltas)
+        n_avg = n_points if method != "eap-ig-activations" else n_points * len(engine.src_blocks)
+        fold.weight = 1.0 / n_avg
 
         def backward(**kw):
             nonlocal n_backward
-            logits, probes = _probed_forward(engine, toks, last, **kw)
-            metric = ev.metric(logits, _on(part, dev), clean_logits).sum()
-            for g, p in zip(grads, torch.autograd.grad(metric, probes, allow_unused=True)):
-                if p is not None:  # None: the probe feeds a block whose output was overridden
-                    g += p
+            logits, leaf = _lean_forward(engine, toks, last, fold, **kw)
+            metric = ev.metric(logits, part.to(dev), clean_logits).sum()
+            torch.autograd.grad(metric, leaf, allow_unused=True)  # the hooks fold the gradients into the scores
             n_backward += 1
             bar.update(1)
 
@@ -122,8 +140,7 @@ def attribute(evaluator: Evaluator, method: str = "eap", steps: int = 5, progres
             for block, (c, z) in enumerate(summed):
                 for alpha in alphas:
                     backward(override={block: z + alpha * (c - z)})
-        n_avg = n_points if method != "eap-ig-activations" else n_points * len(engine.src_blocks)
-        _accumulate(engine, scores, deltas, [g / n_avg for g in grads])
+        del clean_out, ablated, deltas, fold
     bar.close()
     scores = ev.reduce(scores) / len(ev.data)
     n_backward = int(ev.reduce(torch.tensor([n_backward], dtype=torch.float64)).item())

@@ -34,19 +34,40 @@ class EdgeScores:
         return self.scores[idx[:, 0], idx[:, 1]]
 
     def as_dict(self) -> dict[str, float]:
+        """``{edge name: score}`` in ``graph.edges`` order."""
         return dict(zip(self.graph.edges, self.edge_values().tolist()))
+
+    def to_dict(self) -> dict[str, list]:
+        """Columns ``edge, source, destination, port, score, abs_score``, a plain dict of lists:
+        ``pandas.DataFrame(scores.to_dict())`` is the table, one row per edge in ``graph.edges`` order."""
+        g = self.graph
+        cols: dict[str, list] = {"edge": [], "source": [], "destination": [], "port": [], "score": [], "abs_score": []}
+        for name, v in self.as_dict().items():
+            src, dst = name.split("->")
+            cols["edge"].append(name)
+            cols["source"].append(src)
+            cols["destination"].append(g.node_of(dst))
+            cols["port"].append(dst[dst.index("<") + 1:-1] if "<" in dst else None)
+            cols["score"].append(v)
+            cols["abs_score"].append(abs(v))
+        return cols
 
     # ----- selection ---------------------------------------------------------------------
     def top_n(self, n: int, absolute: bool = True) -> torch.Tensor:
         """Bool mask of the ``n`` highest-scoring edges."""
+        if isinstance(n, bool) or int(n) != n or n < 1:
+            raise ValueError(f"top_n needs a positive integer, got {n!r}")
         vals = self.scores.abs() if absolute else self.scores
         flat = torch.nan_to_num(vals, nan=-float("inf")).flatten()
-        n = max(0, min(n, self.graph.n_edges))
+        n = min(int(n), self.graph.n_edges)
         mask = torch.zeros_like(flat, dtype=torch.bool)
         mask[flat.topk(n).indices] = True
         return mask.view_as(self.scores)
 
     def threshold(self, t: float, absolute: bool = True) -> torch.Tensor:
+        """Bool mask of the edges scoring ``>= t`` (``|score| >= t`` when ``absolute``)."""
+        if t != t:
+            raise ValueError("threshold is NaN; expected a number")
         vals = self.scores.abs() if absolute else self.scores
         return torch.nan_to_num(vals, nan=-float("inf")) >= t
 

@@ -57,7 +57,8 @@ class PatchEngine:
         for layer in range(len(self.w.layers)):
             out = k.block(layer, resid, rope[layer], pattern=patterns)
             if record:
-                outputs += [k.head_outputs(layer, out.z, all_heads, out.inv), out.mlp[None]]
+                home = outputs[0].device
+                outputs += [k.head_outputs(layer, out.z, all_heads, out.inv).to(home), out.mlp[None].to(home)]
             if patterns:
                 pats.append(out.pattern)
             resid = out.resid

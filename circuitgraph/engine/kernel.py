@@ -37,18 +37,23 @@ class Kernel:
         self.parallel = info.parallel_attn_mlp
 
     # ----- per-run tables -----------------------------------------------------------------
+    def device(self, layer: int) -> torch.device:
+        """Where layer ``layer``'s weights live (models sharded with ``device_map`` span several)."""
+        return self.w.layers[layer].attn.W_O.device
+
     def rotary(self, length: int, like: torch.Tensor) -> list:
-        """Per layer ``(cos, sin)`` for positions ``0..length-1`` (or None), computed once per table."""
-        positions = torch.arange(length, device=like.device)
+        """Per layer ``(cos, sin)`` for positions ``0..length-1`` (or None), computed once per table and device."""
         cache, out = {}, []
-        for lw in self.w.layers:
+        for layer, lw in enumerate(self.w.layers):
             r = lw.attn.rotary
             if r is None:
                 out.append(None)
                 continue
-            if r.key not in cache:
-                cache[r.key] = r(positions, like)
-            out.append(cache[r.key])
+            dev = self.device(layer)
+            key = (r.key, dev)
+            if key not in cache:
+                cache[key] = r(torch.arange(length, device=dev), like.to(dev))
+            out.append(cache[key])
         return out
 
     # ----- attention inputs ---------------------------------------------------------------
@@ -56,6 +61,7 @@ class Kernel:
         """``q [B, H, P, dh]``, ``k, v [B, H_kv, P, dh]`` when every head port reads the same ``x``."""
         lw = self.w.layers[layer]
         a = lw.attn
+        x = x.to(self.device(layer))
         xn = lw.ln1(x) if lw.ln1 is not None else x
         q, k, v = a.project(xn)
         if a.qk_norm_over_heads:
@@ -65,6 +71,48 @@ class Kernel:
             q, k = a.q_norm(q), a.k_norm(k)
         return q, k, v
 
+    def probed_qkv(self, layer: int, x: torch.Tensor, watch: Callable):
+        """Like :meth:`shared_qkv`, with keys and values per query head, calling ``watch(q, k, v, pre)``
+        on the per-head projections (before per-head q/k norms and rotary) so a caller can hook their
+        gradients; ``pre`` holds the un-normalised projections where one q/k norm spans every head."""
+        lw = self.w.layers[layer]
+        a = lw.attn
+        xn = lw.ln1(x) if lw.ln1 is not None else x
+        q, k, v = a.project(xn)
+        pre = None
+        if a.qk_norm_over_heads:
+            pre = (q, k)
+            q, k = a.q_norm(q), a.k_norm(k)
+        q, k, v = (t.unflatten(-1, (-1, self.dh)).transpose(1, 2) for t in (q, k, v))
+        if a.group > 1:
+            k, v = k.repeat_interleave(a.group, 1), v.repeat_interleave(a.group, 1)
+        watch(q, k, v, pre)
+        if a.q_norm is not None and not a.qk_norm_over_heads:
+            q, k = a.q_norm(q), a.k_norm(k)
+        return q, k, v
+
+    def port_input_grads(self, layer: int, kind: int, g: torch.Tensor, x: torch.Tensor, pre=None) -> torch.Tensor:
+        """Gradients ``[H, B, P, D]`` of each head's port ``kind`` (0 q, 1 k, 2 v) with respect to that
+        port's own input, from the gradient ``g [B, H, P, dh]`` of the per-head projections that
+        :meth:`probed_qkv` exposed, all ports having read ``x``: the projection's transpose, then the
+        input norm's vector-Jacobian product (one closed form for all ports, no per-port forward)."""
+        lw = self.w.layers[layer]
+        a = lw.attn
+        W, heads = (a.W_Q, None) if kind == 0 else ((a.W_K if kind == 1 else a.W_V), torch.arange(self.H, device=g.device) // a.group)
+        gh = g.transpose(0, 1).float()  # [H, B, P, dh]
+        if pre is not None and kind < 2:  # a q/k norm over all heads: head h's cotangent sits in its own slice
+            norm_, full = (a.q_norm, pre[0]) if kind == 0 else (a.k_norm, pre[1])
+            n_slices = full.shape[-1] // self.dh
+            cot = gh.new_zeros(self.H, *full.shape[:-1], n_slices, self.dh)
+            idx = torch.arange(self.H, device=g.device) if kind == 0 else heads
+            cot[torch.arange(self.H, device=g.device), :, :, idx] = gh
+            u_full = norm_.vjp(full, cot.flatten(-2))  # [H, B, P, n_slices * dh]
+            u = torch.einsum("hbpne,nde->hbpd", u_full.unflatten(-1, (n_slices, self.dh)), W.float())
+        else:
+            Wh = W.float() if heads is None else W.float()[heads]  # [H, D, dh]
+            u = torch.einsum("hbpe,hde->hbpd", gh, Wh)
+        return u if lw.ln1 is None else lw.ln1.vjp(x, u)
+
     def port_qkv(self, layer: int, x: torch.Tensor, ports: torch.Tensor) -> torch.Tensor:
         """Values ``[n, B, P, dh]`` of head ports ``ports`` (local index ``3 * head + {q,k,v}``).
 
@@ -73,6 +121,7 @@ class Kernel:
         """
         lw = self.w.layers[layer]
         a = lw.attn
+        x = x.to(self.device(layer))
         ports = ports.to(x.device)
         heads, kinds = ports // 3, ports % 3
         xn = lw.ln1(x) if lw.ln1 is not None else x
@@ -190,6 +239,13 @@ class Kernel:
         ``on_attn(z, inv)`` runs between attention and MLP (a patched MLP may read this layer's heads);
         ``tap`` (:class:`~circuitgraph.engine.hooks.Tap`) reads or replaces named activations."""
         name = f"blocks.{layer}."
+        dev = self.device(layer)
+        if resid.device != dev:  # a sharded model: run each layer where its weights are
+            resid = resid.to(dev)
+            qkv = None if qkv is None else tuple(t.to(dev) for t in qkv)
+            if mlp_input is not None:
+                inner = mlp_input
+                mlp_input = lambda mid: inner(mid).to(dev)
         if tap is not None:
             resid = tap(name + "hook_resid_pre", resid)
             pattern = pattern or tap.wants(name + "attn.hook_pattern")
@@ -220,8 +276,8 @@ class Kernel:
 
     def unembed(self, resid: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         if positions is not None:
-            resid = resid[torch.arange(resid.shape[0], device=resid.device), positions]
-        return self.w.unembed(resid)
+            resid = resid[torch.arange(resid.shape[0], device=resid.device), positions.to(resid.device)]
+        return self.w.unembed(resid.to(self.w.W_U.device))
 
 
 def _rotate(x: torch.Tensor, cos_sin) -> torch.Tensor:

@@ -41,6 +41,7 @@ class PatchedRun:
         if self.full is not None:
             out = all_out() if callable(all_out) else rows_out
             abl = self._ablated(block)
+            out = out.to(self.dbuf.device)
             self.full.append(out if abl is None else out - abl)
         rows = self.plan.needed[block]
         if not len(rows):
@@ -50,12 +51,15 @@ class PatchedRun:
         if abl is not None:
             out = out - self._tile(abl if len(rows) == abl.shape[0] else abl[rows.to(out.device)])
         o = self.plan.offsets[block]
+        out = out.to(self.dbuf.device)
         self.dbuf[:, o:o + len(rows)] = out.view(len(rows), self.C, self.B, self.P, self.D).transpose(0, 1)
 
     # ----- destination inputs -----------------------------------------------------------------
     def _custom_inputs(self, bp: BlockPlan, A: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
         """``[n_custom, Bt, P, D]`` inputs of the destinations built from deltas."""
         n, B, P, D, C = len(bp.custom), self.B, self.P, self.D, self.C
+        if C == 1 and not bp.positional and self.split is None and bp.coef is not None:
+            return self._single_circuit_inputs(bp, A, R)
         if bp.up is not None and bool(bp.up.any()):
             up = bp.up.repeat_interleave(B, dim=1)[:, :, None, None]  # [n, Bt, 1, 1]
             x = A + up * (R - A)
@@ -76,6 +80,21 @@ class PatchedRun:
             mix = torch.bmm(bp.coef.transpose(1, 2), G.reshape(C, K, -1))  # [C, n, B*P*D]
             mix = mix.view(C, n, B, P, D).transpose(0, 1).reshape(n, self.Bt, P, D)
         return x + mix
+
+    def _single_circuit_inputs(self, bp: BlockPlan, A: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+        """One circuit: each input is its base (``A`` or ``R``, grouped by the plan) plus its mix of deltas,
+        written by one matrix product per group with the base as the product's addend (one pass)."""
+        n = len(bp.custom)
+        dbuf = self.dbuf[0]
+        G = dbuf[:bp.prefix] if bp.gather is None else dbuf.index_select(0, bp.gather.to(dbuf.device))
+        G = G.reshape(G.shape[0], -1)
+        coefT = bp.coef[0].T  # [n, K]
+        n_a = int((bp.up[:, 0] < 0.5).sum())
+        x = G.new_empty(n, G.shape[1])
+        for lo, hi, base in ((0, n_a, A), (n_a, n, R)):
+            if hi > lo:
+                torch.addmm(base.reshape(1, -1), coefT[lo:hi], G, out=x[lo:hi])
+        return x.view(n, self.Bt, self.P, self.D)
 
     def _resumed_mix(self, bp: BlockPlan, n: int) -> torch.Tensor:
         """The mix when rows before ``split`` live in the prefix state (one copy for all circuits)."""
@@ -107,7 +126,7 @@ class PatchedRun:
         n = 3 * self.e.H
         if len(bp.from_ablated) == n or len(bp.from_patched) == n:
             return self.k.shared_qkv(layer, A if len(bp.from_ablated) == n else R)
-        out = R.new_empty(n, self.Bt, self.P, self.e.dh)
+        out = R.new_empty(n, self.Bt, self.P, self.e.dh, device=self.k.device(layer))
         for idx, base in ((bp.from_ablated, A), (bp.from_patched, R)):
             if len(idx):
                 out[idx.to(R.device)] = self.k.port_qkv(layer, base, idx)
@@ -149,9 +168,9 @@ class PatchedRun:
                 self._record(1 + 2 * layer, heads, lambda: self.k.head_outputs(layer, z, all_heads, inv))
 
             out = self.k.block(layer, resid, rope[layer], qkv=self._qkv(layer, A, resid), on_attn=store_heads,
-                               mlp_input=lambda R_mid: self._single_input(2 * layer + 1, A_mid, R_mid))
+                               mlp_input=lambda R_mid: self._single_input(2 * layer + 1, A_mid, R_mid.to(emb.device)))
             self._record(2 + 2 * layer, out.mlp[None])
-            resid = out.resid
+            resid = out.resid.to(emb.device)
         if self.stop_layer is not None:
             return PrefixState(self.stop_layer, resid, self.full)
         return self._logits(resid)
@@ -190,4 +209,4 @@ class PatchedRun:
                 G = self.dbuf[:, rows[sel]][:, :, b_idx, lp]  # [C, K, B, D]
                 mix = mix + torch.einsum("ckbd,ck->cbd", G, coef[:, sel])
             final = final + mix.reshape(Bt, D) if torch.is_tensor(mix) else final
-        return e.w.unembed(final).view(C, B, -1)
+        return self.k.unembed(final).view(C, B, -1)

@@ -127,5 +127,9 @@ def compile_plan(engine, masks: torch.Tensor, position_masks: dict[tuple[int, in
                 full = coef.new_zeros(coef.shape[0], prefix, coef.shape[2])
                 full[:, pos] = coef
             coef = full
+        if C == 1 and not positional:  # destinations on base A first, then those on R: two contiguous mixes
+            order = torch.argsort(up[:, 0], stable=True)
+            custom, up = custom[order], up[order]
+            coef = None if coef is None else coef[:, :, order]
         plan.blocks.append(BlockPlan(from_a, from_r, custom, prefix, gather, coef, up, positional))
     return plan

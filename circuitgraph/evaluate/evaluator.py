@@ -4,30 +4,41 @@
 the metric with every edge ablated (the corrupted run under corrupted ablation);
 ``necessity = 1 - (M(complement) - M(ablated)) / (M(clean) - M(ablated))``.  Spreads are
 bootstrap standard errors over examples (the ratio of means has no closed form).
+
+When ``M(clean)`` and ``M(ablated)`` are equal within noise the ratios mean nothing: they are
+reported as ``None`` with the reason (:func:`normalisation_problem`), never as a number; so is a
+standard error from one example.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from circuitgraph.data.dataset import DataError, TaskData
+from circuitgraph.data.dataset import DataError, TaskData, load_dataset, model_limits
 from circuitgraph.engine import Ablation
+from circuitgraph.errors import CircuitWarning
 from circuitgraph.evaluate import distributed as dist
 from circuitgraph.evaluate.metrics import get_metric
 from circuitgraph.model.loading import CircuitModel
-from circuitgraph.spec.circuit_spec import CircuitSpec, ResolvedCircuit
+from circuitgraph.spec.circuit_spec import CircuitSpec, ResolvedCircuit, SpecError
 
 ABLATIONS = ("corrupted", "mean", "zero")
 
 
 @dataclass
 class CircuitScore:
+    """Faithfulness and necessity of one circuit.  A ratio whose denominator is zero or within noise
+    is ``None`` with the reason in ``undefined_reason``; a standard error from one example is ``None``
+    with ``se_reason``.  :meth:`to_dict` and :meth:`to_json` never hold NaN or Infinity."""
+
     metric: str
     ablation: str
     n_examples: int
@@ -37,33 +48,69 @@ class CircuitScore:
     corrupted_metric: float
     circuit_metric: float
     complement_metric: float
-    faithfulness: float
-    faithfulness_se: float
-    necessity: float
-    necessity_se: float
-    clean_metric_se: float = 0.0
-    corrupted_metric_se: float = 0.0
-    circuit_metric_se: float = 0.0
+    faithfulness: float | None
+    faithfulness_se: float | None
+    necessity: float | None
+    necessity_se: float | None
+    clean_metric_se: float | None = None
+    corrupted_metric_se: float | None = None
+    circuit_metric_se: float | None = None
     prepend_bos: bool = False
     warnings: list[str] = field(default_factory=list)
+    undefined_reason: str | None = None
+    se_reason: str | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """JSON-ready: every non-finite number becomes ``None`` (strict JSON has no NaN)."""
+        return {k: _finite_or_none(v) for k, v in asdict(self).items()}
+
+    def to_json(self, **kw) -> str:
+        return json.dumps(self.to_dict(), allow_nan=False, **kw)
+
+
+def _finite_or_none(v):
+    return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
 def bootstrap_se(fn, *arrays: np.ndarray, n: int = 1000, seed: int = 0) -> float:
-    """Standard error of ``fn(*arrays)`` by resampling examples (rows) with replacement."""
+    """Standard error of ``fn(*arrays)`` by resampling examples (rows) with replacement (NaN for one example)."""
     N = len(arrays[0])
     if N < 2:
         return float("nan")
     idx = np.random.default_rng(seed).integers(0, N, size=(n, N))
-    vals = fn(*(a[idx] for a in arrays))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        vals = fn(*(a[idx] for a in arrays))
     return float(np.nanstd(vals, ddof=1))
 
 
-def _normalised(m, clean, base):
-    with np.errstate(divide="ignore", invalid="ignore"):  # a zero gap is reported by a warning, and gives nan/inf
+def normalised(m, clean, base):
+    with np.errstate(divide="ignore", invalid="ignore"):  # an undefined normalisation is reported, not printed
         return (m.mean(-1) - base.mean(-1)) / (clean.mean(-1) - base.mean(-1))
+
+
+def zero_gap(clean: np.ndarray, base: np.ndarray) -> bool:
+    """Clean and ablated metrics equal up to float rounding (relative 1e-6): every ratio is 0/0."""
+    c, b = float(clean.mean()), float(base.mean())
+    return abs(c - b) <= 1e-6 * max(1.0, abs(c), abs(b))
+
+
+def normalisation_problem(clean: np.ndarray, base: np.ndarray, metric: str) -> str | None:
+    """Why ``(M - M_ablated) / (M_clean - M_ablated)`` means nothing on this data, or ``None``.
+
+    Undefined when the clean and ablated metrics are equal (relative 1e-6) or, with two or more
+    examples, differ by no more than twice the bootstrap standard error of their difference."""
+    c, b = float(clean.mean()), float(base.mean())
+    if not (math.isfinite(c) and math.isfinite(b)):
+        return f"the clean ({c:.4g}) or ablated ({b:.4g}) {metric} is not finite"
+    gap = c - b
+    if zero_gap(clean, base):
+        return (f"clean and ablated {metric} are equal ({c:.4g}), so faithfulness and necessity divide by zero; "
+                f"check that the corrupted prompts change the answer")
+    se = bootstrap_se(lambda x, y: x.mean(-1) - y.mean(-1), clean, base)
+    if math.isfinite(se) and abs(gap) <= 2 * se:
+        return (f"clean ({c:.4g}) and ablated ({b:.4g}) {metric} differ by {gap:.3g}, within twice its standard error "
+                f"({se:.2g}), so faithfulness and necessity would divide by noise")
+    return None
 
 
 class Evaluator:
@@ -78,8 +125,9 @@ class Evaluator:
                  cache_budget_mb: float = 2048, distributed: bool = True):
         if ablation not in ABLATIONS:
             raise ValueError(f"unknown ablation '{ablation}'; expected one of {', '.join(ABLATIONS)}")
-        if batch_size < 1:
-            raise ValueError(f"batch size must be at least 1, got {batch_size}")
+        model, data = _check_inputs(model, data)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.model, self.data, self.ablation_kind = model, data, ablation
         self.metric_name, self.metric = metric, get_metric(metric)
         self.batch_size = batch_size
@@ -113,6 +161,15 @@ class Evaluator:
         if not self.distributed:
             return x
         return dist.all_sum_array(x) if isinstance(x, np.ndarray) else dist.all_sum(x)
+
+    @property
+    def n_batches(self) -> int:
+        return len(self._spans())
+
+    def batch(self, i: int):
+        """``(data slice, ablation, clean last-position logits)`` of mini-batch ``i`` (cached when it fits)."""
+        a, b = self._spans()[i]
+        return self._batch(i, a, b)
 
     def _bar(self, it, desc):
         it = list(it)
@@ -162,7 +219,7 @@ class Evaluator:
         return out
 
     def _values(self, logits, part, clean_logits):
-        return self.metric(logits, _on(part, logits.device), clean_logits).double().cpu()
+        return self.metric(logits, part.to(logits.device), clean_logits).double().cpu()
 
     @torch.no_grad()
     def _baselines(self):
@@ -220,7 +277,7 @@ class Evaluator:
 
     def normalise(self, values: np.ndarray) -> np.ndarray:
         """Per-circuit normalised score ``(M - M_ablated) / (M_clean - M_ablated)`` of ``[C, N]`` metric values."""
-        return _normalised(values, self.clean_values[None], self.base_values[None])
+        return normalised(values, self.clean_values[None], self.base_values[None])
 
     def _patched(self, part: TaskData, abl: Ablation, circuit: ResolvedCircuit, complement: bool):
         """Logits ``[1, B, vocab]`` of one position-restricted circuit (or its complement)."""
@@ -240,50 +297,109 @@ class Evaluator:
         return self.engine.patched_run(part.clean.to(dev), abl, plan, logit_positions=part.last.to(dev))
 
     # ----- scores --------------------------------------------------------------------------
-    def resolve(self, circuit: CircuitSpec | ResolvedCircuit) -> ResolvedCircuit:
-        if isinstance(circuit, CircuitSpec):
-            circuit = circuit.resolve(self.graph)
-        for name in circuit.position_names:
-            if name not in self.data.positions:
-                raise DataError(f"the circuit uses position '{name}', which the dataset does not name "
-                                f"(it names: {', '.join(sorted(self.data.positions)) or 'none'})")
-        return circuit
+    def resolve(self, circuit) -> ResolvedCircuit:
+        """The circuit as edges of this model: a :class:`CircuitSpec`, a spec or MIB dict, a list of
+        edge names, or a bool ``[n_sources, n_destinations]`` mask (see ``graph.sources`` /
+        ``graph.destinations``).  Warns (:class:`CircuitWarning`) about specs that could mislead."""
+        resolved, notes = self._resolve(circuit)
+        for note in notes:
+            warnings.warn(note, CircuitWarning, stacklevel=3)
+        return resolved
 
-    def evaluate(self, circuit: CircuitSpec | ResolvedCircuit) -> CircuitScore:
-        """Faithfulness and necessity of one circuit, with bootstrap standard errors."""
-        circuit = self.resolve(circuit)
+    def _resolve(self, circuit) -> tuple[ResolvedCircuit, list[str]]:
+        notes: list[str] = []
+        if isinstance(circuit, dict):
+            circuit = CircuitSpec.from_dict(circuit)
+        elif isinstance(circuit, str):
+            circuit = [circuit]
+        if isinstance(circuit, (list, tuple, set)) and all(isinstance(e, str) for e in circuit):
+            circuit = CircuitSpec(edges=list(dict.fromkeys(circuit)))
+            if not circuit.edges:
+                raise SpecError("the circuit is an empty list of edges")
+        elif isinstance(circuit, (torch.Tensor, np.ndarray)):
+            circuit = self._from_mask(torch.as_tensor(circuit))
+        if isinstance(circuit, CircuitSpec):
+            spec = circuit.require_selection()
+            circuit = spec.resolve(self.graph)
+            if len(circuit) == 0:
+                raise SpecError(f"the spec selects no edge of the model (it holds {spec.contents()})")
+            if (other := _other_model(spec.model, self.model.name)) is not None:
+                notes.append(f"the spec is for model '{spec.model}' but is evaluated on '{other}'")
+            if not _connects(circuit):
+                notes.append(f"the circuit has no path from input to logits (it holds {spec.contents()}), so it carries "
+                             f"no signal from the prompt to the answer; is the spec a fragment?")
+        elif isinstance(circuit, ResolvedCircuit):
+            if circuit.graph != self.graph:
+                raise SpecError(f"the circuit was resolved for another model shape ({circuit.graph.n_layers} layers x "
+                                f"{circuit.graph.n_heads} heads, this model has {self.graph.n_layers} x {self.graph.n_heads})")
+        else:
+            raise TypeError(f"cannot evaluate a {type(circuit).__name__}; expected a CircuitSpec, a spec dict, a list of "
+                            f"edge names ('a0.h1->a1.h2<k>') or a bool mask [n_sources, n_destinations]")
+        self.data.check_positions(circuit.position_names)
+        return circuit, notes
+
+    def _from_mask(self, mask: torch.Tensor) -> ResolvedCircuit:
+        shape = tuple(self.graph.legal.shape)
+        if tuple(mask.shape) != shape:
+            raise SpecError(f"an edge mask must have shape {list(shape)} (graph.sources x graph.destinations), got {list(mask.shape)}")
+        if mask.dtype != torch.bool:
+            if not bool(((mask == 0) | (mask == 1)).all()):
+                raise SpecError("an edge mask must be boolean (or 0/1)")
+            mask = mask.bool()
+        bad = mask.cpu() & ~self.graph.legal
+        if bad.any():
+            s, d = torch.nonzero(bad)[0].tolist()
+            raise SpecError(f"the mask selects {int(bad.sum())} pair(s) that are not edges, e.g. "
+                            f"'{self.graph.sources[s]}->{self.graph.destinations[d]}'")
+        edges = {tuple(sd): None for sd in torch.nonzero(mask.cpu()).tolist()}
+        if not edges:
+            raise SpecError("the edge mask selects no edge")
+        return ResolvedCircuit(self.graph, edges)
+
+    @property
+    def undefined_reason(self) -> str | None:
+        """Why normalised scores (faithfulness, necessity, effects) mean nothing on this data, or ``None``."""
+        if not hasattr(self, "_undefined"):
+            self._undefined = normalisation_problem(self.clean_values, self.base_values, self.metric_name)
+        return self._undefined
+
+    def evaluate(self, circuit) -> CircuitScore:
+        """Faithfulness and necessity of one circuit, with bootstrap standard errors.
+
+        ``circuit`` is anything :meth:`resolve` takes.  When the normalisation is undefined (clean
+        and ablated metrics equal within noise) both ratios are ``None`` and ``undefined_reason``
+        says why; with one example the standard errors are ``None``."""
+        circuit, notes = self._resolve(circuit)
         m_circ = self.metric_values([circuit])[0]
         m_comp = self.metric_values([circuit], complement=True)[0]
         clean, base = self.clean_values, self.base_values
-        faith = float(_normalised(m_circ, clean, base))
-        nec = 1.0 - float(_normalised(m_comp, clean, base))
-        notes = self._check_gap()
-        sem = lambda x: float(np.std(x, ddof=1) / math.sqrt(len(x))) if len(x) > 1 else float("nan")
+        undefined = self.undefined_reason
+        one = len(self.data) < 2
+        se_reason = "one example: no standard error" if one else None
+        if undefined:
+            notes.append(f"faithfulness and necessity are undefined: {undefined}")
+            faith = nec = faith_se = nec_se = None
+        else:
+            faith = float(normalised(m_circ, clean, base))
+            nec = 1.0 - float(normalised(m_comp, clean, base))
+            faith_se = None if one else bootstrap_se(normalised, m_circ, clean, base)
+            nec_se = None if one else bootstrap_se(lambda *a: 1 - normalised(*a), m_comp, clean, base)
+        for note in notes:
+            warnings.warn(note, CircuitWarning, stacklevel=2)
+        sem = lambda x: None if one else float(np.std(x, ddof=1) / math.sqrt(len(x)))
         return CircuitScore(
             metric=self.metric_name, ablation=self.ablation_kind, n_examples=len(self.data),
             n_edges=len(circuit), n_edges_total=self.graph.n_edges,
             clean_metric=float(clean.mean()), corrupted_metric=float(base.mean()),
             circuit_metric=float(m_circ.mean()), complement_metric=float(m_comp.mean()),
-            faithfulness=faith, faithfulness_se=bootstrap_se(_normalised, m_circ, clean, base),
-            necessity=nec, necessity_se=bootstrap_se(lambda *a: 1 - _normalised(*a), m_comp, clean, base),
+            faithfulness=faith, faithfulness_se=faith_se, necessity=nec, necessity_se=nec_se,
             clean_metric_se=sem(clean), corrupted_metric_se=sem(base), circuit_metric_se=sem(m_circ),
-            prepend_bos=self.data.prepend_bos, warnings=notes)
-
-    def _check_gap(self) -> list[str]:
-        clean, base = self.clean_values, self.base_values
-        gap = float(clean.mean() - base.mean())
-        se = bootstrap_se(lambda c, b: c.mean(-1) - b.mean(-1), clean, base)
-        if not math.isfinite(se) or abs(gap) <= 2 * se or abs(gap) < 1e-6:
-            msg = (f"clean ({clean.mean():.4g}) and ablated ({base.mean():.4g}) {self.metric_name} differ by {gap:.3g} "
-                   f"(standard error {se:.2g}); normalised scores are not meaningful")
-            warnings.warn(msg, stacklevel=3)
-            return [msg]
-        return []
+            prepend_bos=self.data.prepend_bos, warnings=notes, undefined_reason=undefined, se_reason=se_reason)
 
     def faithfulness_of(self, circuits: list[ResolvedCircuit], desc: str | None = None) -> np.ndarray:
-        """Faithfulness of many circuits (batched)."""
+        """Faithfulness of many circuits (batched); NaN or infinite where :attr:`undefined_reason` is set."""
         vals = self.metric_values(circuits, desc=desc)
-        return _normalised(vals, self.clean_values[None], self.base_values[None])
+        return normalised(vals, self.clean_values[None], self.base_values[None])
 
     def edge_effects(self, circuit: CircuitSpec | ResolvedCircuit, chunk: int | None = None) -> dict[str, tuple[float, float]]:
         """Drop in faithfulness when each edge alone is removed from the circuit: ``{edge: (drop, se)}``."""
@@ -303,21 +419,55 @@ class Evaluator:
         return self._drops(circuit, list(by_node.values()), list(by_node), chunk, "node effects")
 
     def _drops(self, circuit, removals, names, chunk, desc):
+        if self.undefined_reason:
+            warnings.warn(f"effects are undefined (NaN): {self.undefined_reason}", CircuitWarning, stacklevel=3)
         full = self.metric_values([circuit])[0]
         reduced = self.metric_values([circuit.without(r) for r in removals], chunk=chunk, desc=desc)
         clean, base = self.clean_values, self.base_values
-        drop = lambda f, r, c, b: _normalised(f, c, b) - _normalised(r, c, b)
+        drop = lambda f, r, c, b: normalised(f, c, b) - normalised(r, c, b)
         out = {}
         for name, row in zip(names, reduced):
             out[name] = (float(drop(full, row, clean, base)), bootstrap_se(drop, full, row, clean, base))
         return out
 
 
-def _on(part: TaskData, device) -> TaskData:
-    if part.answers.device == device:
-        return part
-    return TaskData(part.clean, part.corrupted, part.lengths, part.answers.to(device), part.wrongs.to(device),
-                    part.positions, part.examples, part.prepend_bos)
+def _check_inputs(model, data) -> tuple[CircuitModel, TaskData]:
+    """A clear error for the objects people pass by habit (a model name, a HuggingFace or
+    TransformerLens model, a file name or rows for the data); files and rows are loaded."""
+    if not isinstance(model, CircuitModel):
+        hint = (f"load it with circuitgraph.load_model({model!r})" if isinstance(model, (str, Path)) else
+                "wrap a HuggingFace model with circuitgraph.CircuitModel(hf_model, tokenizer), or load one with circuitgraph.load_model(name)")
+        raise TypeError(f"Evaluator needs a circuitgraph model, got {type(model).__name__}; {hint}")
+    if isinstance(data, (str, Path, list, tuple)):
+        data = load_dataset(data, model)
+    elif not isinstance(data, TaskData):
+        raise TypeError(f"Evaluator needs a dataset: a TaskData (circuitgraph.load_dataset), a JSONL path or a list of "
+                        f"dicts with clean, corrupted, answer, wrong; got {type(data).__name__}")
+    vocab, context = model_limits(model)
+    if context is not None and data.clean.shape[1] > context:
+        i = int(data.lengths.argmax())
+        raise DataError(f"{data.where(i)}: the prompt is {int(data.lengths[i])} tokens, longer than the model's context of {context} tokens")
+    top = int(max(data.clean.max(), data.corrupted.max(), data.answers.max(), data.wrongs.max()))
+    if top >= vocab:
+        raise DataError(f"{data.source}: token id {top} is outside the model's vocabulary ({vocab}); was the data tokenized for another model?")
+    return model, data
+
+
+def _other_model(spec_model: str | None, model_name: str) -> str | None:
+    """``model_name`` when a spec's ``model`` names a different model (hub org and folders ignored)."""
+    if not spec_model:
+        return None
+    key = lambda n: str(n).rstrip("/").rsplit("/", 1)[-1].lower()
+    return None if key(spec_model) == key(model_name) else model_name
+
+
+def _connects(circuit: ResolvedCircuit) -> bool:
+    """Whether the circuit's edges hold a path from ``input`` to ``logits``."""
+    import networkx as nx
+
+    g = circuit.graph
+    dg = nx.DiGraph((g.sources[s], g.node_of(g.destinations[d])) for s, d in circuit.edges)
+    return "input" in dg and "logits" in dg and nx.has_path(dg, "input", "logits")
 
 
 def evaluate(model: CircuitModel, data: TaskData, circuit: CircuitSpec, **kw) -> CircuitScore:

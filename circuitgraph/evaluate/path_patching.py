@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 from circuitgraph.data.dataset import TaskData
-from circuitgraph.graph.computational_graph import GraphError
+from circuitgraph.graph import GraphError, NodeRef
 from circuitgraph.model.loading import CircuitModel
-from circuitgraph.evaluate.evaluator import Evaluator, _normalised, bootstrap_se
+from circuitgraph.evaluate.evaluator import Evaluator, bootstrap_se, normalised, zero_gap
 from circuitgraph.spec.circuit_spec import ResolvedCircuit
 
 NORMALISATION = "(M(patched) - M(clean)) / (M(clean) - M(corrupted)); 0 = no effect, -1 = the full corruption effect"
@@ -52,7 +52,7 @@ class PathPatchResult:
     prepend_bos: bool = False
     normalisation: str = NORMALISATION
     dims: tuple[str, str] = ("layer", "head")
-
+    undefined_reason: str | None = None  # clean and corrupted metrics equal within noise: effects mean nothing
     @property
     def receiver(self) -> str:
         return ",".join(self.receivers)
@@ -66,10 +66,10 @@ class PathPatchResult:
         d = {k: v for k, v in asdict(self).items() if k not in ("heads", "mlps", "dims")}
         for key in ("senders", "senders_se"):
             d[key] = {n: (v if math.isfinite(v) else None) for n, v in d[key].items()}
-        return {"receiver": self.receiver, **d}
+        return {"receiver": self.receiver, **{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}}
 
     def to_json(self, **kw) -> str:
-        return json.dumps(self.to_dict(), **kw)
+        return json.dumps(self.to_dict(), allow_nan=False, **kw)
 
 
 # ----- names --------------------------------------------------------------------------------
@@ -79,15 +79,16 @@ def receiver_index(graph, name: str) -> int:
     if name in graph.destination_index:
         return graph.destination_index[name]
     what = "a receiver is a head's input port ('a1.h2<q>', '<k>' or '<v>'), an MLP ('m1') or 'logits'"
-    node = graph.node_of(name)
     try:
-        graph.check_node(node, where="receiver")
+        ref = graph.ref(name, where="receiver")
     except GraphError as e:
         reason = str(e).split("': ", 1)[-1]
+        if "unknown port" in reason:
+            raise ValueError(f"receiver '{name}' is not a destination of this model ({reason}); {what}") from None
         raise ValueError(f"receiver '{name}': {reason}; {what}") from None
-    if node == "input":
+    if ref.kind == "input":
         raise ValueError(f"receiver '{name}': 'input' reads nothing; {what}")
-    if node.startswith("a") and "<" not in name:
+    if ref.is_head and ref.port is None:
         raise ValueError(f"receiver '{name}': a head receiver needs a port: '{name}<q>', '{name}<k>' or '{name}<v>'")
     raise ValueError(f"receiver '{name}' is not a destination of this model; {what}")
 
@@ -98,6 +99,14 @@ def sender_index(graph, name: str) -> int:
     if name == "logits":
         raise ValueError("sender 'logits': the logits write nothing; a sender is 'input', a head ('a0.h1') or an MLP ('m0')")
     return graph.source_index[name]
+
+
+def _check_upstream(graph, senders: list[int], dst: list[int], receivers: list[str]) -> None:
+    """Every sender must feed at least one receiver: a sender downstream (or level) has no path to patch."""
+    for s in senders:
+        if not bool(graph.legal[s, dst].any()):
+            raise ValueError(f"sender '{graph.sources[s]}' is not upstream of receiver(s) {', '.join(receivers)}: "
+                             f"a head in layer L reads input, heads and MLPs of layers < L; m{{L}} also reads the heads of layer L")
 
 
 def _as_list(x) -> list[str]:
@@ -138,10 +147,13 @@ def path_patch(model: CircuitModel, data: TaskData, senders, receivers, metric: 
     G = model.graph
     dst = [receiver_index(G, r) for r in _as_list(receivers)]
     src = [sender_index(G, s) for s in _as_list(senders)]
-    if not bool(G.legal[src][:, dst].any()):
-        raise ValueError(f"no edge goes from {_as_list(senders)} to {_as_list(receivers)}: senders must be upstream of the receivers")
+    if not src:
+        raise ValueError("no senders given")
+    _check_upstream(G, src, dst, _as_list(receivers))
     ev = _evaluator(model, data, metric, batch_size, evaluator)
     vals = _patched_values(ev, [src], dst, positions)
+    if zero_gap(ev.clean_values, ev.base_values):
+        raise ValueError(f"the path-patching effect is undefined: {ev.undefined_reason}")
     return float(ev.normalise(vals)[0] - 1.0)
 
 
@@ -156,13 +168,12 @@ def path_patch_sweep(model: CircuitModel, data: TaskData, receivers, senders=Non
         src = [s for s in range(len(G.sources)) if bool(G.legal[s, dst].any())]
     else:
         src = [sender_index(G, s) for s in _as_list(senders)]
+        _check_upstream(G, src, dst, rec)
     if not src:
         raise ValueError(f"receiver(s) {rec} read only from nothing upstream; no senders to sweep")
     ev = _evaluator(model, data, metric, batch_size, evaluator)
     if positions:
-        missing = [p for p in positions if p not in data.positions]
-        if missing:
-            raise ValueError(f"position(s) {missing} are not named in the dataset (it names: {', '.join(sorted(data.positions)) or 'none'})")
+        ev.data.check_positions(positions, user="the path patching (positions)")
     vals = _patched_values(ev, [[s] for s in src], dst, positions)
     clean, base = ev.clean_values, ev.base_values
     eff = ev.normalise(vals) - 1.0
@@ -172,14 +183,25 @@ def path_patch_sweep(model: CircuitModel, data: TaskData, receivers, senders=Non
     for s, e, row in zip(src, eff, vals):
         name = G.sources[s]
         out[name] = float(e)
-        se[name] = bootstrap_se(lambda m, c, b: _normalised(m, c, b) - 1.0, row, clean, base)
-        if name.startswith("a"):
-            layer, head = map(int, name[1:].split(".h"))
-            heads[layer, head] = float(e)
-        elif name.startswith("m"):
-            mlps[int(name[1:])] = float(e)
+        se[name] = bootstrap_se(lambda m, c, b: normalised(m, c, b) - 1.0, row, clean, base)
+        ref = NodeRef.parse(name)
+        if ref.is_head:
+            heads[ref.layer, ref.head] = float(e)
+        elif ref.is_mlp:
+            mlps[ref.layer] = float(e)
+    undefined = ev.undefined_reason
+    if undefined:
+        import warnings
+
+        from circuitgraph.errors import CircuitWarning
+
+        warnings.warn(f"path-patching effects are not meaningful: {undefined}", CircuitWarning, stacklevel=2)
+        if zero_gap(clean, base):  # 0/0: no number at all (None in JSON), not a rounding-noise ratio
+            out = {k: float("nan") for k in out}
+            se = {k: float("nan") for k in se}
+            heads.fill_(float("nan")), mlps.fill_(float("nan"))
     return PathPatchResult(rec, ev.metric_name, len(data), out, se, heads, mlps, float(clean.mean()), float(base.mean()),
-                           list(positions) if positions else None, data.prepend_bos)
+                           list(positions) if positions else None, data.prepend_bos, undefined_reason=undefined)
 
 
 # ----- figure -------------------------------------------------------------------------------
@@ -221,11 +243,20 @@ def register_cli(subparsers) -> None:
 def cmd_path_patch(args) -> int:
     from circuitgraph.cli.commands import _load
 
+    from circuitgraph.cli.checks import check_output
+
     receivers = [r for part in args.receiver for r in _as_list(part)]
+    if args.output:
+        check_output(args.output, suffixes=(".png", ".pdf", ".svg", ".jpg", ".jpeg"))
     model, data = _load(args)
     for r in receivers:  # fail on a bad name before any model run
         receiver_index(model.graph, r)
+    if args.senders:
+        _check_upstream(model.graph, [sender_index(model.graph, s) for s in _as_list(args.senders)],
+                        [receiver_index(model.graph, r) for r in receivers], receivers)
     positions = _as_list(args.positions) if args.positions else None
+    if positions:
+        data.check_positions(positions, user="--positions")
     res = path_patch_sweep(model, data, receivers, senders=args.senders, metric=args.metric, positions=positions,
                            batch_size=args.batch_size)
     from circuitgraph.evaluate import distributed as dist
@@ -242,10 +273,13 @@ def cmd_path_patch(args) -> int:
 
     t = Table(title=f"path patching -> {res.receiver} on {args.model} ({res.n_examples} examples, {res.metric})")
     t.add_column("sender"), t.add_column("effect", justify="right"), t.add_column("± s.e.", justify="right")
+    fmt = lambda v, spec: f"{v:{spec}}" if math.isfinite(v) else "n/a"
     for name, e in res.top(15):
-        t.add_row(name, f"{e:+.4f}", f"{res.senders_se[name]:.4f}")
+        t.add_row(name, fmt(e, "+.4f"), fmt(res.senders_se[name], ".4f"))
     console = Console()
     console.print(t)
+    if res.undefined_reason:
+        print(f"effects are not meaningful: {res.undefined_reason}")
     console.print(f"normalised: {NORMALISATION}")
     if args.output:
         console.print(f"wrote {args.output}")

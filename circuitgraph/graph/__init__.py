@@ -1,5 +1,6 @@
-"""Step 2: the computational graph (MIB / EAP-IG node and edge names)."""
+"""Step 2: the computational graph (MIB / EAP-IG node and edge names) and typed node references."""
 
-from circuitgraph.graph.computational_graph import PORTS, Graph, GraphError
+from circuitgraph.graph.computational_graph import Graph, GraphError
+from circuitgraph.graph.nodes import PORTS, NodeNameError, NodeRef, parse_edge
 
-__all__ = ["PORTS", "Graph", "GraphError"]
+__all__ = ["PORTS", "Graph", "GraphError", "NodeNameError", "NodeRef", "parse_edge"]

@@ -7,17 +7,13 @@ topologically ordered sources, which is what lets the patching engine work with 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from functools import cached_property
 
 import networkx as nx
 import torch
 
-PORTS = ("q", "k", "v")
-_HEAD = re.compile(r"^a(\d+)\.h(\d+)$")
-_MLP = re.compile(r"^m(\d+)$")
-_DST = re.compile(r"^([^<]+)<([a-z]*)>$")
+from circuitgraph.graph.nodes import PORTS, NodeNameError, NodeRef, parse_edge
 
 
 class GraphError(ValueError):
@@ -128,64 +124,92 @@ class Graph:
     # ----- name checks -------------------------------------------------------------------
     def check_node(self, name: str, where: str = "node") -> str:
         """Return ``name`` if it is a node of this graph, else raise a specific error."""
-        if name in ("input", "logits"):
-            return name
-        if m := _HEAD.match(name):
-            layer, head = int(m[1]), int(m[2])
-            if layer >= self.n_layers:
-                raise GraphError(f"{where} '{name}': layer {layer} out of range (model has {self.n_layers} layers, 0..{self.n_layers - 1})")
-            if head >= self.n_heads:
-                raise GraphError(f"{where} '{name}': head {head} out of range (model has {self.n_heads} heads per layer, 0..{self.n_heads - 1})")
-            return name
-        if m := _MLP.match(name):
-            layer = int(m[1])
-            if layer >= self.n_layers:
-                raise GraphError(f"{where} '{name}': layer {layer} out of range (model has {self.n_layers} layers, 0..{self.n_layers - 1})")
-            return name
-        raise GraphError(f"{where} '{name}': unknown node; expected 'input', 'logits', 'a<layer>.h<head>' or 'm<layer>'")
+        ref = self.ref(name, where)
+        if ref.port is not None:
+            raise GraphError(f"{where} '{name}': a node name has no port (ports belong on edge destinations)")
+        return name
+
+    def ref(self, name: str, where: str = "node") -> NodeRef:
+        """The typed reference of a node (or port) name, checked against this graph's shape."""
+        try:
+            ref = NodeRef.parse(name, where)
+        except NodeNameError as e:
+            raise GraphError(str(e)) from None
+        if ref.layer is not None and ref.layer >= self.n_layers:
+            raise GraphError(f"{where} '{name}': layer {ref.layer} out of range (model has {self.n_layers} layers, 0..{self.n_layers - 1})")
+        if ref.head is not None and ref.head >= self.n_heads:
+            raise GraphError(f"{where} '{name}': head {ref.head} out of range (model has {self.n_heads} heads per layer, 0..{self.n_heads - 1})")
+        return ref
 
     def check_edge(self, name: str) -> tuple[int, int]:
         """Return (source index, destination index) of an edge name, or raise saying what is wrong."""
         if name in self.edge_index:
             return self.edge_index[name]
-        if name.count("->") != 1:
-            raise GraphError(f"edge '{name}': expected 'SRC->DST' (e.g. 'a0.h1->a1.h2<k>')")
-        src, dst = name.split("->")
-        src = src.strip()
-        self.check_node(src, where=f"edge '{name}': source")
-        if src == "logits":
+        try:
+            src, dst = parse_edge(name)
+        except NodeNameError as e:
+            raise GraphError(str(e)) from None
+        self.ref(str(src), where=f"edge '{name}': source")
+        self.ref(str(dst), where=f"edge '{name}': destination")
+        if src.kind == "logits":
             raise GraphError(f"edge '{name}': 'logits' cannot be a source")
-        port = None
-        if m := _DST.match(dst):
-            dst, port = m[1], m[2]
-            if port not in PORTS:
-                raise GraphError(f"edge '{name}': unknown port <{port}>; expected <q>, <k> or <v>")
-        elif "<" in dst:
-            raise GraphError(f"edge '{name}': malformed port on '{dst}'; expected e.g. 'a1.h2<q>'")
-        self.check_node(dst, where=f"edge '{name}': destination")
-        if dst == "input":
+        if dst.kind == "input":
             raise GraphError(f"edge '{name}': 'input' cannot be a destination")
-        if _HEAD.match(dst) and port is None:
+        if dst.is_head and dst.port is None:
             raise GraphError(f"edge '{name}': a head destination needs a port, e.g. '{src}->{dst}<q>' (<q>, <k> or <v>)")
-        if port is not None and not _HEAD.match(dst):
-            raise GraphError(f"edge '{name}': port <{port}> given on '{dst}', but only attention heads have q/k/v ports")
         raise GraphError(f"edge '{name}': '{src}' cannot feed '{dst}' — a head in layer L reads input, heads and MLPs of layers < L; "
                          f"m{{L}} reads heads of layers <= L{' (< L: parallel attention/MLP)' if self.parallel_attn_mlp else ''}; edges never go backwards")
 
     @staticmethod
     def node_of(destination: str) -> str:
         """The node a destination port belongs to: ``a1.h2<k>`` -> ``a1.h2``."""
-        return destination.split("<")[0]
+        return NodeRef.parse(destination).name
 
-    def to_networkx(self, edges: list[str] | None = None) -> nx.MultiDiGraph:
-        """The graph (or a subset of its edges) as a networkx MultiDiGraph; ports are edge keys."""
+    def to_networkx(self, circuit=None) -> nx.MultiDiGraph:
+        """The graph, or one circuit of it, as a networkx MultiDiGraph; ports are edge keys.
+
+        ``circuit``: a :class:`~circuitgraph.CircuitSpec` (its edges, with their ``positions`` and
+        ``score``; nodes carry their ``group``), a resolved circuit, a list of edge names, or a
+        bool ``[n_sources, n_destinations]`` mask.  Nodes carry ``layer``."""
+        spec = circuit if hasattr(circuit, "edge_scores") and hasattr(circuit, "resolve") else None
+        positions: dict[str, list[str] | None] = {}
+        if spec is not None:
+            circuit = circuit.resolve(self)
+        if hasattr(circuit, "edges") and hasattr(circuit, "graph"):  # a ResolvedCircuit
+            positions = {f"{self.sources[s]}->{self.destinations[d]}": pos for (s, d), pos in circuit.edges.items()}
+            edges = list(positions)
+        elif isinstance(circuit, torch.Tensor):
+            if tuple(circuit.shape) != tuple(self.legal.shape):
+                raise GraphError(f"an edge mask must have shape {list(self.legal.shape)}, got {list(circuit.shape)}")
+            edges = [f"{self.sources[s]}->{self.destinations[d]}" for s, d in torch.nonzero(circuit.bool() & self.legal).tolist()]
+        elif circuit is None:
+            edges = self.edges
+        elif isinstance(circuit, str):
+            raise GraphError("to_networkx takes a list of edge names, not one string")
+        else:
+            edges = list(circuit)
+            for name in edges:
+                self.check_edge(name)
+        scores = {}
+        if spec is not None:
+            scores = {k: v for k, v in spec.edge_scores.items() if v is not None}
+            scores.update({e.edge: e.score for e in spec.edges if e.score is not None})
         g = nx.MultiDiGraph()
         for n in self.nodes:
-            g.add_node(n, layer=_layer_of(n, self.n_layers))
-        for name in edges if edges is not None else self.edges:
-            src, dst = name.split("->")
-            port = dst[dst.index("<") + 1:-1] if "<" in dst else None
-            g.add_edge(src, self.node_of(dst), key=port or "", port=port, name=name)
+            attrs = {"layer": _layer_of(n, self.n_layers)}
+            if spec is not None and (group := spec.group_of(n)) is not None:
+                attrs["group"] = group
+            g.add_node(n, **attrs)
+        for name in edges:
+            src, dst = parse_edge(name)
+            attrs = {"port": dst.port, "name": name}
+            if name in positions:
+                attrs["positions"] = positions[name]
+            if name in scores:
+                attrs["score"] = scores[name]
+            g.add_edge(src.name, dst.name, key=dst.port or "", **attrs)
+        if circuit is not None:  # a circuit's graph holds the nodes its edges touch
+            g.remove_nodes_from([n for n in list(g) if g.degree(n) == 0])
         return g
 
     @classmethod
@@ -198,10 +222,4 @@ class Graph:
 
 
 def _layer_of(node: str, n_layers: int) -> float:
-    if node == "input":
-        return -1
-    if node == "logits":
-        return n_layers
-    if m := _HEAD.match(node):
-        return int(m[1])
-    return int(_MLP.match(node)[1]) + 0.5
+    return NodeRef.parse(node).rank(n_layers)

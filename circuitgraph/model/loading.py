@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import os
 from functools import cached_property
+from pickle import UnpicklingError
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from circuitgraph.model.families import architecture_name, describe_config, extract_weights
 from circuitgraph.model.weights import UnsupportedArchitecture
 from circuitgraph.engine import PatchEngine
 from circuitgraph.graph.computational_graph import Graph
+from circuitgraph.model.names import check_hub_name, unknown_model_message
 
 BUNDLED_DIR = Path(__file__).resolve().parents[1] / "bundled"
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -78,7 +81,8 @@ class CircuitModel:
 
     @property
     def device(self) -> torch.device:
-        return self.weights.W_U.device
+        """Where inputs go (the embedding's device; a sharded model's layers may sit elsewhere)."""
+        return self.hf.get_input_embeddings().weight.device
 
     def run_with_hooks(self, tokens: torch.Tensor, fwd_hooks=(), logit_positions: torch.Tensor | None = None) -> torch.Tensor:
         """The engine's forward with TransformerLens-named hooks (:mod:`circuitgraph.engine.hooks`), guarded."""
@@ -120,29 +124,40 @@ class CircuitModel:
 
 
 def load_model(name: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               check_exact: bool = True) -> CircuitModel:
+               check_exact: bool = True, device_map: str | dict | None = None) -> CircuitModel:
     """Load ``name`` (hub id, local HF directory or bundled model name) for patching.
 
     ``check_exact=False`` turns off the run-time comparison with the HF forward (:mod:`circuitgraph.model.guard`).
+    ``device_map`` (e.g. ``"auto"``) shards a model too large for one device through HF accelerate; the
+    engine then runs each layer on the device that holds it (``device`` is ignored).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     where = resolve(name)
+    if not Path(where).is_dir() and (why := check_hub_name(where, bundled_models())):
+        raise ModelLoadError(why)  # in seconds, before any hub call and its retries
     try:
         config = AutoConfig.from_pretrained(where)
     except OSError as e:
-        raise ModelLoadError(f"model '{name}': not a bundled model ({', '.join(bundled_models()) or 'none'}), not a local directory, "
-                             f"and the hub could not provide it ({str(e).splitlines()[0]})") from None
+        if Path(where).is_dir():
+            raise ModelLoadError(f"model directory '{name}': could not read config.json ({str(e).splitlines()[0]})") from None
+        raise ModelLoadError(unknown_model_message(str(name), bundled_models(),
+                                                   f"the hub could not provide it ({str(e).splitlines()[0]})")) from None
     describe_config(config)
     try:
-        hf = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, attn_implementation="eager")
+        extra = {} if device_map is None else {"device_map": device_map}
+        hf = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, attn_implementation="eager", **extra)
     except OSError as e:
         raise ModelLoadError(f"model '{name}': could not read weights ({str(e).splitlines()[0]})") from None
+    except (SafetensorError, RuntimeError, EOFError, UnpicklingError) as e:  # a damaged or truncated weights file
+        first = next(iter(str(e).splitlines()), "")
+        raise ModelLoadError(f"model '{name}': its weights file is damaged or unreadable ({type(e).__name__}: {first}); "
+                             f"download or save it again") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(where)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"model '{name}': could not load its tokenizer ({str(e).splitlines()[0]})") from None
-    return CircuitModel(hf.to(device), tokenizer, name=str(name), check_exact=check_exact)
+    return CircuitModel(hf if device_map is not None else hf.to(device), tokenizer, name=str(name), check_exact=check_exact)
 
 
 def from_config(config, seed: int = 0, tokenizer=None) -> CircuitModel:

@@ -58,6 +58,19 @@ class Norm:
             return torch.rsqrt(t.var(-1, unbiased=False, keepdim=True) + self.eps)
         return torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + self.eps)
 
+    def vjp(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """``u^T d norm(x) / dx`` for cotangents ``u [..., B, P, D]`` at one input ``x [B, P, D]``, in float32.
+
+        Closed form, so a batch of cotangents (one per head port) costs no autograd graph.
+        """
+        xf, v = x.float(), u.float() * self.gain.float()
+        if self.kind == "layer":
+            r = torch.rsqrt(xf.var(-1, unbiased=False, keepdim=True) + self.eps)
+            xh = (xf - xf.mean(-1, keepdim=True)) * r
+            return r * (v - v.mean(-1, keepdim=True) - xh * (v * xh).mean(-1, keepdim=True))
+        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return r * v - xf * r.pow(3) * (xf * v).mean(-1, keepdim=True)
+
     def share(self, part: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
         """One summand's share of ``norm(sum of parts)`` given the sum's ``inv_scale`` (post-norms).
 
@@ -151,7 +164,8 @@ class Weights:
     W_U: torch.Tensor  # [vocab, d_model]
     b_U: torch.Tensor | None = None
     final_softcap: float | None = None
-    W_E: torch.Tensor | None = None  # token embedding matrix as the model scales it (for QK/OV)
+    W_E: torch.Tensor | None = None  # token embedding matrix (for QK/OV), before ``embed_scale``
+    embed_scale: float = 1.0  # Gemma multiplies token embeddings by sqrt(d_model)
     W_pos: torch.Tensor | None = None  # learned position embeddings, if any
     notes: list[str] = field(default_factory=list)
 

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from circuitgraph.graph.computational_graph import PORTS, Graph, GraphError
+from circuitgraph.graph import PORTS, Graph, GraphError, NodeRef
 
 FORMAT = "circuitgraph/1"
 Port = Literal["q", "k", "v"]
@@ -105,6 +105,15 @@ class CircuitSpec(BaseModel):
 
     # ----- builders ----------------------------------------------------------------------
     def group(self, name: str, nodes: list[str], positions: list[str] | None = None, **kw) -> "CircuitSpec":
+        """Add a named group; a name already used, or a node already in another group, is an error
+        (replacing a group silently would change the circuit without a trace)."""
+        if name in self.groups:
+            raise SpecError(f"group '{name}' already exists (nodes {self.groups[name].nodes}); use another name or edit spec.groups['{name}']")
+        if isinstance(nodes, str):
+            nodes = [nodes]
+        for n in nodes:
+            if (other := self.group_of(n)) is not None:
+                raise SpecError(f"group '{name}': node '{n}' is already in group '{other}'; a node belongs to one group")
         self.groups[name] = Group(nodes=list(nodes), positions=positions, **kw)
         return self
 
@@ -122,7 +131,33 @@ class CircuitSpec(BaseModel):
 
     @property
     def is_node_circuit(self) -> bool:
-        return not self.connections and not self.edges
+        """No connections and no edges: the induced edges of the nodes.  A spec read from MIB JSON
+        is always a set of edges (its in-graph nodes only annotate them)."""
+        return not self.connections and not self.edges and "mib_cfg" not in self.metadata
+
+    @property
+    def is_empty(self) -> bool:
+        """Selects nothing: no groups, nodes, connections or edges."""
+        return not (self.groups or self.nodes or self.connections or self.edges)
+
+    def contents(self) -> str:
+        """What the spec holds, in words (for messages about specs that select little or nothing)."""
+        parts = []
+        if self.groups:
+            parts.append(f"{len(self.groups)} group(s) ({', '.join(self.groups)})")
+        for key in ("nodes", "connections", "edges"):
+            if getattr(self, key):
+                parts.append(f"{len(getattr(self, key))} {key}")
+        if not parts:
+            fields = sorted(self.model_fields_set - {"groups", "nodes", "connections", "edges"})
+            return "only " + ", ".join(fields) if fields else "nothing at all"
+        return ", ".join(parts)
+
+    def require_selection(self, where: str = "the spec") -> "CircuitSpec":
+        """Raise if the spec selects nothing (``{}``, or only metadata), naming what it does hold."""
+        if self.is_empty:
+            raise SpecError(f"{where} selects nothing: it has no groups, nodes, connections or edges (it holds {self.contents()})")
+        return self
 
     def all_nodes(self) -> list[str]:
         out = list(self.nodes)
@@ -183,7 +218,7 @@ class CircuitSpec(BaseModel):
             for dst in dsts:
                 if dst == "input":
                     raise SpecError(f"{where}: 'input' cannot be a destination")
-                is_head = dst.startswith("a")
+                is_head = NodeRef.parse(dst).is_head
                 if c.ports and not is_head:
                     raise SpecError(f"{where}: ports {c.ports} given, but destination '{dst}' is not an attention head")
                 for src in srcs:
@@ -224,14 +259,32 @@ class CircuitSpec(BaseModel):
 
     @classmethod
     def load(cls, path: str | Path) -> "CircuitSpec":
-        path = Path(path)
+        """A spec file (ours or EAP-IG/MIB JSON), or a shipped spec by name (``"induction_toy"``)."""
+        from circuitgraph.spec.shipped import missing_spec_hint, resolve_spec
+
+        given, path = path, resolve_spec(path)
+        if path.is_dir():
+            raise SpecError(f"spec '{given}' is a directory; expected a circuit spec JSON file")
         if not path.is_file():
-            raise SpecError(f"spec file '{path}' does not exist")
+            raise SpecError(f"spec file '{given}' does not exist{missing_spec_hint(given)}")
+        raw = path.read_bytes()
         try:
-            data = json.loads(path.read_text())
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            line = raw[:e.start].count(b"\n") + 1
+            raise SpecError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); save the file as UTF-8") from None
+        from circuitgraph.data.dataset import parse_json
+
+        try:
+            data = parse_json(text)
         except json.JSONDecodeError as e:
             raise SpecError(f"spec file '{path}' is not valid JSON: {e}") from None
-        return cls.from_dict(data)
+        except ValueError as e:
+            raise SpecError(f"spec file '{path}': {e}") from None
+        try:
+            return cls.from_dict(data)
+        except SpecError as e:
+            raise SpecError(f"spec file '{path}': {e}") from None
 
     def to_mib(self, graph: Graph) -> dict:
         return to_mib(self, graph)

@@ -24,11 +24,19 @@ class TaskError(ValueError):
     """A dataset cannot be generated for this tokenizer (the message names the word)."""
 
 
+def give_your_own(option: str, what: str = "words") -> str:
+    """How to pass an option, said for both the command line and Python."""
+    return f"give your own {what} with --{option.replace('_', '-')} on the command line ({option}=[...] in Python)"
+
+
 # ---------------------------------------------------------------- tokenizer helpers
 
 
 def tokenizer_name(tokenizer) -> str:
-    return getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+    """The model name a tokenizer came from; a bundled model's short name rather than its path."""
+    name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+    bundled = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "bundled")
+    return os.path.basename(name.rstrip(os.sep)) if os.path.dirname(os.path.abspath(name)) == bundled else name
 
 
 def encode(tokenizer, text: str) -> list[int]:
@@ -71,8 +79,15 @@ def pick_words(tokenizer, words: Sequence[str] | None, builtin: Sequence[str], w
         kept = single_token_words(tokenizer, builtin, prefix)
     if len(kept) < minimum:
         raise TaskError(f"only {len(kept)} {what} are single tokens for this tokenizer "
-                        f"({tokenizer_name(tokenizer)}); need at least {minimum} (pass your own with {what}=...)")
+                        f"({tokenizer_name(tokenizer)}); need at least {minimum} distinct ones: "
+                        f"{give_your_own(what, what)}")
     return kept
+
+
+def unknown_words(tokenizer, text: str) -> bool:
+    """Does the text hold a word this tokenizer maps to its unknown token?"""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    return unk is not None and unk in encode(tokenizer, text)
 
 
 def token_index(tokenizer, text: str, char: int) -> int:
@@ -149,9 +164,29 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
+# Options the generators take (beyond n and seed), as the command line offers them: (tasks, kind, help).
+OPTIONS: dict[str, tuple[tuple[str, ...], str, str]] = {
+    "names": (("ioi",), "words", "names, each one token with a leading space"),
+    "places": (("ioi",), "words", "places for [PLACE]"),
+    "objects": (("ioi",), "words", "objects for [OBJECT]"),
+    "templates": (("ioi",), "words", "BABA templates: [B] subject, [A] indirect object, ending in ' [A]'"),
+    "corruption": (("ioi",), "choice", "abc (default) or s2_flip"),
+    "nouns": (("greater-than",), "words", "nouns for 'The [NOUN] lasted from the year ...'"),
+    "century": (("greater-than",), "text", "the century's two digits (default 17)"),
+    "vocab": (("induction",), "words", "words to repeat, each one token with and without a leading space"),
+    "seq_len": (("induction",), "int", "length of the random sequence (default 16)"),
+    "repeat_len": (("induction",), "int", "length of its repeat (default 8)"),
+    "words": (("docstring",), "words", "function, argument and description words"),
+}
+
+
 def make_data(task_name: str, tokenizer, n: int, seed: int = 0, **options) -> list[dict]:
     """``n`` examples of a named task for this tokenizer."""
-    return get_task(task_name).generate(tokenizer, n, seed=seed, **options)
+    task = get_task(task_name)
+    for name in options:
+        if name in OPTIONS and task_name not in OPTIONS[name][0]:
+            raise TaskError(f"option {name} (--{name.replace('_', '-')}) applies to {', '.join(OPTIONS[name][0])}, not {task_name}")
+    return task.generate(tokenizer, n, seed=seed, **options)
 
 
 def write_jsonl(examples: Iterable[dict], path: str | os.PathLike) -> None:
@@ -160,4 +195,4 @@ def write_jsonl(examples: Iterable[dict], path: str | os.PathLike) -> None:
             f.write(json.dumps(ex, ensure_ascii=False) + "\n")
 
 
-__all__ = ["TASKS", "Task", "TaskError", "get_task", "make_data", "write_jsonl"]
+__all__ = ["OPTIONS", "TASKS", "Task", "TaskError", "get_task", "make_data", "write_jsonl"]

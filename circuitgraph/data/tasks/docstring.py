@@ -19,7 +19,10 @@ Positions: ``A_def``, ``B_def``, ``C_def`` (the first three arguments in the def
 
 from __future__ import annotations
 
-from . import encode, fill, make_example, pick_words, rng_for, single_token_id, token_index
+import re
+
+from . import (TaskError, encode, fill, make_example, pick_words, rng_for, single_token_id, token_index, tokenizer_name,
+               unknown_words)
 
 DEF = "def [F](self, [A], [B], [C], [D]):\n"
 DOC = '    """[W1] [W2] [W3]\n\n    :param [A]: [W4] [W5]\n    :param [B]: [W6] [W7]\n    :param'
@@ -38,6 +41,11 @@ WORDS = [
 
 def generate(tokenizer, n: int, seed: int = 0, words=None) -> list[dict]:
     """``n`` docstring examples; ``words`` supplies function, argument and description words."""
+    fixed = re.sub(r"\[[A-Z0-9_]+\]", " ", TEMPLATE)
+    if unknown_words(tokenizer, fixed):
+        raise TaskError(f"the docstring task's code template (def, self, :param, quotes) has text this tokenizer "
+                        f"({tokenizer_name(tokenizer)}) maps to its unknown token, so no word list can fix it: "
+                        "make the data for a model with a tokenizer for code (e.g. gpt2)")
     words = pick_words(tokenizer, words, list(dict.fromkeys(WORDS)), "words", minimum=16)
     rng = rng_for(seed)
     out = []

@@ -14,7 +14,8 @@ Positions: ``NOUN``, ``YY`` (the start year's two-digit token) and ``END`` (the 
 
 from __future__ import annotations
 
-from . import TaskError, encode, fill, make_example, pick_words, require_single, rng_for, token_index, tokenizer_name
+from . import (TaskError, encode, fill, make_example, pick_words, require_single, rng_for, single_token_id, token_index,
+               tokenizer_name)
 
 TEMPLATE = "The [NOUN] lasted from the year [XX][YY] to the year [XX]"
 NOUNS = [
@@ -43,8 +44,14 @@ def _splits(tokenizer, century_id: int, century: str, yy: str, yy_id: int) -> bo
 
 def generate(tokenizer, n: int, seed: int = 0, nouns=None, century: str = "17") -> list[dict]:
     """``n`` greater-than examples with start years ``{century}02`` .. ``{century}98``."""
-    century_id = require_single(tokenizer, " " + century, "century")
     two_digit = [f"{y:02d}" for y in range(100)]
+    missing = [w for w in [" " + century, *two_digit] if single_token_id(tokenizer, w) is None]
+    if missing:
+        raise TaskError(f"greater-than needs GPT-2-style year tokens (' {century}32' = ' {century}' + '32', every "
+                        f"two-digit string one token); this tokenizer ({tokenizer_name(tokenizer)}) has no single "
+                        f"token for {', '.join(repr(w) for w in missing[:3])}{' ...' if len(missing) > 3 else ''}, "
+                        "so no option can fix it: make the data for a model with such a tokenizer (e.g. gpt2)")
+    century_id = require_single(tokenizer, " " + century, "century")
     ids = {yy: require_single(tokenizer, yy, "year") for yy in two_digit}
     if not _splits(tokenizer, century_id, century, CORRUPT_YY, ids[CORRUPT_YY]):
         raise TaskError(f"the year ' {century}{CORRUPT_YY}' is {len(encode(tokenizer, f' {century}{CORRUPT_YY}'))} "

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 
-from . import TaskError, encode, make_example, require_single, rng_for, single_token_id, tokenizer_name
+from . import TaskError, encode, give_your_own, make_example, require_single, rng_for, single_token_id, tokenizer_name
 
 _WORD = re.compile(r"[A-Za-z][A-Za-z0-9]+")
 
@@ -53,7 +53,7 @@ def generate(tokenizer, n: int, seed: int = 0, seq_len: int = 16, repeat_len: in
         vocab = list(dict.fromkeys(vocab))
     if len(vocab) < 2 * seq_len:
         raise TaskError(f"only {len(vocab)} single-token words for this tokenizer ({tokenizer_name(tokenizer)}); "
-                        f"induction with seq_len={seq_len} needs {2 * seq_len} (pass vocab=...)")
+                        f"induction with seq_len={seq_len} needs {2 * seq_len}: {give_your_own('vocab')}, or a smaller --seq-len")
     rng = rng_for(seed)
     k, m = seq_len, repeat_len
     out = []

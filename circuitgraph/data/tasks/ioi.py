@@ -13,7 +13,10 @@ Positions: ``IO``, ``S1``, ``S1+1`` (the token after S1), ``S2`` and ``END`` (la
 
 from __future__ import annotations
 
-from . import TaskError, fill, make_example, pick_words, require_single, rng_for, token_index
+import re
+
+from . import (TaskError, fill, give_your_own, make_example, pick_words, require_single, rng_for, token_index,
+               tokenizer_name, unknown_words)
 
 # The paper's BABA templates ([B] is the subject, [A] the indirect object); ABBA swaps the first pair.
 BABA_TEMPLATES = [
@@ -62,22 +65,15 @@ CORRUPTIONS = ("abc", "s2_flip")
 
 def prompt_template(template: str) -> str:
     """The template without its final answer slot: the prompt ends just before the IO name."""
-    if not template.endswith(" [A]"):
-        raise ValueError(f"IOI template must end with ' [A]': {template!r}")
+    if not template.endswith(" [A]") or template.count("[B]") != 2 or template.count("[A]") != 2:
+        raise TaskError(f"IOI template {template!r} must name the subject [B] twice and the indirect object [A] "
+                        "twice, and end with ' [A]'")
     return template[: -len(" [A]")]
 
 
-def _usable_templates(tokenizer, templates, name, place, obj):
+def _usable_templates(tokenizer, templates):
     """Drop templates whose fixed words are unknown to a word-level tokenizer."""
-    unk = getattr(tokenizer, "unk_token_id", None)
-    if unk is None:
-        return list(templates)
-    keep = []
-    for t in templates:
-        text, _ = fill(t, {"A": name, "B": name, "PLACE": place, "OBJECT": obj})
-        if unk not in tokenizer(text, add_special_tokens=False)["input_ids"]:
-            keep.append(t)
-    return keep
+    return [t for t in templates if not unknown_words(tokenizer, re.sub(r"\[[A-Z_]+\]", " ", t))]
 
 
 def generate(tokenizer, n: int, seed: int = 0, corruption: str = "abc", names=None, places=None,
@@ -85,12 +81,16 @@ def generate(tokenizer, n: int, seed: int = 0, corruption: str = "abc", names=No
     """``n`` IOI examples; ``templates`` are BABA-form strings ending in ``' [A]'``."""
     if corruption not in CORRUPTIONS:
         raise TaskError(f"unknown IOI corruption {corruption!r}; choose one of {', '.join(CORRUPTIONS)}")
-    names = pick_words(tokenizer, names, NAMES, "names", minimum=5)
-    places = pick_words(tokenizer, places, PLACES, "places", minimum=1)
-    objects = pick_words(tokenizer, objects, OBJECTS, "objects", minimum=1)
-    baba = _usable_templates(tokenizer, templates or BABA_TEMPLATES, names[0], places[0], objects[0])
+    for t in templates or ():
+        prompt_template(t)
+    baba = _usable_templates(tokenizer, templates or BABA_TEMPLATES)
     if not baba:
-        raise TaskError("no IOI template uses only words this tokenizer knows")
+        raise TaskError(f"no IOI template uses only words this tokenizer ({tokenizer_name(tokenizer)}) knows; "
+                        f"{give_your_own('templates', 'BABA templates')}, e.g. '[B] and [A] went home. [B] spoke to [A]' "
+                        "in words it knows")
+    names = pick_words(tokenizer, names, NAMES, "names", minimum=5)
+    places = pick_words(tokenizer, places, PLACES, "places", minimum=1) if any("[PLACE]" in t for t in baba) else [""]
+    objects = pick_words(tokenizer, objects, OBJECTS, "objects", minimum=1) if any("[OBJECT]" in t for t in baba) else [""]
     forms = []
     for order in orders:
         if order not in ("BABA", "ABBA"):

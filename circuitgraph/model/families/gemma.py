@@ -46,4 +46,5 @@ class Gemma(Family):
                                     mlp_down=layer.mlp.down_proj))
         emb = tr.embed_tokens
         return Weights(info, emb, layers, norm(tr.norm, 1.0), hf.lm_head.weight, None,
-                       final_softcap=getattr(config, "final_logit_softcapping", None), W_E=emb.weight * emb.embed_scale)
+                       final_softcap=getattr(config, "final_logit_softcapping", None), W_E=emb.weight,
+                       embed_scale=float(emb.embed_scale))

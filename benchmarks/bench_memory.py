@@ -1,0 +1,180 @@
+"""Memory and time of exact patching and attribution against the plain HF model, per model shape.
+
+For each shape (random init, CPU, 2 threads): the bytes the engine adds to the HF model (tensors
+not sharing storage with its parameters), and, each in a fresh process so its peak is its own,
+the peak RSS growth and median time of: an HF forward; an HF forward+backward to the input
+embeddings (parameters frozen); circuitgraph's plain forward, a patched forward (random circuit,
+10% of edges), EAP over every edge and EAP-IG (5 steps).  A memory model fitted to these figures
+predicts other shapes (e.g. Llama-3.1-8B).  Writes benchmarks/results/bench_memory.{json,md}.
+
+    python benchmarks/bench_memory.py [--shapes gpt2-small qwen2-0.5b llama-3.2-1b] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import statistics
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = {  # name: (config class, kwargs, batch, tokens)
+    "gpt2-small": ("GPT2Config", {}, 16, 16),
+    "qwen2-0.5b": ("Qwen2Config", dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                                       num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True), 4, 64),
+    "llama-3.2-1b": ("LlamaConfig", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                                         num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True), 4, 64),
+}
+TASKS = ["hf_forward", "hf_forward_backward", "engine_forward", "patched_10pct", "eap", "eap_ig_5"]
+
+
+def _model(shape: str):
+    import torch
+    import transformers
+
+    from circuitgraph.model.loading import CircuitModel
+
+    cls, kw, B, P = SHAPES[shape]
+    config = getattr(transformers, cls)(**kw)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        hf = transformers.AutoModelForCausalLM.from_config(config).eval()
+    hf.requires_grad_(False)
+    return hf, CircuitModel(hf, check_exact=False), B, P
+
+
+def engine_overhead_bytes(model) -> tuple[int, int]:
+    """(bytes of HF parameters and buffers, bytes of engine tensors that share no storage with them)."""
+    import torch
+
+    hf_ptrs, hf_bytes = set(), 0
+    for t in list(model.hf.parameters()) + list(model.hf.buffers()):
+        st = t.untyped_storage()
+        if st.data_ptr() not in hf_ptrs:
+            hf_ptrs.add(st.data_ptr())
+            hf_bytes += st.nbytes()
+    seen, extra = set(), 0
+
+    def walk(obj, depth=0):
+        nonlocal extra
+        if depth > 4 or id(obj) in seen:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            st = obj.untyped_storage()
+            if st.data_ptr() not in hf_ptrs:
+                hf_ptrs.add(st.data_ptr())
+                extra += st.nbytes()
+        elif isinstance(obj, (list, tuple)):
+            for x in obj:
+                walk(x, depth + 1)
+        elif hasattr(obj, "__dataclass_fields__") or type(obj).__module__.startswith("circuitgraph"):
+            for x in vars(obj).values():
+                walk(x, depth + 1)
+
+    walk(model.weights)
+    walk(model.engine)
+    walk(model.graph)
+    return hf_bytes, extra
+
+
+def _measure(shape: str, task: str, repeats: int, queue):
+    import torch
+
+    torch.set_num_threads(2)
+    hf, model, B, P = _model(shape)
+    V = hf.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    clean, corrupt = torch.randint(0, V, (B, P), generator=g), torch.randint(0, V, (B, P), generator=g)
+    e, G = model.engine, model.graph
+    if task == "hf_forward":
+        fn = lambda: hf(clean).logits
+    elif task == "hf_forward_backward":
+        def fn():
+            emb = hf.get_input_embeddings()(clean).detach().requires_grad_(True)
+            logits = hf(inputs_embeds=emb).logits[:, -1]
+            torch.autograd.grad(logits[:, 0].sum() - logits[:, 1].sum(), emb)
+    elif task == "engine_forward":
+        fn = lambda: e.run(clean)[0]
+    elif task == "patched_10pct":
+        with torch.no_grad():
+            _, outs = e.run(corrupt, record=True)
+            abl = e.make_ablation(outs, "corrupted")
+        mask = (torch.rand(len(G.sources), len(G.destinations), generator=g) < 0.1) & G.legal
+        plan = e.compile(mask[None])
+        fn = lambda: e.patched_run(clean, abl, plan)
+    else:
+        from circuitgraph.data.dataset import TaskData
+        from circuitgraph.discovery import attribute
+        from circuitgraph.evaluate.evaluator import Evaluator
+
+        ans = torch.randint(0, V, (B, 1), generator=g)
+        data = TaskData(clean, corrupt, torch.full((B,), P), ans, (ans + 1) % V, {})
+        ev = Evaluator(model, data, batch_size=B, progress=False)
+        fn = (lambda: attribute(ev, "eap", progress=False)) if task == "eap" else (lambda: attribute(ev, "eap-ig", steps=5, progress=False))
+    ctx = torch.no_grad() if task in ("hf_forward", "engine_forward", "patched_10pct") else torch.enable_grad()
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with ctx:
+        fn()  # warm-up, and the peak
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    hf_bytes, extra = engine_overhead_bytes(model)
+    queue.put({"median_s": statistics.median(times), "peak_growth_mb": (peak - base) / 1024,
+               "hf_model_mb": hf_bytes / 2**20, "engine_extra_mb": extra / 2**20})
+
+
+def run(shape, task, repeats):
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_measure, args=(shape, task, repeats, q))
+    p.start()
+    out = q.get()
+    p.join()
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    from tqdm import tqdm
+
+    res = {}
+    with tqdm(total=len(args.shapes) * len(TASKS), desc="memory") as bar:
+        for shape in args.shapes:
+            res[shape] = {}
+            for task in TASKS:
+                res[shape][task] = run(shape, task, args.repeats)
+                bar.update(1)
+    lines = []
+    for shape, r in res.items():
+        _, _, B, P = SHAPES[shape]
+        fb, fw = r["hf_forward_backward"], r["hf_forward"]
+        lines += [f"### {shape} (batch {B} x {P} tokens)", "",
+                  f"HF model {r['eap']['hf_model_mb']:.0f} MB; engine adds {r['eap']['engine_extra_mb']:.1f} MB "
+                  f"({100 * r['eap']['engine_extra_mb'] / r['eap']['hf_model_mb']:.2f}%)", "",
+                  "| run | median s | peak growth MB | time / HF | memory / HF |", "|---|---|---|---|---|"]
+        for task, x in r.items():
+            ref = fb if task.startswith("eap") or task == "hf_forward_backward" else fw
+            lines.append(f"| {task} | {x['median_s']:.3f} | {x['peak_growth_mb']:.0f} | {x['median_s'] / ref['median_s']:.2f} "
+                         f"| {x['peak_growth_mb'] / max(ref['peak_growth_mb'], 1):.2f} |")
+        lines.append("")
+    lines.append("Ratios: forwards against the HF forward; EAP / EAP-IG against the HF forward+backward to the embeddings.")
+    dest = ROOT / "benchmarks" / "results"
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "bench_memory.json").write_text(json.dumps(res, indent=2) + "\n")
+    (dest / "bench_memory.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Checks the command line makes before any model is loaded, so that no work is lost to a typo:
+flag values, the device, and output paths (their folder must exist and be writable)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import tempfile
+from pathlib import Path
+
+
+class CLIError(Exception):
+    """A command-line input that cannot work; the message names the flag or file."""
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (no nan, no inf)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def check_device(name: str) -> str:
+    """The device exists here: a misspelt name or a missing GPU is one line, not a CUDA traceback."""
+    import torch
+
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise CLIError(f"--device '{name}': not a device; expected cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cpu":
+        return name
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise CLIError(f"--device '{name}': {why}; use --device cpu")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise CLIError(f"--device '{name}': there {'is' if n == 1 else 'are'} only {n} CUDA device(s) (cuda:0..cuda:{n - 1})")
+        return name
+    if dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise CLIError(f"--device '{name}': Apple's MPS is not available here; use --device cpu")
+        return name
+    raise CLIError(f"--device '{name}': device type '{dev.type}' is not supported; expected cpu, cuda, cuda:N or mps")
+
+
+def _writable(folder: Path) -> bool:
+    """Whether a file can be created in ``folder`` (tried, since permission bits lie for root and
+    read-only file systems)."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".circuitgraph-check-"):
+            return True
+    except OSError:
+        return False
+
+
+def check_output(path, flag: str = "-o", suffixes: tuple[str, ...] | None = None) -> Path:
+    """An output file can be written: not a directory, its folder exists and is writable, and
+    (when given) it has one of ``suffixes``."""
+    path = Path(path)
+    if path.is_dir() or str(path).endswith(os.sep):
+        raise CLIError(f"{flag} '{path}' is a directory; expected a file name")
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise CLIError(f"{flag} '{path}': unsupported file type '{path.suffix or '(none)'}'; expected {', '.join(suffixes)}")
+    folder = path.parent
+    if not folder.exists():
+        raise CLIError(f"{flag} '{path}': folder '{folder}' does not exist; create it first")
+    if not folder.is_dir():
+        raise CLIError(f"{flag} '{path}': '{folder}' is not a folder")
+    if not _writable(folder):
+        raise CLIError(f"{flag} '{path}': folder '{folder}' is not writable")
+    return path
+
+
+def check_output_dir(path, flag: str = "-o") -> Path:
+    """An output folder can be made or written: an existing file is not a folder, and the nearest
+    existing ancestor must be writable."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CLIError(f"{flag} '{path}' is a file; expected a folder")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not _writable(existing):
+        raise CLIError(f"{flag} '{path}': '{existing}' is not a writable folder")
+    return path
