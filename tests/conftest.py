@@ -84,7 +84,18 @@ CONFIGS = {
     "llama3-rope": lambda: rope_config("llama3", factor=2.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                        original_max_position_embeddings=4),
     "llama-linear-rope": lambda: rope_config("linear", factor=2.0),
+    "tracr": lambda: tracr_config(causal=False),
+    "tracr-causal": lambda: tracr_config(causal=True),
 }
+
+
+def tracr_config(causal=False):
+    """circuitgraph's normalisation-free model (tracr-compiled programs); bidirectional by default."""
+    from circuitgraph.model.families.tracr import TracrConfig
+
+    return TracrConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, head_dim=8,
+                       intermediate_size=48, max_position_embeddings=64, causal=causal, initializer_range=0.1,
+                       architectures=["TracrForCausalLM"])
 
 
 def randomize_norms(hf, seed=0, biases=False):

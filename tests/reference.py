@@ -12,7 +12,7 @@ NEG = -1e30
 
 def _family(hf):
     name = type(hf).__name__
-    return {"GPT2LMHeadModel": "gpt2", "GPTNeoXForCausalLM": "neox"}.get(name, "llama")  # the rest: model.layers[i].self_attn
+    return {"GPT2LMHeadModel": "gpt2", "GPTNeoXForCausalLM": "neox", "TracrForCausalLM": "tracr"}.get(name, "llama")  # the rest: model.layers[i].self_attn
 
 
 def _cfg(hf, name, default=None):
@@ -46,6 +46,8 @@ def _parts(hf):
         return fam, hf.transformer.h, cfg.n_head, cfg.n_embd // cfg.n_head, False
     if fam == "neox":
         return fam, hf.gpt_neox.layers, cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads, cfg.use_parallel_residual
+    if fam == "tracr":
+        return fam, hf.layers, cfg.num_attention_heads, cfg.head_dim, False
     dh = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     return fam, hf.model.layers, cfg.num_attention_heads, dh, False
 
@@ -88,6 +90,10 @@ def _head_qkv(hf, layer, h, x_q, x_k, x_v, positions):
         cos, sin = hf.gpt_neox.rotary_emb(q, positions)
         q, k = apply_rotary_pos_emb(q[:, None], k[:, None], cos, sin)
         return q[:, 0], k[:, 0], v, dh**-0.5
+    if fam == "tracr":  # no norms, no rotary
+        a, sl = blk.attn, slice(h * dh, (h + 1) * dh)
+        proj = lambda lin, x: x @ lin.weight[sl].T + (lin.bias[sl] if lin.bias is not None else 0)
+        return proj(a.q_proj, x_q), proj(a.k_proj, x_k), proj(a.v_proj, x_v), dh**-0.5
     a = blk.self_attn
     kvh = h // (H // hf.config.num_key_value_heads)
     sl, kvsl = slice(h * dh, (h + 1) * dh), slice(kvh * dh, (kvh + 1) * dh)
@@ -134,14 +140,15 @@ def _head_out(hf, layer, h, z):
     blk = layers[layer]
     if fam == "gpt2":
         return z @ blk.attn.c_proj.weight[h * dh:(h + 1) * dh]
-    W = blk.attention.dense.weight if fam == "neox" else blk.self_attn.o_proj.weight
+    W = blk.attention.dense.weight if fam == "neox" else (blk.attn if fam == "tracr" else blk.self_attn).o_proj.weight
     return z @ W[:, h * dh:(h + 1) * dh].T
 
 
 def _attn_bias(hf, layer):
     fam, layers, *_ = _parts(hf)
     blk = layers[layer]
-    b = blk.attn.c_proj.bias if fam == "gpt2" else (blk.attention.dense.bias if fam == "neox" else blk.self_attn.o_proj.bias)
+    b = {"gpt2": lambda: blk.attn.c_proj.bias, "neox": lambda: blk.attention.dense.bias,
+         "tracr": lambda: blk.attn.o_proj.bias}.get(fam, lambda: blk.self_attn.o_proj.bias)()
     return 0 if b is None else b
 
 
@@ -150,6 +157,8 @@ def _mlp(hf, layer, x):
     blk = layers[layer]
     if fam == "gpt2":
         return blk.mlp(blk.ln_2(x))
+    if fam == "tracr":
+        return blk.mlp(x)
     post = _post_norms(hf, layer) if fam == "llama" else None
     if post is not None:
         _, pre, after = post
@@ -161,6 +170,8 @@ def _embed(hf, ids):
     fam = _family(hf)
     if fam == "gpt2":
         return hf.transformer.wte(ids) + hf.transformer.wpe(torch.arange(ids.shape[1]))[None]
+    if fam == "tracr":
+        return hf.embed_tokens(ids) + hf.embed_positions(torch.arange(ids.shape[1]))[None]
     return (hf.gpt_neox.embed_in if fam == "neox" else hf.model.embed_tokens)(ids)  # (Gemma's module scales)
 
 
@@ -168,6 +179,8 @@ def _final(hf, x):
     fam = _family(hf)
     if fam == "gpt2":
         return hf.lm_head(hf.transformer.ln_f(x))
+    if fam == "tracr":
+        return hf.lm_head(x)  # no final norm
     if fam == "neox":
         return hf.get_output_embeddings()(hf.gpt_neox.final_layer_norm(x))
     logits = hf.lm_head(hf.model.norm(x))
@@ -198,6 +211,8 @@ def patched_forward(hf, ids, ablated, in_circuit):
     for layer in range(len(layers)):
         i = torch.arange(P)
         hidden = i[None, :] > i[:, None]  # keys after the query
+        if not _cfg(hf, "causal", True):  # bidirectional attention (tracr programs that need it)
+            hidden = torch.zeros(P, P, dtype=torch.bool)
         if _window(hf, layer) is not None:
             hidden = hidden | (i[:, None] - i[None, :] >= _window(hf, layer))
         cap = _cfg(hf, "attn_logit_softcapping")

@@ -275,8 +275,10 @@ def test_cli_dtype_and_ig_points(model_dir, tmp_path, capsys):
     assert "--dtype" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("family", ["qwen2", "neox", "gemma2", "olmo2", "phi3", "qwen3"])
-def test_eap_is_the_derivative_of_the_naive_patched_forward(family):
+@pytest.mark.parametrize("family,ablation", [("qwen2", "corrupted"), ("neox", "corrupted"), ("gemma2", "corrupted"),
+                                             ("olmo2", "corrupted"), ("phi3", "corrupted"), ("qwen3", "corrupted"),
+                                             ("llama", "zero"), ("tracr", "zero"), ("tracr-causal", "corrupted")])
+def test_eap_is_the_derivative_of_the_naive_patched_forward(family, ablation):
     """An edge's EAP score is the change in M as the edge moves from clean towards ablated:
     -dM/dk_e at k = 1 in the by-hand forward where every edge carries a weight k_e."""
     from reference import node_outputs, patched_forward
@@ -291,10 +293,12 @@ def test_eap_is_the_derivative_of_the_naive_patched_forward(family):
     clean, corrupt = torch.randint(3, 40, (B, P), generator=g), torch.randint(3, 40, (B, P), generator=g)
     ans = torch.randint(3, 40, (B, 1), generator=g)
     data = TaskData(clean, corrupt, torch.full((B,), P), ans, (ans + 1) % 40 + 3, {})
-    eap = attribute(Evaluator(m, data, progress=False), "eap", progress=False).scores
+    eap = attribute(Evaluator(m, data, ablation=ablation, progress=False), "eap", progress=False).scores
 
     keep = torch.ones(len(G.sources), len(G.destinations), dtype=torch.float64, requires_grad=True)
     ablated = node_outputs(m.hf, corrupt)
+    if ablation == "zero":
+        ablated = {k: torch.zeros_like(v) for k, v in ablated.items()}
     logits, _ = patched_forward.__wrapped__(m.hf, clean, ablated, lambda s, d: keep[G.source_index[s], G.destination_index[d]])
     last = logits[:, -1]
     metric = (last.gather(1, ans) - last.gather(1, data.wrongs)).mean()

@@ -225,3 +225,11 @@ def test_last_position_logits_equal_the_full_run_at_those_positions(family, dens
         expected = e.patched_run(clean, abl, plan)[:, torch.arange(B), pos]
         got = e.patched_run(clean, abl, plan, logit_positions=pos, start=states[-1])
         assert (got - expected).abs().max() < TOL
+
+
+def test_every_registered_family_has_a_test_entry():
+    """Adding a family means adding it to CONFIGS, which runs every check in this file on it."""
+    from circuitgraph.model.families import REGISTRY
+
+    tested = {CONFIGS[name]().architectures[0] for name in CONFIGS}
+    assert set(REGISTRY) <= tested, sorted(set(REGISTRY) - tested)

@@ -207,5 +207,6 @@ def test_unknown_model_name_is_one_clear_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "circuitgraph", "evaluate", "--model", "no-such-model-xyz", "--data",
                         str(tmp_path / "d.jsonl"), "--spec", str(tmp_path / "s.json")], capture_output=True, text=True, env=env)
     assert r.returncode == 2
-    assert "model 'no-such-model-xyz': not a bundled model (toy-induction, toy-ioi), not a local directory" in r.stderr
+    assert "model 'no-such-model-xyz': not a bundled model (toy-induction, toy-ioi, tracr-" in r.stderr
+    assert "), not a local directory" in r.stderr
     assert "Traceback" not in r.stderr

@@ -108,7 +108,7 @@ def test_format_and_determinism(task, tokenizer):
 
 
 def test_registry_and_unknown_task(toy_ioi):
-    assert set(TASKS) == {"ioi", "greater-than", "induction", "docstring"}
+    assert set(TASKS) == {"ioi", "greater-than", "induction", "docstring", "tracr"}
     assert TASKS["greater-than"].metric == "prob_diff"
     assert all(TASKS[t].metric == "logit_diff" for t in ("ioi", "induction", "docstring"))
     with pytest.raises(TaskError, match="valid tasks: ioi, greater-than, induction, docstring"):

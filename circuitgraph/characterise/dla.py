@@ -42,6 +42,8 @@ def _direction(W_U: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 def final_norm_scale(model: CircuitModel, resid: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """The final norm's scale ``[..., 1]`` for ``resid``, and whether it centres (LayerNorm)."""
     ln = model.weights.ln_final
+    if ln.kind == "identity":
+        return torch.ones_like(resid[..., :1]), False
     centre = ln.kind == "layer"
     x = resid - resid.mean(-1, keepdim=True) if centre else resid
     return torch.sqrt(x.pow(2).mean(-1, keepdim=True) + ln.eps), centre

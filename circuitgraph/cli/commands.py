@@ -245,8 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("-o", "--output", required=True, type=Path)
     p.set_defaults(func=cmd_discover)
-    p = sub.add_parser("make-data", help="write a task dataset (ioi, greater-than, induction, docstring)")
-    p.add_argument("task", help="ioi, greater-than, induction or docstring")
+    p = sub.add_parser("make-data", help="write a task dataset (ioi, greater-than, induction, docstring, tracr)")
+    p.add_argument("task", help="ioi, greater-than, induction, docstring or tracr (the bundled tracr-* models)")
     p.add_argument("--model", required=True, help="the model whose tokenizer the data is made and checked for")
     p.add_argument("-n", type=positive_int, default=100)
     p.add_argument("--seed", type=int, default=0)
@@ -262,8 +262,9 @@ def _extra_commands() -> list:
     from circuitgraph.cli.demo import register_cli as demo
     from circuitgraph.evaluate.path_patching import register_cli as path_patch
     from circuitgraph.render.figure import register_cli as render
+    from circuitgraph.explore.cli import register_cli as explore
 
-    return [render, path_patch, demo]
+    return [render, path_patch, demo, explore]
 
 
 _EXTRA_COMMANDS: list = _extra_commands()

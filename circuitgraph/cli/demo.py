@@ -73,10 +73,15 @@ def run_demo(out: Path, n_examples: int = 64, progress: bool = True) -> dict:
     render(found, model.graph, out / "discovered.svg")
     console.print(f"[bold]5. Discovery[/bold] EAP-IG (5 steps) in {scores.meta['seconds']:.1f}s: top {len(found.edges)} edges "
                   f"faithfulness {found_score.faithfulness:.3f}; AUC vs the hypothesis {auc:.3f}; CPR {curve.cpr:.3f}, CMD {curve.cmd:.3f}")
+    from circuitgraph.explore import Study
+
+    page = Study.collect(model, data, spec, found, evaluator=ev, edge_effects=[effects, None],
+                         title="toy-induction: hypothesis vs EAP-IG").to_html(out / "study.html")
+    console.print(f"[bold]6. Explorer[/bold] {page}: the circuits, heads and prompts to explore in a browser (offline)")
     summary = {"hypothesis": score.to_dict(), "discovered": {"n_edges": len(found.edges), "faithfulness": found_score.faithfulness,
                "auc_vs_hypothesis": auc, "cpr": curve.cpr, "cmd": curve.cmd}, "seconds": time.perf_counter() - t0}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    console.print(f"[bold]6. Files[/bold] in {out.resolve()}:")
+    console.print(f"[bold]7. Files[/bold] in {out.resolve()}:")
     for f in sorted(out.iterdir()):
         console.print(f"   {f.name}")
     console.print(f"done in {summary['seconds']:.1f}s")

@@ -115,13 +115,18 @@ def attribute(evaluator: Evaluator, method: str = "eap", steps: int = 5, progres
         toks, last = part.clean.to(dev), part.last.to(dev)
         with torch.no_grad():
             _, clean_out = engine.run(toks, record=True)
-            ablated = abl.outputs if abl.outputs is not None else [torch.zeros_like(o) for o in clean_out]
-            deltas = torch.cat([(ab.expand_as(c) - c).float().reshape(c.shape[0], -1) for ab, c in zip(ablated, clean_out)])
+            ablated = abl.outputs  # None: zero ablation
+            if method == "eap-ig":
+                clean_emb = clean_out[0][0]
+                abl_emb = torch.zeros_like(clean_emb) if ablated is None else ablated[0][0].expand_as(clean_emb)
+            elif method == "eap-ig-activations":
+                summed = _block_outputs(engine, clean_out, ablated)
+            deltas = _noising_deltas(clean_out, ablated)  # frees the recorded outputs block by block
         fold = _ScoreFolder(engine, scores, deltas)
         n_avg = n_points if method != "eap-ig-activations" else n_points * len(engine.src_blocks)
         fold.weight = 1.0 / n_avg
 
-        def backward(**kw):
+        def backward(fold=fold, **kw):
             nonlocal n_backward
             logits, leaf = _lean_forward(engine, toks, last, fold, **kw)
             metric = ev.metric(logits, part.to(dev), clean_logits).sum()
@@ -132,15 +137,13 @@ def attribute(evaluator: Evaluator, method: str = "eap", steps: int = 5, progres
         if method == "eap":
             backward()
         elif method == "eap-ig":
-            clean_emb, abl_emb = clean_out[0][0], ablated[0][0].expand_as(clean_out[0][0])
             for alpha in alphas:
                 backward(emb=abl_emb + alpha * (clean_emb - abl_emb))
         else:
-            summed = _block_outputs(engine, clean_out, ablated)
             for block, (c, z) in enumerate(summed):
                 for alpha in alphas:
                     backward(override={block: z + alpha * (c - z)})
-        del clean_out, ablated, deltas, fold
+        del deltas, fold
     bar.close()
     scores = ev.reduce(scores) / len(ev.data)
     n_backward = int(ev.reduce(torch.tensor([n_backward], dtype=torch.float64)).item())
@@ -151,9 +154,30 @@ def attribute(evaluator: Evaluator, method: str = "eap", steps: int = 5, progres
     return EdgeScores(G, scores, method, meta)
 
 
+def _noising_deltas(clean_out: list, ablated: list | None) -> torch.Tensor:
+    """``[n_sources, B*P*D]`` float32 ``ablated - clean`` per source, filled block by block while the
+    recorded clean outputs are released (so the two are never held twice)."""
+    n, width = sum(o.shape[0] for o in clean_out), clean_out[0][0].numel()
+    deltas = torch.empty(n, width, dtype=torch.float32, device=clean_out[0].device)
+    row = 0
+    for b in range(len(clean_out)):
+        c = clean_out[b]
+        clean_out[b] = None
+        d = deltas[row:row + c.shape[0]].view(c.shape)
+        if ablated is None:
+            torch.neg(c, out=d) if c.dtype == torch.float32 else d.copy_(-c)
+        else:
+            d.copy_(ablated[b].expand_as(c))
+            d.sub_(c)
+        row += c.shape[0]
+    return deltas
+
+
 def _block_outputs(engine, clean_out, ablated):
     """(clean, ablated) output of each source block as the forward adds it to the residual."""
     out = []
+    if ablated is None:
+        ablated = [torch.zeros_like(o[:, :1, :1]) for o in clean_out]
     for block, (c, z) in enumerate(zip(clean_out, ablated)):
         if block % 2 == 1:  # a layer's heads: summed, with the output bias
             lw = engine.w.layers[block // 2]

@@ -39,7 +39,7 @@ class Norm:
     """
 
     module: Callable[[torch.Tensor], torch.Tensor]
-    kind: str  # "layer" or "rms"
+    kind: str  # "layer", "rms" or "identity" (normalisation-free models: the final "norm" is x -> x)
     gain: torch.Tensor
     bias: torch.Tensor | None
     eps: float
@@ -54,6 +54,8 @@ class Norm:
     def inv_scale(self, total: torch.Tensor) -> torch.Tensor:
         """``1 / rms`` (or ``1 / std``) of ``total``, in float32, ``[..., 1]``."""
         t = total.float()
+        if self.kind == "identity":
+            return torch.ones_like(t[..., :1])
         if self.kind == "layer":
             return torch.rsqrt(t.var(-1, unbiased=False, keepdim=True) + self.eps)
         return torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -64,6 +66,8 @@ class Norm:
         Closed form, so a batch of cotangents (one per head port) costs no autograd graph.
         """
         xf, v = x.float(), u.float() * self.gain.float()
+        if self.kind == "identity":
+            return v
         if self.kind == "layer":
             r = torch.rsqrt(xf.var(-1, unbiased=False, keepdim=True) + self.eps)
             xh = (xf - xf.mean(-1, keepdim=True)) * r

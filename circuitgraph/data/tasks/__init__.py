@@ -139,7 +139,7 @@ def rng_for(seed: int) -> random.Random:
 
 # ---------------------------------------------------------------- registry
 
-from . import docstring, greater_than, induction, ioi  # noqa: E402  (they use the helpers above)
+from . import docstring, greater_than, induction, ioi, tracr  # noqa: E402  (they use the helpers above)
 
 
 @dataclass(frozen=True)
@@ -155,6 +155,7 @@ TASKS: dict[str, Task] = {
     "greater-than": Task("greater-than", greater_than.generate, "prob_diff", "year comparison (Hanna et al. 2023)"),
     "induction": Task("induction", induction.generate, "logit_diff", "repeated random tokens"),
     "docstring": Task("docstring", docstring.generate, "logit_diff", "next :param name (Heimersheim & Janiak 2023)"),
+    "tracr": Task("tracr", tracr.generate, "logit_diff", "a tracr-compiled RASP program's output (bundled tracr-* models)"),
 }
 
 

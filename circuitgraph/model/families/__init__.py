@@ -1,6 +1,6 @@
 """The architecture registry: one module per family, each registering itself on import."""
 
-from circuitgraph.model.families import gemma, gpt2, llama, neox, olmo2, phi3  # noqa: F401  (they register)
+from circuitgraph.model.families import gemma, gpt2, llama, neox, olmo2, phi3, tracr  # noqa: F401  (they register)
 from circuitgraph.model.families.base import REGISTRY, Family, architecture_name, family_of, register
 
 

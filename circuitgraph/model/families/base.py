@@ -24,7 +24,12 @@ class Family:
     model_types: tuple[str, ...] = ()  # ``config.model_type`` values, same order as ``architectures``
 
     def describe(self, config) -> ArchInfo:
-        raise NotImplementedError
+        """Shape of a decoder with ``hidden_size``/``num_attention_heads``/``num_key_value_heads`` fields
+        (families with other field names or refusals override it)."""
+        common_checks(config)
+        d, h = config.hidden_size, config.num_attention_heads
+        dh = getattr(config, "head_dim", None) or d // h
+        return ArchInfo(self.name, config.num_hidden_layers, h, getattr(config, "num_key_value_heads", None) or h, d, dh, False)
 
     def extract(self, hf_model) -> Weights:
         raise NotImplementedError

@@ -6,8 +6,8 @@ Mistral slides every layer's window; Qwen2/3 slide the layers their ``layer_type
 
 from __future__ import annotations
 
-from circuitgraph.model.families.base import Family, common_checks, layer_window, norm, register, separate_qkv
-from circuitgraph.model.weights import ArchInfo, Layer, Rotary, Weights
+from circuitgraph.model.families.base import Family, layer_window, norm, register, separate_qkv
+from circuitgraph.model.weights import Layer, Rotary, Weights
 
 
 @register
@@ -15,12 +15,6 @@ class LlamaLike(Family):
     name = "llama"
     architectures = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
     model_types = ("llama", "mistral", "qwen2", "qwen3")
-
-    def describe(self, config) -> ArchInfo:
-        common_checks(config)
-        d, h = config.hidden_size, config.num_attention_heads
-        dh = getattr(config, "head_dim", None) or d // h
-        return ArchInfo(self.name, config.num_hidden_layers, h, config.num_key_value_heads or h, d, dh, False)
 
     def extract(self, hf) -> Weights:
         config, tr = hf.config, hf.model

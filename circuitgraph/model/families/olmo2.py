@@ -20,8 +20,7 @@ class OLMo2(Family):
         common_checks(config)
         if getattr(config, "attention_bias", False):
             refuse(config, "attention_bias", "a post-normed attention output bias would not be a constant")
-        d, h = config.hidden_size, config.num_attention_heads
-        return ArchInfo(self.name, config.num_hidden_layers, h, config.num_key_value_heads or h, d, d // h, False)
+        return super().describe(config)
 
     def extract(self, hf) -> Weights:
         config, tr = hf.config, hf.model

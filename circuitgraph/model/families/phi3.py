@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from circuitgraph.model.families.base import Family, common_checks, heads_in, heads_out, norm, register
-from circuitgraph.model.weights import ArchInfo, Attention, Layer, Rotary, Weights
+from circuitgraph.model.families.base import Family, heads_in, heads_out, norm, register
+from circuitgraph.model.weights import Attention, Layer, Rotary, Weights
 
 
 @register
@@ -11,12 +11,6 @@ class Phi3(Family):
     name = "phi3"
     architectures = ("Phi3ForCausalLM",)
     model_types = ("phi3",)
-
-    def describe(self, config) -> ArchInfo:
-        common_checks(config)
-        d, h = config.hidden_size, config.num_attention_heads
-        dh = getattr(config, "head_dim", None) or d // h
-        return ArchInfo(self.name, config.num_hidden_layers, h, config.num_key_value_heads or h, d, dh, False)
 
     def extract(self, hf) -> Weights:
         config, tr = hf.config, hf.model

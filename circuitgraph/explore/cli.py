@@ -1,0 +1,62 @@
+"""``circuitgraph explore``: write a study's explorer page."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def register_cli(subparsers) -> None:
+    """Add ``circuitgraph explore --model M --data F --spec S [--compare S2] -o OUT.html``."""
+    from circuitgraph.cli.checks import positive_int
+    from circuitgraph.cli.commands import METRICS, _common
+
+    p = subparsers.add_parser("explore", help="write an interactive HTML page of a circuit study (opens offline in a browser)")
+    _common(p)
+    p.add_argument("--spec", required=True, help="circuit spec JSON (ours or EAP-IG/MIB), e.g. the hypothesis")
+    p.add_argument("--compare", default=None, help="a second circuit spec (e.g. a discovered one), shown overlaid or side by side")
+    p.add_argument("-o", "--output", required=True, help="the page, .html")
+    p.add_argument("--metric", choices=METRICS, default="logit_diff")
+    p.add_argument("--ablation", choices=["corrupted", "mean", "zero"], default="corrupted")
+    p.add_argument("--examples", type=positive_int, default=8, help="dataset rows the page's example picker offers (the first ones)")
+    p.add_argument("--top-edges", type=_non_negative_int, default=1000,
+                   help="scored edges outside the circuits to embed, best |score| first")
+    p.add_argument("--title", default=None)
+    p.set_defaults(func=cmd_explore)
+
+
+def cmd_explore(args) -> int:
+    import warnings
+
+    from circuitgraph.cli.checks import check_output
+    from circuitgraph.cli.commands import _load
+    from circuitgraph.evaluate.evaluator import Evaluator
+    from circuitgraph.explore.study import Study
+    from circuitgraph.explore.study_data import Limits
+    from circuitgraph.spec.circuit_spec import CircuitSpec
+
+    check_output(args.output, suffixes=(".html", ".htm"))  # before anything loads
+    spec = CircuitSpec.load(args.spec)
+    other = CircuitSpec.load(args.compare) if args.compare else None
+    model, data = _load(args)
+    for s in (spec, other):
+        if s is not None:
+            s.resolve(model.graph)  # a name the model lacks fails before any run
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the scores' own warnings are shown on the page
+        ev = Evaluator(model, data, metric=args.metric, ablation=args.ablation, batch_size=args.batch_size, progress=False)
+        study = Study.collect(model, data, spec, other, evaluator=ev, title=args.title, model_name=args.model,
+                              limits=Limits(examples=args.examples, top_edges=args.top_edges))
+    path = study.to_html(args.output)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB); open it in a browser")
+    return 0
