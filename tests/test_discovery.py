@@ -81,6 +81,66 @@ def test_eap_equals_finite_differences(setup):
         assert abs(fd) > 1e-4
 
 
+@pytest.mark.parametrize("points", ["right", "left"])
+def test_eap_ig_step_points_by_hand(setup, points):
+    """EAP-IG (inputs) = mean over alpha of delta_s . dM/dx_d in the run whose input embedding is
+    ablated + alpha (clean - ablated); alpha = k/n for k = 1..n (right) or k = 0..n-1 (left, the
+    EAP-IG repository's), each gradient a finite difference through TransformerLens hooks."""
+    from circuitgraph.discovery import ig_alphas
+
+    model, data = setup
+    steps = 3
+    alphas = {"right": [1 / 3, 2 / 3, 1.0], "left": [0.0, 1 / 3, 2 / 3]}[points]
+    assert ig_alphas(steps, points) == pytest.approx(alphas)
+    ig = attribute(Evaluator(model, data, progress=False), "eap-ig", steps=steps, ig_points=points, progress=False)
+    assert ig.meta["ig_points"] == points
+    bridge = model.bridge
+    with torch.no_grad():
+        _, clean_cache = bridge.run_with_cache(data.clean)
+        _, corrupt_cache = bridge.run_with_cache(data.corrupted)
+    clean_tok, corrupt_tok = clean_cache["hook_embed"], corrupt_cache["hook_embed"]
+
+    def metric(logits):
+        last = logits[torch.arange(len(data)), data.last]
+        return (last.gather(1, data.answers[:, :1]) - last.gather(1, data.wrongs[:, :1])).mean()
+
+    eps = 1e-4
+    for edge in ["a0.h1->a1.h2<k>", "input->a1.h3<q>", "a1.h2->m1", "m0->logits"]:
+        src, dst = edge.split("->")
+        delta = _source(corrupt_cache, src) - _source(clean_cache, src)
+        hook, head = _hook_for(dst)
+
+        def run(alpha, scale):
+            def embed(x, hook):
+                return corrupt_tok + alpha * (clean_tok - corrupt_tok)
+
+            def patch(x, hook):
+                x = x.clone()
+                if head is None:
+                    x += scale * delta
+                else:
+                    x[:, :, head] += scale * delta
+                return x
+            with torch.no_grad():
+                return float(metric(bridge.run_with_hooks(data.clean, fwd_hooks=[("hook_embed", embed), (hook, patch)])))
+
+        by_hand = np.mean([(run(a, eps) - run(a, -eps)) / (2 * eps) for a in alphas])
+        assert ig.scores[model.graph.edge_index[edge]].item() == pytest.approx(by_hand, rel=1e-6, abs=1e-8), edge
+
+
+def test_ig_points_differ_and_are_checked(setup):
+    from circuitgraph.discovery import ig_alphas
+
+    model, data = setup
+    ev = Evaluator(model, data, progress=False)
+    legal = model.graph.legal
+    right = attribute(ev, "eap-ig", steps=2, progress=False).scores
+    left = attribute(ev, "eap-ig", steps=2, ig_points="left", progress=False).scores
+    assert not torch.allclose(right[legal], left[legal], atol=1e-6)
+    with pytest.raises(ValueError, match="IG points 'middle'"):
+        ig_alphas(5, "middle")
+
+
 @pytest.mark.parametrize("variant", ["eap-ig", "eap-ig-activations"])
 def test_eap_ig_with_one_step_is_eap(setup, variant):
     model, data = setup
@@ -195,6 +255,24 @@ def test_cli_discover_writes_spec_and_mib(model_dir, tmp_path, capsys):
     assert main(["discover", "--model", str(model_dir), "--data", str(data), "--method", "eap", "--top-n", "3",
                  "--threshold", "0.1", "-o", str(out)]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_cli_dtype_and_ig_points(model_dir, tmp_path, capsys):
+    import json
+
+    from circuitgraph.cli.commands import main
+    from circuitgraph.model.loading import load_model
+    from conftest import write_jsonl
+
+    data = write_jsonl(tmp_path / "d.jsonl", signal_rows(load_model(model_dir), 6, seed=2))
+    out = tmp_path / "c.json"
+    assert main(["discover", "--model", str(model_dir), "--data", str(data), "--method", "eap-ig", "--steps", "2",
+                 "--ig-points", "left", "--dtype", "bfloat16", "--top-n", "5", "-o", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n_edges"] == 5
+    assert json.loads(out.read_text())["metadata"]["ig_points"] == "left"
+    with pytest.raises(SystemExit):
+        main(["discover", "--model", str(model_dir), "--data", str(data), "--method", "eap", "--dtype", "float8", "-o", str(out)])
+    assert "--dtype" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("family,ablation", [("qwen2", "corrupted"), ("neox", "corrupted"), ("gemma2", "corrupted"),

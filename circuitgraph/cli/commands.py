@@ -4,6 +4,7 @@ inputs, the device and output paths are checked before any model is loaded (see 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -13,18 +14,25 @@ from pathlib import Path
 from circuitgraph.cli.checks import (CLIError, check_device, check_output, finite_float, non_negative_float,
                                      positive_int)
 from circuitgraph.errors import CircuitWarning
+from circuitgraph.evaluate import distributed as dist
 
 METRICS = ["logit_diff", "prob_diff", "kl", "accuracy"]
+DTYPES = ("float32", "bfloat16", "float16")
+# commands that split their examples over torch.distributed ranks; the others run on rank 0 only
+DISTRIBUTED_COMMANDS = ("evaluate", "discover", "path-patch")
 
 
 def _load(args, need_data: bool = True):
     """The model and (read first, so that a bad line fails before the model loads) the dataset."""
+    import torch
+
     from circuitgraph.data.dataset import read_jsonl, tokenize
     from circuitgraph.model.loading import load_model
 
-    device = check_device(getattr(args, "device", "cpu"))
+    device = dist.device_for(check_device(getattr(args, "device", "cpu")))
+    dtype = getattr(torch, getattr(args, "dtype", "float32"))
     examples = read_jsonl(args.data) if need_data else None
-    model = load_model(args.model, device=device, check_exact=not getattr(args, "no_exactness_check", False))
+    model = load_model(args.model, device=device, dtype=dtype, check_exact=not getattr(args, "no_exactness_check", False))
     data = None
     if need_data:
         data = tokenize(examples, model, prepend_bos=args.prepend_bos, source=str(args.data))
@@ -119,7 +127,8 @@ def cmd_discover(args) -> int:
         warnings.simplefilter("ignore")
         ev = Evaluator(model, data, metric=metric, ablation=args.ablation, batch_size=args.batch_size,
                        progress=not args.json)
-        scores = discover(ev, args.method, steps=args.steps, tau=args.tau, progress=not args.json)
+        scores = discover(ev, args.method, steps=args.steps, tau=args.tau, progress=not args.json,
+                          ig_points=args.ig_points)
         mask, how = _select(args, ev, scores, model.graph.n_edges)
         spec = scores.to_spec(mask, model=args.model, selection=how)
         spec.name = f"{args.method} circuit"
@@ -127,6 +136,8 @@ def cmd_discover(args) -> int:
         result = ev.evaluate(spec)
         if result.faithfulness is not None:
             spec.metadata["faithfulness"] = result.faithfulness  # figures of this spec show it in their title
+    if not dist.is_main():
+        return 0
     if args.format == "mib":
         Path(args.output).write_text(json.dumps(spec.to_mib(model.graph)) + "\n")
     else:
@@ -171,7 +182,10 @@ def _common(p: argparse.ArgumentParser, data: bool = True):
         p.add_argument("--data", required=True, help="JSONL dataset (clean, corrupted, answer, wrong[, positions])")
         p.add_argument("--prepend-bos", action="store_true", help="put the BOS token first (TransformerLens habit)")
         p.add_argument("--batch-size", type=positive_int, default=32)
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    p.add_argument("--device", default="cpu",
+                   help="cpu, cuda, cuda:N or mps (under torchrun, cuda means each rank's own GPU)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="weights and activations; metrics and score sums accumulate in fp32 either way")
     p.add_argument("--no-exactness-check", action="store_true",
                    help="skip comparing the engine's clean logits with the model's own forward on the first batch")
 
@@ -221,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--greedy", action="store_true", help="grow the top-n circuit from the logits (EAP-IG's greedy)")
     p.add_argument("--prune", action="store_true", help="drop edges not on an input -> logits path")
     p.add_argument("--steps", type=positive_int, default=5, help="integrated-gradient steps (eap-ig*)")
+    p.add_argument("--ig-points", choices=["right", "left"], default="right",
+                   help="IG step points: right = k/n for k=1..n (ours, ends at clean); left = k=0..n-1 "
+                        "(the EAP-IG repo's EAP-IG-inputs, as run by MIB)")
     p.add_argument("--tau", type=non_negative_float, default=0.01, help="ACDC threshold")
     p.add_argument("--metric", choices=METRICS, help="default: kl for acdc, else logit_diff")
     p.add_argument("--ablation", choices=["corrupted", "mean", "zero"], default="corrupted")
@@ -279,8 +296,31 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command.  Under ``torchrun`` the evaluation commands split their examples over the
+    ranks (see :mod:`circuitgraph.evaluate.distributed`); only rank 0 prints and writes."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not dist.launched():
+        return _run(args)
+    if args.command not in DISTRIBUTED_COMMANDS:
+        return _run(args) if os.environ.get("RANK", "0") == "0" else 0
+    try:
+        dist.init(check_device(getattr(args, "device", "cpu")))
+    except Exception as e:  # noqa: BLE001 -- one line, no traceback
+        print(f"circuitgraph {args.command}: error: could not join the torch.distributed group "
+              f"(MASTER_ADDR={os.environ.get('MASTER_ADDR')}, MASTER_PORT={os.environ.get('MASTER_PORT')}): "
+              f"{error_message(e)}", file=sys.stderr)
+        return 2
+    try:
+        if dist.is_main():
+            return _run(args)
+        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+            return _run(args)  # errors are reported once, by rank 0
+    finally:
+        dist.close()
+
+
+def _run(args) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # other libraries' warnings are not the user's business here
         warnings.simplefilter("always", CircuitWarning)

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import time
 
+from circuitgraph.evaluate import distributed as dist
 from circuitgraph.evaluate.evaluator import Evaluator
 from circuitgraph.discovery.acdc import acdc, exact_scores
-from circuitgraph.discovery.eap import attribute
+from circuitgraph.discovery.eap import IG_POINTS, attribute, ig_alphas
 from circuitgraph.discovery.curves import MIB_FRACTIONS, FaithfulnessCurve, faithfulness_curve, roc_auc
 from circuitgraph.discovery.edge_scores import EdgeScores, prune_dangling
 from circuitgraph.discovery.selection import DEFAULT_LEVEL, Selection, SelectionError, smallest_faithful
@@ -18,21 +19,25 @@ from circuitgraph.discovery.selection import DEFAULT_LEVEL, Selection, Selection
 METHODS = ("acdc", "eap", "eap-ig", "eap-ig-activations", "exact")
 
 
-def discover(ev: Evaluator, method: str, *, steps: int = 5, tau: float = 0.01, progress: bool = True) -> EdgeScores:
-    """Score every edge with ``method`` (see :data:`METHODS`)."""
+def discover(ev: Evaluator, method: str, *, steps: int = 5, tau: float = 0.01, progress: bool = True,
+             ig_points: str = "right") -> EdgeScores:
+    """Score every edge with ``method`` (see :data:`METHODS`); ``ig_points`` places EAP-IG's steps
+    (see :func:`~circuitgraph.discovery.eap.ig_alphas`).  Under ``torch.distributed`` the ranks share
+    the examples and all return the same scores; only rank 0 shows progress."""
     t = time.perf_counter()
+    progress = progress and (not ev.distributed or dist.is_main())
     if method == "acdc":
         out = acdc(ev, tau, progress=progress)
     elif method == "exact":
         out = exact_scores(ev, progress=progress)
     elif method in ("eap", "eap-ig", "eap-ig-activations"):
-        out = attribute(ev, method, steps=steps, progress=progress)
+        out = attribute(ev, method, steps=steps, progress=progress, ig_points=ig_points)
     else:
         raise ValueError(f"unknown discovery method '{method}'; expected one of {', '.join(METHODS)}")
     out.meta["seconds"] = time.perf_counter() - t
     return out
 
 
-__all__ = ["DEFAULT_LEVEL", "METHODS", "MIB_FRACTIONS", "EdgeScores", "FaithfulnessCurve", "Selection", "SelectionError",
-           "acdc", "attribute", "discover", "exact_scores", "faithfulness_curve", "prune_dangling", "roc_auc",
-           "smallest_faithful"]
+__all__ = ["DEFAULT_LEVEL", "IG_POINTS", "METHODS", "MIB_FRACTIONS", "EdgeScores", "FaithfulnessCurve", "Selection",
+           "SelectionError", "acdc", "attribute", "discover", "exact_scores", "faithfulness_curve", "ig_alphas",
+           "prune_dangling", "roc_auc", "smallest_faithful"]

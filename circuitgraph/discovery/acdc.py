@@ -46,18 +46,19 @@ class _TrialRunner:
 
     @torch.no_grad()
     def mean_metric(self, masks: torch.Tensor, layer: int) -> np.ndarray:
+        """Mean over the dataset; per-example values are summed over ranks (exactly: each rank fills
+        its own columns), so every rank sees the same numbers and takes the same decisions."""
         ev, engine = self.ev, self.engine
-        total = np.zeros(masks.shape[0])
+        values = np.zeros((masks.shape[0], len(ev.data)))
         plan = engine.compile(masks.to(ev.model.device))
-        for i in range(ev.n_batches):
+        for i, (a, b) in enumerate(ev._spans()):
             part, abl, clean_logits = ev.batch(i)
             dev = ev.model.device
             logits = engine.patched_run(part.clean.to(dev), abl, plan, logit_positions=part.last.to(dev),
                                         start=self.states[i][layer])
-            vals = ev._values(logits, part, clean_logits.expand(masks.shape[0], -1, -1))
-            total += vals.double().sum(-1).numpy()
+            values[:, a:b] = ev._values(logits, part, clean_logits.expand(masks.shape[0], -1, -1)).numpy()
         self.n_runs += masks.shape[0]
-        return total / len(ev.data)
+        return ev.reduce(values).mean(-1)
 
 
 def acdc(ev: Evaluator, tau: float, batch: int | None = None, progress: bool = True, max_edges: int | None = None) -> EdgeScores:

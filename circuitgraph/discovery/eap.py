@@ -6,8 +6,12 @@ The gradients come from the ordinary shared forward: a head port's input gradien
 gradient of its own projection pulled back through the port's input norm (a closed-form
 vector-Jacobian product, one batched product for all ports of a layer), and each destination's
 gradient is folded into the scores by a hook as soon as the backward produces it, so neither
-per-port copies of the residual nor all destinations' gradients are ever held.  EAP-IG averages the gradients over ``steps`` points between the ablated and
-the clean run (right Riemann sum, so ``steps=1`` is exactly EAP).
+per-port copies of the residual nor all destinations' gradients are ever held.  EAP-IG averages
+the gradients over ``steps`` points between the ablated and the clean run; :func:`ig_alphas` says
+where (ours by default, or the EAP-IG repository's).
+
+Scores are summed in float64 (each destination's products in fp32) whatever the model's dtype,
+and over ranks under ``torch.distributed`` (each rank attributes its share of the examples).
 """
 
 from __future__ import annotations
@@ -72,13 +76,32 @@ def _lean_forward(engine, tokens, positions, fold: _ScoreFolder, emb=None, overr
     return k.unembed(fold.watch(resid, G.logits_dest), positions), leaf
 
 
-def attribute(evaluator: Evaluator, method: str = "eap", steps: int = 5, progress: bool = True) -> EdgeScores:
-    """Score every edge with ``eap``, ``eap-ig`` (IG over the input embeddings) or
-    ``eap-ig-activations`` (IG over each source block's output, one block at a time, as in MIB)."""
-    if method not in ("eap", "eap-ig", "eap-ig-activations"):
-        raise ValueError(f"unknown attribution method '{method}'; expected eap, eap-ig or eap-ig-activations")
+IG_POINTS = ("right", "left")
+
+
+def ig_alphas(steps: int, points: str = "right") -> list[float]:
+    """Where EAP-IG takes its gradients, as fractions of the way from the ablated to the clean run.
+
+    ``right`` (ours): ``k / steps`` for ``k = 1..steps`` -- ends at the clean run, as the integral's
+    right Riemann sum, so one step is EAP.  ``left``: ``k = 0..steps-1`` -- starts at the ablated run;
+    the EAP-IG repository's ``EAP-IG-inputs`` (which MIB ran, 5 steps) uses it.  (Its
+    ``EAP-IG-activations`` uses ``right``.)"""
+    if points not in IG_POINTS:
+        raise ValueError(f"unknown IG points '{points}'; expected one of {', '.join(IG_POINTS)}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    first = 1 if points == "right" else 0
+    return [k / steps for k in range(first, first + steps)]
+
+
+def attribute(evaluator: Evaluator, method: str = "eap", steps: int = 5, progress: bool = True,
+              ig_points: str = "right") -> EdgeScores:
+    """Score every edge with ``eap``, ``eap-ig`` (IG over the input embeddings) or
+    ``eap-ig-activations`` (IG over each source block's output, one block at a time, as in MIB);
+    ``ig_points`` picks the IG step points (see :func:`ig_alphas`)."""
+    if method not in ("eap", "eap-ig", "eap-ig-activations"):
+        raise ValueError(f"unknown attribution method '{method}'; expected eap, eap-ig or eap-ig-activations")
+    alphas = ig_alphas(steps, ig_points)
     ev, engine = evaluator, evaluator.engine
     G = engine.graph
     scores = torch.zeros(len(G.sources), len(G.destinations), dtype=torch.float64)
@@ -114,17 +137,21 @@ def attribute(evaluator: Evaluator, method: str = "eap", steps: int = 5, progres
         if method == "eap":
             backward()
         elif method == "eap-ig":
-            for k in range(1, steps + 1):
-                backward(emb=abl_emb + (k / steps) * (clean_emb - abl_emb))
+            for alpha in alphas:
+                backward(emb=abl_emb + alpha * (clean_emb - abl_emb))
         else:
             for block, (c, z) in enumerate(summed):
-                for k in range(1, steps + 1):
-                    backward(override={block: z + (k / steps) * (c - z)})
+                for alpha in alphas:
+                    backward(override={block: z + alpha * (c - z)})
         del deltas, fold
     bar.close()
-    scores /= len(ev.data)
-    return EdgeScores(G, scores, method, {"steps": n_points, "metric": ev.metric_name, "ablation": ev.ablation_kind,
-                                          "n_backward": n_backward, "n_examples": len(ev.data)})
+    scores = ev.reduce(scores) / len(ev.data)
+    n_backward = int(ev.reduce(torch.tensor([n_backward], dtype=torch.float64)).item())
+    meta = {"steps": n_points, "metric": ev.metric_name, "ablation": ev.ablation_kind, "n_backward": n_backward,
+            "n_examples": len(ev.data)}
+    if method != "eap":
+        meta["ig_points"] = ig_points
+    return EdgeScores(G, scores, method, meta)
 
 
 def _noising_deltas(clean_out: list, ablated: list | None) -> torch.Tensor:

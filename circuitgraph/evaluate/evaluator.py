@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from circuitgraph.data.dataset import DataError, TaskData, load_dataset, model_limits
 from circuitgraph.engine import Ablation
 from circuitgraph.errors import CircuitWarning
+from circuitgraph.evaluate import distributed as dist
 from circuitgraph.evaluate.metrics import get_metric
 from circuitgraph.model.loading import CircuitModel
 from circuitgraph.spec.circuit_spec import CircuitSpec, ResolvedCircuit, SpecError
@@ -113,11 +114,15 @@ def normalisation_problem(clean: np.ndarray, base: np.ndarray, metric: str) -> s
 
 
 class Evaluator:
-    """Scores circuits on one dataset, reusing the clean and ablation runs across circuits."""
+    """Scores circuits on one dataset, reusing the clean and ablation runs across circuits.
+
+    Under ``torch.distributed`` (see :mod:`circuitgraph.evaluate.distributed`) each rank runs its
+    share of the batches and the per-example values are summed over ranks, so every rank returns
+    what one process would; ``distributed=False`` keeps a rank to the whole dataset."""
 
     def __init__(self, model: CircuitModel, data: TaskData, metric: str = "logit_diff", ablation: str = "corrupted",
                  batch_size: int = 32, reference: TaskData | None = None, progress: bool = True,
-                 cache_budget_mb: float = 2048):
+                 cache_budget_mb: float = 2048, distributed: bool = True):
         if ablation not in ABLATIONS:
             raise ValueError(f"unknown ablation '{ablation}'; expected one of {', '.join(ABLATIONS)}")
         model, data = _check_inputs(model, data)
@@ -126,7 +131,8 @@ class Evaluator:
         self.model, self.data, self.ablation_kind = model, data, ablation
         self.metric_name, self.metric = metric, get_metric(metric)
         self.batch_size = batch_size
-        self.progress = progress
+        self.distributed = distributed and dist.active()
+        self.progress = progress and (not self.distributed or dist.is_main())
         self.engine = model.engine
         self.graph = model.graph
         self._mean = self._mean_outputs(reference if reference is not None else data) if ablation == "mean" else None
@@ -143,8 +149,18 @@ class Evaluator:
         return 16 if self.model.device.type != "cpu" or work <= 2**21 else 1
 
     # ----- runs ----------------------------------------------------------------------------
-    def _spans(self):
-        return [(i, min(i + self.batch_size, len(self.data))) for i in range(0, len(self.data), self.batch_size)]
+    def _spans(self, n: int | None = None) -> list[tuple[int, int]]:
+        """This rank's mini-batches ``(start, stop)`` of ``n`` examples (default: the dataset)."""
+        n = len(self.data) if n is None else n
+        if not self.distributed:
+            return [(i, min(i + self.batch_size, n)) for i in range(0, n, self.batch_size)]
+        return [span for _, span in dist.shard(n, self.batch_size)]
+
+    def reduce(self, x):
+        """Sum a tensor or array over ranks (identity in one process); see :mod:`~circuitgraph.evaluate.distributed`."""
+        if not self.distributed:
+            return x
+        return dist.all_sum_array(x) if isinstance(x, np.ndarray) else dist.all_sum(x)
 
     @property
     def n_batches(self) -> int:
@@ -163,18 +179,23 @@ class Evaluator:
     def _mean_outputs(self, ref: TaskData) -> list[torch.Tensor]:
         """Each source's output averaged over ``ref`` (per position when all examples share a length)."""
         aligned = ref.same_length and ref.clean.shape[1] == self.data.clean.shape[1] and self.data.same_length
-        sums, count = None, 0
-        for a, b in self._bar([(i, min(i + self.batch_size, len(ref))) for i in range(0, len(ref), self.batch_size)], "mean ablation"):
+        P, dev = ref.clean.shape[1], self.model.device
+        # sums in fp32 whatever the model's dtype (a bf16 sum of many examples loses digits)
+        sums = [torch.zeros(b.stop - b.start, 1, P if aligned else 1, self.engine.D, device=dev)
+                for b in self.engine.src_blocks]
+        count = torch.zeros(1, P, 1, device=dev) if aligned else torch.zeros((), device=dev)
+        dtype = None
+        for a, b in self._bar(self._spans(len(ref)), "mean ablation"):
             part = ref.slice(a, b)
-            _, outs = self.engine.run(part.corrupted.to(self.model.device), record=True)
+            _, outs = self.engine.run(part.corrupted.to(dev), record=True)
+            dtype = outs[0].dtype
             valid = (torch.arange(part.clean.shape[1])[None] < part.lengths[:, None]).float().to(outs[0].device)  # [B, P]
-            if aligned:
-                red = [(o * valid[None, :, :, None]).sum(1, keepdim=True) for o in outs]
-            else:
-                red = [(o * valid[None, :, :, None]).sum((1, 2), keepdim=True) for o in outs]
-            sums = red if sums is None else [s + r for s, r in zip(sums, red)]
+            for s, o in zip(sums, outs):
+                s += (o.float() * valid[None, :, :, None]).sum((1,) if aligned else (1, 2), keepdim=True)
             count += valid.sum(0, keepdim=True)[..., None] if aligned else valid.sum()
-        return [s / count for s in sums]
+        sums, count = [self.reduce(s) for s in sums], self.reduce(count)
+        dtype = dtype or self.engine.w.W_U.dtype
+        return [(s / count).to(dtype) for s in sums]
 
     @torch.no_grad()
     def _batch(self, i: int, a: int, b: int):
@@ -202,15 +223,16 @@ class Evaluator:
 
     @torch.no_grad()
     def _baselines(self):
-        clean, base = [], []
+        out = np.zeros((2, len(self.data)))
         for i, (a, b) in enumerate(self._bar(self._spans(), "clean/ablated runs")):
             part, abl, clean_logits = self._batch(i, a, b)
-            clean.append(self._values(clean_logits, part, clean_logits))
+            out[0, a:b] = self._values(clean_logits, part, clean_logits).numpy()
             last = part.last.to(clean_logits.device)
             final = abl.resid[-1].expand(len(part), part.clean.shape[1], -1)
             empty = self.engine.w.unembed(final[torch.arange(len(part)), last])
-            base.append(self._values(empty, part, clean_logits))
-        return torch.cat(clean).numpy(), torch.cat(base).numpy()
+            out[1, a:b] = self._values(empty, part, clean_logits).numpy()
+        out = self.reduce(out)
+        return out[0], out[1]
 
     @torch.no_grad()
     def metric_values(self, circuits: list[ResolvedCircuit], complement: bool = False, chunk: int | None = None,
@@ -225,11 +247,15 @@ class Evaluator:
             masks = torch.stack([circuits[i].mask() for i in plain])
             out[plain] = self.mask_values(self.graph.legal[None] & ~masks if complement else masks, chunk, desc)
         positional = [i for i, c in enumerate(circuits) if c.position_names]
-        for i in tqdm(positional, desc=desc or "patched runs", leave=False, disable=not self.progress or len(positional) < 2):
-            for s, (a, b) in enumerate(self._spans()):
-                part, abl, clean_logits = self._batch(s, a, b)
-                logits = self._patched(part, abl, circuits[i], complement)
-                out[i, a:b] = self._values(logits, part, clean_logits[None]).numpy()[0]
+        if positional:
+            part_out = np.zeros((len(positional), len(self.data)))
+            for j, i in enumerate(tqdm(positional, desc=desc or "patched runs", leave=False,
+                                       disable=not self.progress or len(positional) < 2)):
+                for s, (a, b) in enumerate(self._spans()):
+                    part, abl, clean_logits = self._batch(s, a, b)
+                    logits = self._patched(part, abl, circuits[i], complement)
+                    part_out[j, a:b] = self._values(logits, part, clean_logits[None]).numpy()[0]
+            out[positional] = self.reduce(part_out)
         return out
 
     @torch.no_grad()
@@ -247,7 +273,7 @@ class Evaluator:
             plan = self.engine.compile(m.to(self.model.device))
             logits = self.engine.patched_run(part.clean.to(self.model.device), abl, plan, logit_positions=part.last.to(self.model.device))
             out[c:c + len(m), a:b] = self._values(logits, part, clean_logits.expand(len(m), -1, -1)).numpy()
-        return out
+        return self.reduce(out)
 
     def normalise(self, values: np.ndarray) -> np.ndarray:
         """Per-circuit normalised score ``(M - M_ablated) / (M_clean - M_ablated)`` of ``[C, N]`` metric values."""

@@ -49,6 +49,18 @@ METRICS: dict[str, Callable] = {"logit_diff": logit_diff, "prob_diff": prob_diff
 
 
 def get_metric(name: str) -> Callable:
+    """The metric ``name``, computed in fp32 whatever the logits' dtype: a softmax over the vocabulary
+    or a difference of two large logits in bf16 keeps about two significant digits."""
     if name not in METRICS:
         raise ValueError(f"unknown metric '{name}'; expected one of {', '.join(METRICS)}")
-    return METRICS[name]
+    fn = METRICS[name]
+
+    def metric(logits, data: TaskData, clean_logits=None):
+        return fn(_fp32(logits), data, None if clean_logits is None else _fp32(clean_logits))
+
+    metric.__name__, metric.__doc__ = fn.__name__, fn.__doc__
+    return metric
+
+
+def _fp32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()

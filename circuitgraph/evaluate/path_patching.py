@@ -259,6 +259,10 @@ def cmd_path_patch(args) -> int:
         data.check_positions(positions, user="--positions")
     res = path_patch_sweep(model, data, receivers, senders=args.senders, metric=args.metric, positions=positions,
                            batch_size=args.batch_size)
+    from circuitgraph.evaluate import distributed as dist
+
+    if not dist.is_main():
+        return 0
     if args.output:
         plot_path_patching(res, args.output)
     if args.json:
