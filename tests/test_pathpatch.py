@@ -11,7 +11,8 @@ from circuitgraph.characterise.activation_patching import activation_patching, p
 from circuitgraph.data.dataset import load_dataset
 from circuitgraph.evaluate.metrics import logit_diff
 from circuitgraph.model.loading import bundled_models, load_model
-from circuitgraph.evaluate.path_patching import path_patch, path_patch_sweep, plot_path_patching, receiver_index, register_cli
+from circuitgraph.cli.path_patch import register_cli
+from circuitgraph.evaluate.path_patching import path_patch, path_patch_sweep, plot_path_patching, receiver_index
 from conftest import random_rows, write_jsonl
 
 

@@ -11,7 +11,8 @@ import pytest
 import circuitgraph.cli.commands as cli
 from circuitgraph.graph.computational_graph import Graph
 from circuitgraph.render import figure
-from circuitgraph.render.figure import PORT_COLORS, SIGN_COLORS, WEAK_COLOR, infer_graph, register_cli, render
+from circuitgraph.cli.render import register_cli
+from circuitgraph.render.figure import PORT_COLORS, SIGN_COLORS, WEAK_COLOR, infer_graph, render
 from circuitgraph.render.scene import build_scene, group_colors
 from circuitgraph.spec.circuit_spec import CircuitSpec
 

@@ -13,31 +13,9 @@ from pathlib import Path
 
 from circuitgraph.cli.checks import (CLIError, check_device, check_output, finite_float, non_negative_float,
                                      positive_int)
+from circuitgraph.cli.common import DISTRIBUTED_COMMANDS, METRICS, add_model_args, load_model_and_data
 from circuitgraph.errors import CircuitWarning
 from circuitgraph.evaluate import distributed as dist
-
-METRICS = ["logit_diff", "prob_diff", "kl", "accuracy"]
-DTYPES = ("float32", "bfloat16", "float16")
-# commands that split their examples over torch.distributed ranks; the others run on rank 0 only
-DISTRIBUTED_COMMANDS = ("evaluate", "discover", "path-patch")
-
-
-def _load(args, need_data: bool = True):
-    """The model and (read first, so that a bad line fails before the model loads) the dataset."""
-    import torch
-
-    from circuitgraph.data.dataset import read_jsonl, tokenize
-    from circuitgraph.model.loading import load_model
-
-    device = dist.device_for(check_device(getattr(args, "device", "cpu")))
-    dtype = getattr(torch, getattr(args, "dtype", "float32"))
-    examples = read_jsonl(args.data) if need_data else None
-    model = load_model(args.model, device=device, dtype=dtype, check_exact=not getattr(args, "no_exactness_check", False))
-    data = None
-    if need_data:
-        data = tokenize(examples, model, prepend_bos=args.prepend_bos, source=str(args.data))
-    return model, data
-
 
 def _number(v, se: bool = False) -> str:
     if v is None:
@@ -54,7 +32,7 @@ def cmd_evaluate(args) -> int:
     from circuitgraph.spec.circuit_spec import CircuitSpec
 
     spec = CircuitSpec.load(args.spec).require_selection(f"spec '{args.spec}'")
-    model, data = _load(args)
+    model, data = load_model_and_data(args)
     spec.resolve(model.graph)  # a name the model lacks fails before any run
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # score.warnings holds ours; they are printed below
@@ -121,7 +99,7 @@ def cmd_discover(args) -> int:
     if args.threshold is not None and args.top_n is not None:
         raise CLIError("give --threshold or --top-n, not both")
     check_output(args.output)
-    model, data = _load(args)
+    model, data = load_model_and_data(args)
     metric = args.metric or ("kl" if args.method == "acdc" else "logit_diff")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -176,20 +154,6 @@ def cmd_make_data(args) -> int:
     return 0
 
 
-def _common(p: argparse.ArgumentParser, data: bool = True):
-    p.add_argument("--model", required=True, help="hub name, local HuggingFace directory or bundled model name")
-    if data:
-        p.add_argument("--data", required=True, help="JSONL dataset (clean, corrupted, answer, wrong[, positions])")
-        p.add_argument("--prepend-bos", action="store_true", help="put the BOS token first (TransformerLens habit)")
-        p.add_argument("--batch-size", type=positive_int, default=32)
-    p.add_argument("--device", default="cpu",
-                   help="cpu, cuda, cuda:N or mps (under torchrun, cuda means each rank's own GPU)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32",
-                   help="weights and activations; metrics and score sums accumulate in fp32 either way")
-    p.add_argument("--no-exactness-check", action="store_true",
-                   help="skip comparing the engine's clean logits with the model's own forward on the first batch")
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (usage is one ``--help`` away)."""
 
@@ -217,14 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="circuitgraph", description="Test, discover and characterise transformer circuits.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("evaluate", help="faithfulness and necessity of a circuit spec")
-    _common(p)
+    add_model_args(p)
     p.add_argument("--spec", required=True, help="circuit spec JSON (ours or EAP-IG/MIB), or a shipped spec by name (ioi_gpt2)")
     p.add_argument("--ablation", choices=["corrupted", "mean", "zero"], default="corrupted")
     p.add_argument("--metric", choices=METRICS, default="logit_diff")
     p.add_argument("--json", action="store_true", help="print one JSON object (undefined numbers are null)")
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("discover", help="find a circuit automatically (ACDC, EAP, EAP-IG, exact)")
-    _common(p)
+    add_model_args(p)
     p.add_argument("--method", required=True, choices=["acdc", "eap", "eap-ig", "eap-ig-activations", "exact"])
     p.add_argument("--threshold", type=non_negative_float, help="keep edges with |score| >= T")
     p.add_argument("--top-n", type=positive_int,
@@ -259,10 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extra_commands() -> list:
+    """Every subcommand defined in its own module of this package (evaluate, discover and make-data are above)."""
     from circuitgraph.cli.demo import register_cli as demo
-    from circuitgraph.evaluate.path_patching import register_cli as path_patch
-    from circuitgraph.render.figure import register_cli as render
-    from circuitgraph.explore.cli import register_cli as explore
+    from circuitgraph.cli.explore import register_cli as explore
+    from circuitgraph.cli.path_patch import register_cli as path_patch
+    from circuitgraph.cli.render import register_cli as render
 
     return [render, path_patch, demo, explore]
 

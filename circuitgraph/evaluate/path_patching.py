@@ -101,7 +101,7 @@ def sender_index(graph, name: str) -> int:
     return graph.source_index[name]
 
 
-def _check_upstream(graph, senders: list[int], dst: list[int], receivers: list[str]) -> None:
+def check_upstream(graph, senders: list[int], dst: list[int], receivers: list[str]) -> None:
     """Every sender must feed at least one receiver: a sender downstream (or level) has no path to patch."""
     for s in senders:
         if not bool(graph.legal[s, dst].any()):
@@ -109,7 +109,7 @@ def _check_upstream(graph, senders: list[int], dst: list[int], receivers: list[s
                              f"a head in layer L reads input, heads and MLPs of layers < L; m{{L}} also reads the heads of layer L")
 
 
-def _as_list(x) -> list[str]:
+def as_list(x) -> list[str]:
     if isinstance(x, str):
         return [p for p in (s.strip() for s in x.split(",")) if p]
     return list(x)
@@ -145,11 +145,11 @@ def path_patch(model: CircuitModel, data: TaskData, senders, receivers, metric: 
                positions: list[str] | None = None, batch_size: int = 32, evaluator: Evaluator | None = None) -> float:
     """Normalised effect of patching the paths from all ``senders`` (together) to all ``receivers``."""
     G = model.graph
-    dst = [receiver_index(G, r) for r in _as_list(receivers)]
-    src = [sender_index(G, s) for s in _as_list(senders)]
+    dst = [receiver_index(G, r) for r in as_list(receivers)]
+    src = [sender_index(G, s) for s in as_list(senders)]
     if not src:
         raise ValueError("no senders given")
-    _check_upstream(G, src, dst, _as_list(receivers))
+    check_upstream(G, src, dst, as_list(receivers))
     ev = _evaluator(model, data, metric, batch_size, evaluator)
     vals = _patched_values(ev, [src], dst, positions)
     if zero_gap(ev.clean_values, ev.base_values):
@@ -162,13 +162,13 @@ def path_patch_sweep(model: CircuitModel, data: TaskData, receivers, senders=Non
                      evaluator: Evaluator | None = None) -> PathPatchResult:
     """Path patching from each sender alone (default: every node upstream of a receiver) to ``receivers``."""
     G = model.graph
-    rec = _as_list(receivers)
+    rec = as_list(receivers)
     dst = [receiver_index(G, r) for r in rec]
     if senders is None:
         src = [s for s in range(len(G.sources)) if bool(G.legal[s, dst].any())]
     else:
-        src = [sender_index(G, s) for s in _as_list(senders)]
-        _check_upstream(G, src, dst, rec)
+        src = [sender_index(G, s) for s in as_list(senders)]
+        check_upstream(G, src, dst, rec)
     if not src:
         raise ValueError(f"receiver(s) {rec} read only from nothing upstream; no senders to sweep")
     ev = _evaluator(model, data, metric, batch_size, evaluator)
@@ -223,68 +223,5 @@ def plot_path_patching(result: PathPatchResult, path, title: str | None = None):
     return save(fig, path)
 
 
-# ----- command line ---------------------------------------------------------------------------
-def register_cli(subparsers) -> None:
-    """Add ``circuitgraph path-patch --model M --data FILE --receiver 'a1.h2<k>' [--json] [-o FIG.png]``."""
-    from circuitgraph.cli.commands import _common
-
-    p = subparsers.add_parser("path-patch", help="path patching from every head and MLP to a receiver")
-    _common(p)
-    p.add_argument("--receiver", required=True, action="append",
-                   help="head port 'a1.h2<k>', MLP 'm1' or 'logits' (repeat or comma-separate for several)")
-    p.add_argument("--senders", default=None, help="comma-separated sender nodes (default: every node upstream)")
-    p.add_argument("--positions", default=None, help="comma-separated named positions: patch sender outputs only there")
-    p.add_argument("--metric", choices=["logit_diff", "prob_diff", "kl", "accuracy"], default="logit_diff")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("-o", "--output", default=None, help="write the layer x head heatmap (PNG)")
-    p.set_defaults(func=cmd_path_patch)
-
-
-def cmd_path_patch(args) -> int:
-    from circuitgraph.cli.commands import _load
-
-    from circuitgraph.cli.checks import check_output
-
-    receivers = [r for part in args.receiver for r in _as_list(part)]
-    if args.output:
-        check_output(args.output, suffixes=(".png", ".pdf", ".svg", ".jpg", ".jpeg"))
-    model, data = _load(args)
-    for r in receivers:  # fail on a bad name before any model run
-        receiver_index(model.graph, r)
-    if args.senders:
-        _check_upstream(model.graph, [sender_index(model.graph, s) for s in _as_list(args.senders)],
-                        [receiver_index(model.graph, r) for r in receivers], receivers)
-    positions = _as_list(args.positions) if args.positions else None
-    if positions:
-        data.check_positions(positions, user="--positions")
-    res = path_patch_sweep(model, data, receivers, senders=args.senders, metric=args.metric, positions=positions,
-                           batch_size=args.batch_size)
-    from circuitgraph.evaluate import distributed as dist
-
-    if not dist.is_main():
-        return 0
-    if args.output:
-        plot_path_patching(res, args.output)
-    if args.json:
-        print(res.to_json(indent=2))
-        return 0
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title=f"path patching -> {res.receiver} on {args.model} ({res.n_examples} examples, {res.metric})")
-    t.add_column("sender"), t.add_column("effect", justify="right"), t.add_column("± s.e.", justify="right")
-    fmt = lambda v, spec: f"{v:{spec}}" if math.isfinite(v) else "n/a"
-    for name, e in res.top(15):
-        t.add_row(name, fmt(e, "+.4f"), fmt(res.senders_se[name], ".4f"))
-    console = Console()
-    console.print(t)
-    if res.undefined_reason:
-        print(f"effects are not meaningful: {res.undefined_reason}")
-    console.print(f"normalised: {NORMALISATION}")
-    if args.output:
-        console.print(f"wrote {args.output}")
-    return 0
-
-
-__all__ = ["PathPatchResult", "path_patch", "path_patch_sweep", "plot_path_patching", "receiver_index", "register_cli",
-           "cmd_path_patch"]
+__all__ = ["NORMALISATION", "PathPatchResult", "as_list", "check_upstream", "path_patch", "path_patch_sweep",
+           "plot_path_patching", "receiver_index", "sender_index"]

@@ -79,7 +79,7 @@ def infer_graph(spec: CircuitSpec) -> Graph:
     return Graph(n_layers, n_heads, bool(spec.metadata.get("parallel_attn_mlp", False)))
 
 
-def _check_path(path) -> Path:
+def check_figure_path(path) -> Path:
     path = Path(path)
     if path.suffix.lower() not in FORMATS:
         raise ValueError(f"cannot write '{path}': unknown figure format '{path.suffix or '(no suffix)'}'; "
@@ -102,7 +102,7 @@ def render(spec: CircuitSpec, graph: Graph | None = None, path: str | Path | Non
     :mod:`circuitgraph.render.scene` for what each style means.
     """
     if path is not None:
-        path = _check_path(path)
+        path = check_figure_path(path)
     if rankdir not in RANKDIRS:
         raise ValueError(f"rankdir must be one of {', '.join(RANKDIRS)}, got '{rankdir}'")
     scene = build_scene(spec, graph or infer_graph(spec), rankdir=rankdir, collapse_groups=collapse_groups,
@@ -119,7 +119,7 @@ def write(dot: graphviz.Digraph, path: str | Path) -> Path:
 
     Without graphviz's ``dot`` program a figure from :func:`render` is drawn with matplotlib instead.
     """
-    path = _check_path(path)
+    path = check_figure_path(path)
     if path.suffix.lower() == ".dot":
         path.write_text(dot.source)
         return path
@@ -137,27 +137,5 @@ def write(dot: graphviz.Digraph, path: str | Path) -> Path:
     return matplotlib_draw.draw(scene, path)
 
 
-__all__ = ["FORMATS", "PORT_COLORS", "SIGN_COLORS", "WEAK_COLOR", "CircuitDigraph", "has_dot", "infer_graph",
-           "render", "write"]
-
-
-# ----- command line ---------------------------------------------------------------------
-def register_cli(subparsers) -> None:
-    """Add ``circuitgraph render SPEC -o OUT.{svg,png,pdf,dot}``."""
-    p = subparsers.add_parser("render", help="draw a circuit spec (ours or EAP-IG/MIB JSON) as SVG, PNG, PDF or DOT")
-    p.add_argument("spec", help="circuit spec JSON (ours or EAP-IG/MIB), or a shipped spec's name (induction_toy)")
-    p.add_argument("-o", "--output", required=True, help="figure file: .svg, .png, .pdf or .dot")
-    p.add_argument("--collapse-groups", action="store_true", help="draw each group of the spec as one node")
-    p.add_argument("--min-score", type=float, default=None, help="hide edges with |score| below this")
-    p.add_argument("--rankdir", choices=["BT", "LR"], default="BT", help="layers bottom-to-top (BT) or left-to-right (LR)")
-    p.add_argument("--title", default=None)
-    p.set_defaults(func=_cmd_render)
-
-
-def _cmd_render(args) -> int:
-    _check_path(args.output)  # fail before loading anything
-    spec = CircuitSpec.load(args.spec)
-    render(spec, path=args.output, rankdir=args.rankdir, collapse_groups=args.collapse_groups,
-           min_score=args.min_score, title=args.title)
-    print(f"wrote {args.output}")
-    return 0
+__all__ = ["FORMATS", "PORT_COLORS", "SIGN_COLORS", "WEAK_COLOR", "CircuitDigraph", "check_figure_path", "has_dot",
+           "infer_graph", "render", "write"]

@@ -19,10 +19,10 @@ def _non_negative_int(text: str) -> int:
 def register_cli(subparsers) -> None:
     """Add ``circuitgraph explore --model M --data F --spec S [--compare S2] -o OUT.html``."""
     from circuitgraph.cli.checks import positive_int
-    from circuitgraph.cli.commands import METRICS, _common
+    from circuitgraph.cli.common import METRICS, add_model_args
 
     p = subparsers.add_parser("explore", help="write an interactive HTML page of a circuit study (opens offline in a browser)")
-    _common(p)
+    add_model_args(p)
     p.add_argument("--spec", required=True, help="circuit spec JSON (ours or EAP-IG/MIB), e.g. the hypothesis")
     p.add_argument("--compare", default=None, help="a second circuit spec (e.g. a discovered one), shown overlaid or side by side")
     p.add_argument("-o", "--output", required=True, help="the page, .html")
@@ -39,7 +39,7 @@ def cmd_explore(args) -> int:
     import warnings
 
     from circuitgraph.cli.checks import check_output
-    from circuitgraph.cli.commands import _load
+    from circuitgraph.cli.common import load_model_and_data
     from circuitgraph.evaluate.evaluator import Evaluator
     from circuitgraph.explore.study import Study
     from circuitgraph.explore.study_data import Limits
@@ -48,7 +48,7 @@ def cmd_explore(args) -> int:
     check_output(args.output, suffixes=(".html", ".htm"))  # before anything loads
     spec = CircuitSpec.load(args.spec)
     other = CircuitSpec.load(args.compare) if args.compare else None
-    model, data = _load(args)
+    model, data = load_model_and_data(args)
     for s in (spec, other):
         if s is not None:
             s.resolve(model.graph)  # a name the model lacks fails before any run

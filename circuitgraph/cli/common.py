@@ -1,0 +1,45 @@
+"""What every model-running subcommand shares: its model/data flags and how it loads them."""
+
+from __future__ import annotations
+
+import argparse
+
+from circuitgraph.cli.checks import check_device, positive_int
+from circuitgraph.evaluate import distributed as dist
+
+METRICS = ["logit_diff", "prob_diff", "kl", "accuracy"]
+DTYPES = ("float32", "bfloat16", "float16")
+# commands that split their examples over torch.distributed ranks; the others run on rank 0 only
+DISTRIBUTED_COMMANDS = ("evaluate", "discover", "path-patch")
+
+
+def load_model_and_data(args, need_data: bool = True):
+    """The model and (read first, so that a bad line fails before the model loads) the dataset."""
+    import torch
+
+    from circuitgraph.data.dataset import read_jsonl, tokenize
+    from circuitgraph.model.loading import load_model
+
+    device = dist.device_for(check_device(getattr(args, "device", "cpu")))
+    dtype = getattr(torch, getattr(args, "dtype", "float32"))
+    examples = read_jsonl(args.data) if need_data else None
+    model = load_model(args.model, device=device, dtype=dtype, check_exact=not getattr(args, "no_exactness_check", False))
+    data = None
+    if need_data:
+        data = tokenize(examples, model, prepend_bos=args.prepend_bos, source=str(args.data))
+    return model, data
+
+
+def add_model_args(p: argparse.ArgumentParser, data: bool = True):
+    """--model, --data, --prepend-bos, --batch-size, --device, --dtype, --no-exactness-check."""
+    p.add_argument("--model", required=True, help="hub name, local HuggingFace directory or bundled model name")
+    if data:
+        p.add_argument("--data", required=True, help="JSONL dataset (clean, corrupted, answer, wrong[, positions])")
+        p.add_argument("--prepend-bos", action="store_true", help="put the BOS token first (TransformerLens habit)")
+        p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--device", default="cpu",
+                   help="cpu, cuda, cuda:N or mps (under torchrun, cuda means each rank's own GPU)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="weights and activations; metrics and score sums accumulate in fp32 either way")
+    p.add_argument("--no-exactness-check", action="store_true",
+                   help="skip comparing the engine's clean logits with the model's own forward on the first batch")
