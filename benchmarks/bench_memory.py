@@ -136,7 +136,15 @@ def run(shape, task, repeats):
     q = ctx.Queue()
     p = ctx.Process(target=_measure, args=(shape, task, repeats, q))
     p.start()
-    out = q.get()
+    import queue
+
+    while True:
+        try:
+            out = q.get(timeout=5)
+            break
+        except queue.Empty:
+            if not p.is_alive():
+                raise RuntimeError(f"{shape} / {task}: the measuring process died (exit code {p.exitcode})") from None
     p.join()
     return out
 

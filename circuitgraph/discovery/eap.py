@@ -56,10 +56,13 @@ class _ScoreFolder:
         return t
 
 
-def _lean_forward(engine, tokens, positions, fold: _ScoreFolder, emb=None, override: dict[int, torch.Tensor] | None = None):
+def _lean_forward(engine, tokens, positions, fold: _ScoreFolder, emb=None, override: dict[int, torch.Tensor] | None = None,
+                  fill: "_DeltaFiller | None" = None):
     """Logits at ``positions`` from the ordinary shared forward, with ``fold`` hooked on every
     destination input.  ``override[block]`` replaces a source block's output (the embedding, a layer's
     summed attention output incl. bias, or an MLP output) with a constant, for IG over activations.
+    With ``fill`` (EAP: this forward is the clean run) it also writes the noising deltas as each source
+    block is computed, so no separate clean run is needed.
     Returns ``(logits, leaf)``: differentiate the metric with respect to ``leaf`` to run the hooks."""
     k, G = engine.kernel, engine.graph
     override = override or {}
@@ -67,11 +70,17 @@ def _lean_forward(engine, tokens, positions, fold: _ScoreFolder, emb=None, overr
     leaf = emb.detach().requires_grad_(True)
     rope = k.rotary(tokens.shape[1], leaf)
     resid = leaf
+    if fill:
+        fill(leaf.detach()[None])
+    heads = torch.arange(engine.H)
     for layer in range(len(engine.w.layers)):
         qkv = k.probed_qkv(layer, resid, fold.watch_heads(layer, resid))
         mlp_dest = G.mlp_dest(layer)
+        on_attn = None if fill is None else (lambda z, inv, layer=layer: fill.heads(k, layer, z, inv, heads))
         out = k.block(layer, resid, rope[layer], qkv=qkv, mlp_input=lambda mid, d=mlp_dest: fold.watch(mid, d),
-                      attn_override=override.get(1 + 2 * layer), mlp_override=override.get(2 + 2 * layer))
+                      attn_override=override.get(1 + 2 * layer), mlp_override=override.get(2 + 2 * layer), on_attn=on_attn)
+        if fill:
+            fill(out.mlp.detach()[None])
         resid = out.resid
     return k.unembed(fold.watch(resid, G.logits_dest), positions), leaf
 
@@ -113,15 +122,18 @@ def attribute(evaluator: Evaluator, method: str = "eap", steps: int = 5, progres
         part, abl, clean_logits = ev.batch(i)
         dev = ev.model.device
         toks, last = part.clean.to(dev), part.last.to(dev)
-        with torch.no_grad():
-            _, clean_out = engine.run(toks, record=True)
-            ablated = abl.outputs  # None: zero ablation
-            if method == "eap-ig":
-                clean_emb = clean_out[0][0]
-                abl_emb = torch.zeros_like(clean_emb) if ablated is None else ablated[0][0].expand_as(clean_emb)
-            elif method == "eap-ig-activations":
-                summed = _block_outputs(engine, clean_out, ablated)
-            deltas = _noising_deltas(clean_out, ablated)  # frees the recorded outputs block by block
+        ablated = abl.outputs  # None: zero ablation
+        if method == "eap":  # the attribution forward is the clean run: it fills the deltas itself
+            deltas = torch.empty(len(G.sources), toks.numel() * engine.D, dtype=torch.float32, device=dev)
+        else:
+            with torch.no_grad():
+                _, clean_out = engine.run(toks, record=True)
+                if method == "eap-ig":
+                    clean_emb = clean_out[0][0]
+                    abl_emb = torch.zeros_like(clean_emb) if ablated is None else ablated[0][0].expand_as(clean_emb)
+                else:
+                    summed = _block_outputs(engine, clean_out, ablated)
+                deltas = _noising_deltas(clean_out, ablated)  # frees the recorded outputs block by block
         fold = _ScoreFolder(engine, scores, deltas)
         n_avg = n_points if method != "eap-ig-activations" else n_points * len(engine.src_blocks)
         fold.weight = 1.0 / n_avg
@@ -135,7 +147,7 @@ def attribute(evaluator: Evaluator, method: str = "eap", steps: int = 5, progres
             bar.update(1)
 
         if method == "eap":
-            backward()
+            backward(fill=_DeltaFiller(deltas, ablated))
         elif method == "eap-ig":
             for alpha in alphas:
                 backward(emb=abl_emb + alpha * (clean_emb - abl_emb))
@@ -152,6 +164,27 @@ def attribute(evaluator: Evaluator, method: str = "eap", steps: int = 5, progres
     if method != "eap":
         meta["ig_points"] = ig_points
     return EdgeScores(G, scores, method, meta)
+
+
+class _DeltaFiller:
+    """Writes ``ablated - clean`` of each source block into the delta rows as the clean run produces it."""
+
+    def __init__(self, deltas: torch.Tensor, ablated: list | None):
+        self.deltas, self.ablated, self.block, self.row = deltas, ablated, 0, 0
+
+    @torch.no_grad()
+    def __call__(self, out: torch.Tensor):
+        d = self.deltas[self.row:self.row + out.shape[0]].view(out.shape)
+        if self.ablated is None:
+            d.copy_(out).neg_()
+        else:
+            d.copy_(self.ablated[self.block].expand_as(out))
+            d.sub_(out)
+        self.block, self.row = self.block + 1, self.row + out.shape[0]
+
+    @torch.no_grad()
+    def heads(self, kernel, layer: int, z: torch.Tensor, inv, heads: torch.Tensor):
+        self(kernel.head_outputs(layer, z.detach(), heads, None if inv is None else inv.detach()))
 
 
 def _noising_deltas(clean_out: list, ablated: list | None) -> torch.Tensor:
