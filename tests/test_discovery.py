@@ -36,6 +36,18 @@ def _hook_for(dest):
     return f"blocks.{layer}.hook_{rest.split('<')[1][0]}_input", int(rest.split("<")[0])
 
 
+def _adder(delta, head):
+    """A hook adding ``delta`` to a destination input (one head's slot of a per-head input)."""
+    def patch(x, hook):
+        x = x.clone()
+        if head is None:
+            x += delta
+        else:
+            x[:, :, head] += delta
+        return x
+    return patch
+
+
 def _source(cache, src):
     if src == "input":
         return cache["hook_embed"] + cache["hook_pos_embed"]
@@ -65,15 +77,8 @@ def test_eap_equals_finite_differences(setup):
         hook, head = _hook_for(dst)
 
         def run(scale):
-            def patch(x, hook):
-                x = x.clone()
-                if head is None:
-                    x += scale * delta
-                else:
-                    x[:, :, head] += scale * delta
-                return x
             with torch.no_grad():
-                return float(metric(bridge.run_with_hooks(data.clean, fwd_hooks=[(hook, patch)])))
+                return float(metric(bridge.run_with_hooks(data.clean, fwd_hooks=[(hook, _adder(scale * delta, head))])))
 
         fd = (run(eps) - run(-eps)) / (2 * eps)  # d M / d scale at 0 = delta . grad
         got = eap.scores[model.graph.edge_index[edge]].item()
@@ -114,15 +119,9 @@ def test_eap_ig_step_points_by_hand(setup, points):
             def embed(x, hook):
                 return corrupt_tok + alpha * (clean_tok - corrupt_tok)
 
-            def patch(x, hook):
-                x = x.clone()
-                if head is None:
-                    x += scale * delta
-                else:
-                    x[:, :, head] += scale * delta
-                return x
             with torch.no_grad():
-                return float(metric(bridge.run_with_hooks(data.clean, fwd_hooks=[("hook_embed", embed), (hook, patch)])))
+                return float(metric(bridge.run_with_hooks(data.clean, fwd_hooks=[("hook_embed", embed),
+                                                                                  (hook, _adder(scale * delta, head))])))
 
         by_hand = np.mean([(run(a, eps) - run(a, -eps)) / (2 * eps) for a in alphas])
         assert ig.scores[model.graph.edge_index[edge]].item() == pytest.approx(by_hand, rel=1e-6, abs=1e-8), edge

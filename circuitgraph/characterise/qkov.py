@@ -159,12 +159,12 @@ def copying_scores(model: CircuitModel, fold_ln: bool = True) -> torch.Tensor:
 @torch.no_grad()
 def positional_qk(model: CircuitModel, head: str, n_positions: int = 32, fold_ln: bool = True) -> torch.Tensor:
     """``[query pos, key pos]`` QK circuit of learned position embeddings (GPT-2-style models), causal-masked with NaN."""
-    wpe = getattr(getattr(model.hf, "transformer", None), "wpe", None)
-    if wpe is None:
+    W_pos = model.weights.W_pos
+    if W_pos is None:
         raise ValueError("positional_qk needs learned absolute position embeddings (GPT-2 style); this model has none")
     layer, h = _head(model, head)
     lw = model.weights.layers[layer]
-    Pm = _fold(wpe.weight[:n_positions], lw.ln1, fold_ln)
+    Pm = _fold(W_pos[:n_positions], lw.ln1, fold_ln)
     W_Q, W_K = _qk_weights(lw.attn, h)
     qk = (Pm @ W_Q) @ (Pm @ W_K).T
     return qk.masked_fill(torch.ones_like(qk, dtype=torch.bool).triu(1), float("nan"))

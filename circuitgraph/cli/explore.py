@@ -2,23 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
-
-
-def _non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
-
 
 def register_cli(subparsers) -> None:
     """Add ``circuitgraph explore --model M --data F --spec S [--compare S2] -o OUT.html``."""
-    from circuitgraph.cli.checks import positive_int
+    from circuitgraph.cli.checks import non_negative_int, positive_int
     from circuitgraph.cli.common import METRICS, add_model_args
 
     p = subparsers.add_parser("explore", help="write an interactive HTML page of a circuit study (opens offline in a browser)")
@@ -29,7 +16,7 @@ def register_cli(subparsers) -> None:
     p.add_argument("--metric", choices=METRICS, default="logit_diff")
     p.add_argument("--ablation", choices=["corrupted", "mean", "zero"], default="corrupted")
     p.add_argument("--examples", type=positive_int, default=8, help="dataset rows the page's example picker offers (the first ones)")
-    p.add_argument("--top-edges", type=_non_negative_int, default=1000,
+    p.add_argument("--top-edges", type=non_negative_int, default=1000,
                    help="scored edges outside the circuits to embed, best |score| first")
     p.add_argument("--title", default=None)
     p.set_defaults(func=cmd_explore)

@@ -123,8 +123,10 @@ def attribute(evaluator: Evaluator, method: str = "eap", steps: int = 5, progres
         dev = ev.model.device
         toks, last = part.clean.to(dev), part.last.to(dev)
         ablated = abl.outputs  # None: zero ablation
+        fill = None
         if method == "eap":  # the attribution forward is the clean run: it fills the deltas itself
-            deltas = torch.empty(len(G.sources), toks.numel() * engine.D, dtype=torch.float32, device=dev)
+            fill = _DeltaFiller.for_sources(len(G.sources), toks.new_empty(*toks.shape, engine.D, dtype=torch.float32), ablated)
+            deltas = fill.deltas
         else:
             with torch.no_grad():
                 _, clean_out = engine.run(toks, record=True)
@@ -147,7 +149,7 @@ def attribute(evaluator: Evaluator, method: str = "eap", steps: int = 5, progres
             bar.update(1)
 
         if method == "eap":
-            backward(fill=_DeltaFiller(deltas, ablated))
+            backward(fill=fill)
         elif method == "eap-ig":
             for alpha in alphas:
                 backward(emb=abl_emb + alpha * (clean_emb - abl_emb))
@@ -155,7 +157,7 @@ def attribute(evaluator: Evaluator, method: str = "eap", steps: int = 5, progres
             for block, (c, z) in enumerate(summed):
                 for alpha in alphas:
                     backward(override={block: z + alpha * (c - z)})
-        del deltas, fold
+        del deltas, fold, fill
     bar.close()
     scores = ev.reduce(scores) / len(ev.data)
     n_backward = int(ev.reduce(torch.tensor([n_backward], dtype=torch.float64)).item())
@@ -171,6 +173,11 @@ class _DeltaFiller:
 
     def __init__(self, deltas: torch.Tensor, ablated: list | None):
         self.deltas, self.ablated, self.block, self.row = deltas, ablated, 0, 0
+
+    @classmethod
+    def for_sources(cls, n_sources: int, like: torch.Tensor, ablated: list | None) -> "_DeltaFiller":
+        """A filler with a fresh float32 buffer of ``n_sources`` rows, each the size of ``like`` ``[B, P, D]``."""
+        return cls(torch.empty(n_sources, like.numel(), dtype=torch.float32, device=like.device), ablated)
 
     @torch.no_grad()
     def __call__(self, out: torch.Tensor):
@@ -190,20 +197,11 @@ class _DeltaFiller:
 def _noising_deltas(clean_out: list, ablated: list | None) -> torch.Tensor:
     """``[n_sources, B*P*D]`` float32 ``ablated - clean`` per source, filled block by block while the
     recorded clean outputs are released (so the two are never held twice)."""
-    n, width = sum(o.shape[0] for o in clean_out), clean_out[0][0].numel()
-    deltas = torch.empty(n, width, dtype=torch.float32, device=clean_out[0].device)
-    row = 0
+    fill = _DeltaFiller.for_sources(sum(o.shape[0] for o in clean_out), clean_out[0][0], ablated)
     for b in range(len(clean_out)):
-        c = clean_out[b]
-        clean_out[b] = None
-        d = deltas[row:row + c.shape[0]].view(c.shape)
-        if ablated is None:
-            torch.neg(c, out=d) if c.dtype == torch.float32 else d.copy_(-c)
-        else:
-            d.copy_(ablated[b].expand_as(c))
-            d.sub_(c)
-        row += c.shape[0]
-    return deltas
+        out, clean_out[b] = clean_out[b], None
+        fill(out)
+    return fill.deltas
 
 
 def _block_outputs(engine, clean_out, ablated):

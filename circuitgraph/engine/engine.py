@@ -43,27 +43,21 @@ class PatchEngine:
         layer, within = divmod(source - 1, self.H + 1)
         return 1 + 2 * layer + (1 if within == self.H else 0)
 
-    def run(self, tokens: torch.Tensor, record: bool = False, logit_positions: torch.Tensor | None = None,
-            patterns: bool = False):
-        """Plain forward.  Returns ``(logits, outputs)``; ``outputs`` (per source block) when ``record``.
-
-        With ``patterns`` it returns ``(logits, outputs, patterns)``, ``patterns`` per layer ``[B, H, P, P]``.
-        """
+    def run(self, tokens: torch.Tensor, record: bool = False, logit_positions: torch.Tensor | None = None):
+        """Plain forward.  Returns ``(logits, outputs)``; ``outputs`` (per source block) when ``record``
+        (attention patterns and other activations: :meth:`run_with_cache`)."""
         k = self.kernel
         resid = self.w.embed(tokens)
         rope = k.rotary(tokens.shape[1], resid)
-        outputs, pats = ([resid[None]] if record else None), []
+        outputs = [resid[None]] if record else None
         all_heads = torch.arange(self.H)
         for layer in range(len(self.w.layers)):
-            out = k.block(layer, resid, rope[layer], pattern=patterns)
+            out = k.block(layer, resid, rope[layer])
             if record:
                 home = outputs[0].device
                 outputs += [k.head_outputs(layer, out.z, all_heads, out.inv).to(home), out.mlp[None].to(home)]
-            if patterns:
-                pats.append(out.pattern)
             resid = out.resid
-        logits = k.unembed(resid, logit_positions)
-        return (logits, outputs, pats) if patterns else (logits, outputs)
+        return k.unembed(resid, logit_positions), outputs
 
     def run_with_hooks(self, tokens: torch.Tensor, fwd_hooks=(), logit_positions: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of a plain forward with hooks on named activations (:mod:`circuitgraph.engine.hooks`)."""

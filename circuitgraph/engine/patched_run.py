@@ -77,9 +77,7 @@ class PatchedRun:
         K = G.shape[1]
         if bp.positional:
             mix = torch.einsum("kbpd,knbp->nbpd", G[0], bp.coef)
-        elif C == 1:
-            mix = (bp.coef[0].T @ G[0].reshape(K, -1)).view(n, self.Bt, P, D)
-        else:
+        else:  # several circuits (one circuit took _single_circuit_inputs)
             mix = torch.bmm(bp.coef.transpose(1, 2), G.reshape(C, K, -1))  # [C, n, B*P*D]
             mix = mix.view(C, n, B, P, D).transpose(0, 1).reshape(n, self.Bt, P, D)
         return x + mix

@@ -52,7 +52,7 @@ class Plan:
 
 
 def compile_plan(engine, masks: torch.Tensor, position_masks: dict[tuple[int, int], torch.Tensor] | None = None,
-            batch: int | None = None, length: int | None = None) -> Plan:
+                 batch: int | None = None, length: int | None = None) -> Plan:
     """Compile circuits into a :class:`Plan`.
 
     ``masks`` is bool ``[C, n_sources, n_destinations]``; ``position_masks`` maps an edge

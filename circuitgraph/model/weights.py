@@ -9,7 +9,7 @@ arithmetic (norm variants, embedding scaling, rotary types, MLPs) by constructio
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -131,10 +131,6 @@ class Attention:
     softcap: float | None = None  # attention-logit soft-capping (Gemma-2)
 
     @property
-    def n_heads(self) -> int:
-        return self.W_Q.shape[0]
-
-    @property
     def group(self) -> int:
         return self.W_Q.shape[0] // self.W_K.shape[0]
 
@@ -171,17 +167,9 @@ class Weights:
     W_E: torch.Tensor | None = None  # token embedding matrix (for QK/OV), before ``embed_scale``
     embed_scale: float = 1.0  # Gemma multiplies token embeddings by sqrt(d_model)
     W_pos: torch.Tensor | None = None  # learned position embeddings, if any
-    notes: list[str] = field(default_factory=list)
 
     def unembed(self, resid: torch.Tensor) -> torch.Tensor:
         logits = F.linear(self.ln_final(resid), self.W_U, self.b_U)
-        if self.final_softcap is not None:
-            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
-        return logits
-
-    def unembed_normed(self, normed: torch.Tensor) -> torch.Tensor:
-        """Logits of an already final-normed residual (soft-capping included)."""
-        logits = F.linear(normed, self.W_U, self.b_U)
         if self.final_softcap is not None:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits
