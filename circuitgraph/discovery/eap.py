@@ -74,7 +74,7 @@ def _lean_forward(engine, tokens, positions, fold: _ScoreFolder, emb=None, overr
         fill(leaf.detach()[None])
     heads = torch.arange(engine.H)
     for layer in range(len(engine.w.layers)):
-        qkv = k.probed_qkv(layer, resid, fold.watch_heads(layer, resid))
+        qkv = k.shared_qkv(layer, resid, watch=fold.watch_heads(layer, resid))
         mlp_dest = G.mlp_dest(layer)
         on_attn = None if fill is None else (lambda z, inv, layer=layer: fill.heads(k, layer, z, inv, heads))
         out = k.block(layer, resid, rope[layer], qkv=qkv, mlp_input=lambda mid, d=mlp_dest: fold.watch(mid, d),

@@ -57,26 +57,15 @@ class Kernel:
         return out
 
     # ----- attention inputs ---------------------------------------------------------------
-    def shared_qkv(self, layer: int, x: torch.Tensor):
-        """``q [B, H, P, dh]``, ``k, v [B, H_kv, P, dh]`` when every head port reads the same ``x``."""
-        lw = self.w.layers[layer]
-        a = lw.attn
-        x = x.to(self.device(layer))
-        xn = lw.ln1(x) if lw.ln1 is not None else x
-        q, k, v = a.project(xn)
-        if a.qk_norm_over_heads:
-            q, k = a.q_norm(q), a.k_norm(k)
-        q, k, v = (t.unflatten(-1, (-1, self.dh)).transpose(1, 2) for t in (q, k, v))
-        if a.q_norm is not None and not a.qk_norm_over_heads:
-            q, k = a.q_norm(q), a.k_norm(k)
-        return q, k, v
+    def shared_qkv(self, layer: int, x: torch.Tensor, watch: Callable | None = None):
+        """``q [B, H, P, dh]``, ``k, v [B, H_kv, P, dh]`` when every head port reads the same ``x``.
 
-    def probed_qkv(self, layer: int, x: torch.Tensor, watch: Callable):
-        """Like :meth:`shared_qkv`, with keys and values per query head, calling ``watch(q, k, v, pre)``
-        on the per-head projections (before per-head q/k norms and rotary) so a caller can hook their
+        With ``watch`` (attribution), keys and values come per query head and ``watch(q, k, v, pre)`` sees
+        the per-head projections (before per-head q/k norms and rotary) so a caller can hook their
         gradients; ``pre`` holds the un-normalised projections where one q/k norm spans every head."""
         lw = self.w.layers[layer]
         a = lw.attn
+        x = x.to(self.device(layer))
         xn = lw.ln1(x) if lw.ln1 is not None else x
         q, k, v = a.project(xn)
         pre = None
@@ -84,9 +73,10 @@ class Kernel:
             pre = (q, k)
             q, k = a.q_norm(q), a.k_norm(k)
         q, k, v = (t.unflatten(-1, (-1, self.dh)).transpose(1, 2) for t in (q, k, v))
-        if a.group > 1:
-            k, v = k.repeat_interleave(a.group, 1), v.repeat_interleave(a.group, 1)
-        watch(q, k, v, pre)
+        if watch is not None:
+            if a.group > 1:
+                k, v = k.repeat_interleave(a.group, 1), v.repeat_interleave(a.group, 1)
+            watch(q, k, v, pre)
         if a.q_norm is not None and not a.qk_norm_over_heads:
             q, k = a.q_norm(q), a.k_norm(k)
         return q, k, v
@@ -94,7 +84,7 @@ class Kernel:
     def port_input_grads(self, layer: int, kind: int, g: torch.Tensor, x: torch.Tensor, pre=None) -> torch.Tensor:
         """Gradients ``[H, B, P, D]`` of each head's port ``kind`` (0 q, 1 k, 2 v) with respect to that
         port's own input, from the gradient ``g [B, H, P, dh]`` of the per-head projections that
-        :meth:`probed_qkv` exposed, all ports having read ``x``: the projection's transpose, then the
+        :meth:`shared_qkv` exposed to ``watch``, all ports having read ``x``: the projection's transpose, then the
         input norm's vector-Jacobian product (one closed form for all ports, no per-port forward)."""
         lw = self.w.layers[layer]
         a = lw.attn
