@@ -39,10 +39,11 @@ class PatchedRun:
     def _ablated(self, block: int) -> torch.Tensor | None:
         return self.abl.outputs[block] if self.abl.outputs is not None else None
 
-    def _record(self, block: int, rows_out: torch.Tensor, all_out=None):
-        """Keep ``patched - ablated`` for the rows later blocks read (``rows_out`` holds just those rows)."""
+    def _record(self, block: int, rows_out: torch.Tensor | None, every: torch.Tensor | None = None):
+        """Keep ``patched - ablated`` for the rows later blocks read (``rows_out`` holds just those rows;
+        ``every``, when the block's rows are not all needed, holds all of them for a pausing run)."""
         if self.full is not None:
-            out = all_out() if callable(all_out) else rows_out
+            out = rows_out if every is None else every
             abl = self._ablated(block)
             out = out.to(self.dbuf.device)
             self.full.append(out if abl is None else out - abl)
@@ -193,8 +194,11 @@ class PatchedRun:
             A_mid = self._tile(self.abl.resid[2 * layer + 1]).expand(Bt, P, D)
             def store_heads(z, inv, layer=layer):
                 rows = plan.needed[1 + 2 * layer]
-                heads = self.k.head_outputs(layer, z, rows, inv) if len(rows) else None
-                self._record(1 + 2 * layer, heads, lambda: self.k.head_outputs(layer, z, all_heads, inv))
+                if self.full is not None:  # pausing keeps every head: compute them once, take the rows from them
+                    every = self.k.head_outputs(layer, z, all_heads, inv)
+                    self._record(1 + 2 * layer, every[rows.to(every.device)], every)
+                else:
+                    self._record(1 + 2 * layer, self.k.head_outputs(layer, z, rows, inv) if len(rows) else None)
 
             out = self.k.block(layer, resid, rope[layer], qkv=self._qkv(layer, A, resid), on_attn=store_heads,
                                mlp_input=lambda R_mid: self._single_input(2 * layer + 1, A_mid, R_mid.to(emb.device)))
