@@ -97,9 +97,9 @@ class CircuitModel:
         return self.engine.run_with_cache(tokens, names_filter, logit_positions)
 
     def _verify_plain(self, tokens: torch.Tensor) -> None:
-        if self.check_exact and tokens.shape[1] not in self._verified_lengths:
-            with torch.no_grad():
-                self.verify(tokens, torch.full((len(tokens),), tokens.shape[1] - 1, device=tokens.device))
+        """The guard on a forward of whole prompts (logits compared at the last position)."""
+        with torch.no_grad():
+            self.verify(tokens, torch.full((len(tokens),), tokens.shape[1] - 1, device=tokens.device))
 
     @cached_property
     def bridge(self):
