@@ -70,6 +70,30 @@ def test_random_edge_subsets_match_by_hand(family, density):
     assert (got[0] - got[1]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("mix", ["sparse, in chunks", "dense"])
+def test_one_circuit_mixes_match_by_hand(family, mix, monkeypatch):
+    """A single circuit takes its own path (a sparse or dense mix, on a CPU chunk by chunk); each
+    destination gets its own density so ports on both bases and every mix size occur."""
+    from circuitgraph.engine import patched_run, plan
+
+    monkeypatch.setattr(plan, "SPARSE_BELOW", 1.1 if mix.startswith("sparse") else 0.0)
+    if mix.startswith("sparse"):
+        monkeypatch.setattr(patched_run, "CPU_CHUNK_BYTES", 1)  # one token row per chunk
+    m = build(family, seed=4)
+    clean, corrupt = tokens(3)
+    G = m.graph
+    g = torch.Generator().manual_seed(7)
+    per_dst = torch.rand(1, 1, len(G.destinations), generator=g)
+    mask = (torch.rand(1, len(G.sources), len(G.destinations), generator=g) < per_dst) & G.legal
+    plan_ = m.engine.compile(mask)
+    assert any((bp.sparse is not None) == mix.startswith("sparse") for bp in plan_.blocks if bp.coef is not None)
+    got = engine_logits(m, clean, corrupt, mask)[0]
+    ref, _ = patched_forward(m.hf, clean, node_outputs(m.hf, corrupt),
+                             lambda s, d: bool(mask[0, G.source_index[s], G.destination_index[d]]))
+    assert (got - ref).abs().max() < TOL
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama", "neox"])
 def test_position_restricted_edges_match_by_hand(family):
     m = build(family, seed=5)

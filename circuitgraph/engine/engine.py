@@ -35,6 +35,20 @@ class PatchEngine:
             hd = graph.head_dest(layer, 0, "q")
             self.dst_blocks += [(hd, hd + 3 * self.H), (hd + 3 * self.H, hd + 3 * self.H + 1)]
         self.dst_blocks.append((graph.logits_dest, graph.logits_dest + 1))
+        self._workspace: dict[str, torch.Tensor] = {}
+
+    def workspace(self, name: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
+        """An uninitialised ``shape`` tensor for a patched run's buffer ``name``.  On a CPU the last one
+        of each name is kept and reused while it is large enough: a fresh buffer of this size can
+        spend as long in page faults as the work done in it (other devices' allocators cache memory)."""
+        if like.device.type != "cpu":
+            return like.new_empty(shape)
+        n = int(torch.Size(shape).numel())
+        ws = self._workspace.get(name)
+        if ws is None or ws.numel() < n or ws.dtype != like.dtype:
+            self._workspace.pop(name, None)
+            ws = self._workspace[name] = like.new_empty(n)
+        return ws[:n].view(shape)
 
     def source_block_of(self, source: int) -> int:
         """Index of the source block (input, a layer's heads, an MLP) that holds global source ``source``."""

@@ -103,28 +103,36 @@ class Kernel:
             u = torch.einsum("hbpe,hde->hbpd", gh, Wh)
         return u if lw.ln1 is None else lw.ln1.vjp(x, u)
 
-    def port_qkv(self, layer: int, x: torch.Tensor, ports: torch.Tensor) -> torch.Tensor:
-        """Values ``[n, B, P, dh]`` of head ports ``ports`` (local index ``3 * head + {q,k,v}``).
-
-        ``x`` is one input ``[B, P, D]`` that all these ports read, or one per port ``[n, B, P, D]``.
-        Weights are gathered per call from views of the HF parameters (nothing kept).
-        """
-        lw = self.w.layers[layer]
-        a = lw.attn
-        x = x.to(self.device(layer))
-        ports = ports.to(x.device)
+    def port_weights(self, layer: int, ports: torch.Tensor):
+        """``(W [n, D, dh], bias [n, dh] or None)`` of head ports ``ports`` (local index ``3 * head + {q,k,v}``),
+        gathered from views of the HF parameters (nothing kept between calls)."""
+        a = self.w.layers[layer].attn
+        ports = ports.to(self.device(layer))
         heads, kinds = ports // 3, ports % 3
-        xn = lw.ln1(x) if lw.ln1 is not None else x
         n = len(ports)
-        W = xn.new_empty(n, self.D, self.dh)
+        W = a.W_Q.new_empty(n, self.D, self.dh)
         bias = None
         for kind, (Wk, bk, idx) in enumerate(((a.W_Q, a.b_Q, heads), (a.W_K, a.b_K, heads // a.group), (a.W_V, a.b_V, heads // a.group))):
             sel = kinds == kind
             if bool(sel.any()):
                 W[sel] = Wk[idx[sel]]
                 if bk is not None:
-                    bias = xn.new_zeros(n, self.dh) if bias is None else bias
+                    bias = W.new_zeros(n, self.dh) if bias is None else bias
                     bias[sel] = bk[idx[sel]]
+        return W, bias
+
+    def port_qkv(self, layer: int, x: torch.Tensor, ports: torch.Tensor, weights=None) -> torch.Tensor:
+        """Values ``[n, B, P, dh]`` of head ports ``ports`` (local index ``3 * head + {q,k,v}``).
+
+        ``x`` is one input ``[B, P, D]`` that all these ports read, or one per port ``[n, B, P, D]``;
+        ``weights`` is :meth:`port_weights` for these ports when the caller projects in chunks.
+        """
+        lw = self.w.layers[layer]
+        x = x.to(self.device(layer))
+        ports = ports.to(x.device)
+        xn = lw.ln1(x) if lw.ln1 is not None else x
+        n = len(ports)
+        W, bias = self.port_weights(layer, ports) if weights is None else weights
         if xn.dim() == 3:  # shared input: one matmul for all ports
             B, P, D = xn.shape
             out = (xn.reshape(B * P, D) @ W.permute(1, 0, 2).reshape(D, n * self.dh)).view(B, P, n, self.dh).permute(2, 0, 1, 3)
@@ -133,7 +141,7 @@ class Kernel:
             out = torch.bmm(xn.reshape(n, B * P, self.D), W).view(n, B, P, self.dh)
         if bias is not None:
             out = out + bias[:, None, None, :]
-        if a.q_norm is not None:
+        if lw.attn.q_norm is not None:
             out = self._port_qk_norm(layer, xn, ports, out)
         return out
 
@@ -203,15 +211,22 @@ class Kernel:
             return out, None
         return lw.post_attn(out), lw.post_attn.inv_scale(out)
 
-    def head_outputs(self, layer: int, z: torch.Tensor, heads: torch.Tensor, inv: torch.Tensor | None = None) -> torch.Tensor:
+    def head_outputs(self, layer: int, z: torch.Tensor, heads: torch.Tensor, inv: torch.Tensor | None = None,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
         """Outputs ``[k, B, P, D]`` of the chosen heads: their slices of the output projection, as each
-        writes into the residual (its share of a post-norm, with this run's statistic ``inv``)."""
+        writes into the residual (its share of a post-norm, with this run's statistic ``inv``); written
+        into ``out`` (contiguous) when given."""
         lw = self.w.layers[layer]
         B, H, P, dh = z.shape
         idx = heads.to(z.device)
         zs = z[:, idx].transpose(0, 1).reshape(len(idx), B * P, dh)
-        out = torch.bmm(zs, lw.attn.W_O[idx]).view(len(idx), B, P, self.D)
-        return out if lw.post_attn is None else lw.post_attn.share(out, inv)
+        W = lw.attn.W_O if len(idx) == H and bool((idx == torch.arange(H, device=idx.device)).all()) else lw.attn.W_O[idx]
+        if out is not None and lw.post_attn is None:
+            torch.bmm(zs, W, out=out.view(len(idx), B * P, self.D))
+            return out
+        res = torch.bmm(zs, W).view(len(idx), B, P, self.D)
+        res = res if lw.post_attn is None else lw.post_attn.share(res, inv)
+        return res if out is None else out.copy_(res)
 
     def mlp_out(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """The MLP node's output for input ``x`` (pre-norm, MLP and post-norm)."""

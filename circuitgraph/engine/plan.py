@@ -9,7 +9,13 @@ rows later blocks need, so a circuit costs work proportional to the smaller of i
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import warnings
+
 import torch
+
+# A one-circuit block mixes its deltas with a sparse product below this fraction of non-zero
+# coefficients (measured on CPU: 2x faster than a dense product at 10%, 2.5x slower at 30%).
+SPARSE_BELOW = 0.15
 
 
 @dataclass
@@ -37,6 +43,7 @@ class BlockPlan:
     coef: torch.Tensor | None  # [C, K, n_custom], or [K, n_custom, B, P] when positional
     up: torch.Tensor | None  # [n_custom, C] float: 1 where the base is R
     positional: bool = False
+    sparse: torch.Tensor | None = None  # one sparse circuit: its coefficients [n_custom, prefix] as a CSR matrix
 
 
 @dataclass
@@ -127,9 +134,18 @@ def compile_plan(engine, masks: torch.Tensor, position_masks: dict[tuple[int, in
                 full = coef.new_zeros(coef.shape[0], prefix, coef.shape[2])
                 full[:, pos] = coef
             coef = full
-        if C == 1 and not positional:  # destinations on base A first, then those on R: two contiguous mixes
+        sparse = None
+        if C == 1 and not positional:  # destinations on base A first, then those on R: two contiguous ranges
             order = torch.argsort(up[:, 0], stable=True)
             custom, up = custom[order], up[order]
             coef = None if coef is None else coef[:, :, order]
-        plan.blocks.append(BlockPlan(from_a, from_r, custom, prefix, gather, coef, up, positional))
+            if coef is not None and coef.dtype in (torch.float32, torch.float64):
+                full = coef[0].T.contiguous()  # [n, rows read]
+                if gather is not None:
+                    full = coef.new_zeros(len(custom), prefix).index_copy_(1, gather.to(full.device), full)
+                if float((full != 0).float().mean()) < SPARSE_BELOW:
+                    with warnings.catch_warnings():  # "sparse CSR support is in beta": the product used here is tested
+                        warnings.simplefilter("ignore")
+                        sparse = full.to_sparse_csr()
+        plan.blocks.append(BlockPlan(from_a, from_r, custom, prefix, gather, coef, up, positional, sparse))
     return plan
