@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import resource
 import statistics
 import time
@@ -28,7 +29,7 @@ SHAPES = {  # name: (config class, kwargs, batch, tokens)
     "llama-3.2-1b": ("LlamaConfig", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                                          num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True), 4, 64),
 }
-TASKS = ["hf_forward", "hf_forward_backward", "engine_forward", "patched_10pct", "eap", "eap_ig_5"]
+TASKS = ["hf_forward", "hf_forward_backward", "engine_forward", "patched_10pct", "eap", "eap_keep_all", "eap_keep_none", "eap_ig_5"]
 
 
 def _model(shape: str):
@@ -115,7 +116,9 @@ def _measure(shape: str, task: str, repeats: int, queue):
         ans = torch.randint(0, V, (B, 1), generator=g)
         data = TaskData(clean, corrupt, torch.full((B,), P), ans, (ans + 1) % V, {})
         ev = Evaluator(model, data, batch_size=B, progress=False)
-        fn = (lambda: attribute(ev, "eap", progress=False)) if task == "eap" else (lambda: attribute(ev, "eap-ig", steps=5, progress=False))
+        keep = {"eap_keep_all": {"keep_deltas": 1.0}, "eap_keep_none": {"keep_deltas": 0.0}}.get(task, {})
+        fn = ((lambda: attribute(ev, "eap-ig", steps=5, progress=False)) if task == "eap_ig_5"
+              else (lambda: attribute(ev, "eap", progress=False, **keep)))
     ctx = torch.no_grad() if task in ("hf_forward", "engine_forward", "patched_10pct") else torch.enable_grad()
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with ctx:
@@ -127,7 +130,7 @@ def _measure(shape: str, task: str, repeats: int, queue):
             fn()
             times.append(time.perf_counter() - t)
     hf_bytes, extra = engine_overhead_bytes(model)
-    queue.put({"median_s": statistics.median(times), "peak_growth_mb": (peak - base) / 1024,
+    queue.put({"median_s": statistics.median(times) if times else None, "peak_growth_mb": (peak - base) / 1024,
                "hf_model_mb": hf_bytes / 2**20, "engine_extra_mb": extra / 2**20})
 
 
@@ -160,7 +163,18 @@ def memory_model(r: dict) -> list[str]:
     return out
 
 
-def run(shape, task, repeats):
+# Peak memory is measured in its own process with glibc's mmap threshold fixed at 1 MiB: freed tensors
+# then go back to the system at once, so the peak RSS tracks the peak of live tensors (as a GPU's
+# allocated-memory peak does) rather than how the heap happened to fragment (left dynamic, it varied by
+# +-60 MB between identical runs).  Time is measured in another process with the default allocator.
+MALLOC_ENV = "glibc.malloc.mmap_threshold=1048576"
+
+
+def _spawn(shape, task, repeats, env: str | None) -> dict:
+    if env is None:
+        os.environ.pop("GLIBC_TUNABLES", None)
+    else:
+        os.environ["GLIBC_TUNABLES"] = env  # read by the spawned process at start-up
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     p = ctx.Process(target=_measure, args=(shape, task, repeats, q))
@@ -178,10 +192,17 @@ def run(shape, task, repeats):
     return out
 
 
+def run(shape, task, repeats):
+    memory = _spawn(shape, task, 0, MALLOC_ENV)
+    timing = _spawn(shape, task, repeats, None)
+    return {**memory, "median_s": timing["median_s"]}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--tasks", nargs="+", default=TASKS, choices=TASKS)
     ap.add_argument("--report-only", action="store_true", help="rewrite the .md from the last run's .json")
     args = ap.parse_args()
     from tqdm import tqdm
@@ -190,10 +211,10 @@ def main():
     if args.report_only:
         return report(json.loads((dest / "bench_memory.json").read_text()))
     res = {}
-    with tqdm(total=len(args.shapes) * len(TASKS), desc="memory") as bar:
+    with tqdm(total=len(args.shapes) * len(args.tasks), desc="memory") as bar:
         for shape in args.shapes:
             res[shape] = {}
-            for task in TASKS:
+            for task in args.tasks:
                 res[shape][task] = run(shape, task, args.repeats)
                 bar.update(1)
     dest.mkdir(parents=True, exist_ok=True)

@@ -16,25 +16,155 @@ and over ranks under ``torch.distributed`` (each rank attributes its share of th
 
 from __future__ import annotations
 
+import math
+
 import torch
 from tqdm.auto import tqdm
 
 from circuitgraph.evaluate.evaluator import Evaluator
 from circuitgraph.discovery.edge_scores import EdgeScores
 
+KEEP_DELTAS = 0.5  # see attribute(); measured in benchmarks/bench_memory.py
+FOLD_CHUNK_BYTES = 8 << 20  # on a CPU, a layer's gathered gradients are folded this many bytes at a time
+
+
+class _Deltas:
+    """The noising deltas ``ablated - clean`` of every source, ``[B*P*D]`` float32 each.
+
+    The input, every MLP and the heads of layers below ``keep_below`` are kept as rows; the heads
+    of later layers keep only their clean per-head values ``z`` (a 1/H-sized slice of a row each,
+    already held by the forward for its backward) and are recomputed whenever a destination block
+    folds them.  The backward starts with every delta alive, so this bounds the attribution's peak;
+    the cost is one output projection per (folding layer, recomputed layer) pair.
+    """
+
+    def __init__(self, engine, shape: torch.Size, device, ablated: list | None, keep_below: int):
+        self.e, self.ablated, self.keep_below = engine, ablated, keep_below
+        self.rows = torch.empty(sum(self._rows_per_block()), shape.numel(), dtype=torch.float32, device=device)
+        self.B = shape[0]
+        self.z: dict[int, tuple] = {}  # recomputed head layers: (z, inv) of the clean run
+        self.block, self.row = 0, 0
+        self.at: list[tuple[int, int] | None] = []  # per source block: (first row, n rows), or None when recomputed
+
+    def _rows_per_block(self):
+        yield 1
+        for layer in range(len(self.e.w.layers)):
+            yield self.e.H if layer < self.keep_below else 0
+            yield 1
+
+    def _delta_into(self, d: torch.Tensor, block: int, out: torch.Tensor):
+        if self.ablated is None:
+            d.copy_(out).neg_()
+        else:
+            d.copy_(self.ablated[block].expand_as(out))
+            d.sub_(out)
+
+    @torch.no_grad()
+    def __call__(self, out: torch.Tensor):
+        """The next source block's clean output ``[k, B, P, D]`` (the input or an MLP)."""
+        k = out.shape[0]
+        self._delta_into(self.rows[self.row:self.row + k].view(out.shape), self.block, out)
+        self.at.append((self.row, k))
+        self.block, self.row = self.block + 1, self.row + k
+
+    @torch.no_grad()
+    def heads(self, kernel, layer: int, z: torch.Tensor, inv):
+        """A layer's clean per-head values; its deltas are kept or left to recompute."""
+        z, inv = z.detach(), None if inv is None else inv.detach()
+        if layer < self.keep_below:
+            return self(kernel.head_outputs(layer, z, torch.arange(self.e.H), inv))
+        self.z[layer] = (z, inv)
+        self.at.append(None)
+        self.block += 1
+
+    def pieces(self, cuts: list[int]) -> list[tuple[int, int, int | None, int]]:
+        """``(first source, n sources, first row or None, block)`` covering sources ``0..max(cuts)-1``
+        in order; stored rows are merged into as few pieces as they allow without crossing a cut,
+        a recomputed layer's heads are one piece (row None)."""
+        out, src, block, end = [], 0, 0, max(cuts)
+        while src < end:
+            at = self.at[block]
+            if at is None:
+                out.append((src, self.e.H, None, block))
+                src, block = src + self.e.H, block + 1
+                continue
+            first, k = at
+            while block + 1 < len(self.at) and self.at[block + 1] is not None and src + k not in cuts:
+                block += 1
+                k += self.at[block][1]
+            out.append((src, k, first, block))
+            src, block = src + k, block + 1
+        return out
+
+    def values(self, piece, b0: int, b1: int) -> torch.Tensor:
+        """A piece's deltas for examples ``b0:b1``, ``[k, (b1 - b0) * P * D]`` float32 (recomputed
+        from the heads' values where not kept)."""
+        src, k, first, block = piece
+        if first is not None:
+            return self.rows[first:first + k].view(k, self.B, -1)[:, b0:b1].reshape(k, -1)
+        layer = (block - 1) // 2
+        z, inv = self.z[layer]
+        out = self.e.kernel.head_outputs(layer, z[b0:b1], torch.arange(self.e.H), None if inv is None else inv[b0:b1])
+        abl = None if self.ablated is None else self.ablated[block]
+        if abl is not None and abl.shape[1] != 1:
+            abl = abl[:, b0:b1]
+        if out.dtype == torch.float32 and out.device == self.rows.device:  # in place: ablated - clean
+            d = out.neg_() if abl is None else out.neg_().add_(abl)
+        else:
+            d = torch.empty(out.shape, dtype=torch.float32, device=self.rows.device)
+            d.copy_(out).neg_() if abl is None else d.copy_(abl.expand_as(out)).sub_(out)
+        return d.view(k, -1)
+
 
 class _ScoreFolder:
-    """Folds each destination's input gradient into the edge scores as the backward produces it,
-    so no destination's gradient outlives its own hook (the lean part of the attribution)."""
+    """Folds destinations' input gradients into the edge scores as the backward produces them: the
+    gradients of one layer's destinations (its head ports and MLP, and the logits with the last
+    layer) are gathered and folded together, so each stored delta is read and each recomputed one
+    built once per layer, and no layer's gradients outlive their fold."""
 
-    def __init__(self, engine, scores: torch.Tensor, deltas: torch.Tensor):
-        self.e, self.scores, self.deltas = engine, scores, deltas  # deltas: [S, B*P*D], noising direction
+    def __init__(self, engine, scores: torch.Tensor, deltas: _Deltas):
+        self.e, self.scores, self.deltas = engine, scores, deltas
         self.weight = 1.0
+        self.pending: list[tuple[int, list, object]] = []  # (first destination, columns, gradient or a thunk)
+        self.group: int | None = None
 
-    def _add(self, first_dest: int, cols, grads: torch.Tensor):
-        n_up = int(self.e.graph.n_upstream[first_dest])
-        grads = grads.to(self.deltas.device).reshape(grads.shape[0], -1).float()
-        self.scores[:n_up, cols] += (self.deltas[:n_up] @ grads.T).double().cpu() * self.weight
+    def _queue(self, layer: int, first_dest: int, cols, grads):
+        if self.group is not None and layer != self.group:
+            self.flush()
+        self.group = layer
+        self.pending.append((first_dest, cols, grads))
+
+    def flush(self):
+        """Fold the gathered gradients: each source piece times every gathered destination it is upstream of."""
+        if not self.pending:
+            return
+        pending = sorted(self.pending, key=lambda item: -int(self.e.graph.n_upstream[item[0]]))  # most upstream first
+        self.pending, self.group = [], None
+        n_up = torch.tensor([int(self.e.graph.n_upstream[first]) for first, cols, _ in pending for _ in cols])
+        cols = torch.tensor([c for _, cs, _ in pending for c in cs])
+        rows = self.deltas.rows
+        U = torch.empty(len(cols), rows.shape[1], dtype=torch.float32, device=rows.device)
+        at = 0
+        for _, cs, g in pending:  # each gradient written into its rows and released before the next is made
+            g = g() if callable(g) else g
+            U[at:at + len(cs)].copy_(g.reshape(len(cs), -1))
+            at += len(cs)
+            del g
+        pieces = self.deltas.pieces(sorted(set(n_up.tolist())))
+        n_sel = [int((n_up >= src + k).sum()) for src, k, _, _ in pieces]  # columns are sorted: the selected ones lead
+        acc = [torch.zeros(k, n, dtype=torch.float64, device=rows.device) for (_, k, _, _), n in zip(pieces, n_sel)]
+        B = self.deltas.B
+        step = B if rows.device.type != "cpu" else max(1, FOLD_CHUNK_BYTES // (U.shape[1] // B * 4 * len(cols)))
+        Ub = U.view(len(cols), B, -1)
+        for b0 in range(0, B, step):  # on a CPU by groups of examples, so each group of gradients stays in cache
+            b1 = min(b0 + step, B)
+            Uc = Ub[:, b0:b1].reshape(len(cols), -1)
+            for piece, n, a in zip(pieces, n_sel, acc):
+                if n:
+                    a += (self.deltas.values(piece, b0, b1) @ Uc[:n].T).double()
+        for (src, k, _, _), n, a in zip(pieces, n_sel, acc):
+            if n:
+                self.scores[src:src + k, cols[:n]] += a.cpu() * self.weight
 
     def watch_heads(self, layer: int, x: torch.Tensor):
         G, H = self.e.graph, self.e.H
@@ -43,26 +173,26 @@ class _ScoreFolder:
         def watch(q, k, v, pre):
             for kind, t in enumerate((q, k, v)):
                 if t.requires_grad:
-                    cols = base + 3 * torch.arange(H) + kind
-                    t.register_hook(lambda g, kind=kind, cols=cols: self._add(
-                        base, cols, self.e.kernel.port_input_grads(layer, kind, g, x.detach(), pre)))
+                    cols = (base + 3 * torch.arange(H) + kind).tolist()
+                    t.register_hook(lambda g, kind=kind, cols=cols: self._queue(layer, base, cols, lambda g=g, kind=kind: (
+                        self.e.kernel.port_input_grads(layer, kind, g, x.detach(), pre))))
         return watch
 
-    def watch(self, t: torch.Tensor, dest: int) -> torch.Tensor:
+    def watch(self, t: torch.Tensor, dest: int, layer: int) -> torch.Tensor:
         """``t`` as a destination's input: a view whose gradient is folded into column ``dest``."""
         t = t.view_as(t)
         if t.requires_grad:
-            t.register_hook(lambda g: self._add(dest, [dest], g[None]))
+            t.register_hook(lambda g: self._queue(layer, dest, [dest], g[None]))
         return t
 
 
 def _lean_forward(engine, tokens, positions, fold: _ScoreFolder, emb=None, override: dict[int, torch.Tensor] | None = None,
-                  fill: "_DeltaFiller | None" = None):
+                  fill: _Deltas | None = None):
     """Logits at ``positions`` from the ordinary shared forward, with ``fold`` hooked on every
     destination input.  ``override[block]`` replaces a source block's output (the embedding, a layer's
     summed attention output incl. bias, or an MLP output) with a constant, for IG over activations.
-    With ``fill`` (EAP: this forward is the clean run) it also writes the noising deltas as each source
-    block is computed, so no separate clean run is needed.
+    With ``fill`` (EAP: this forward is the clean run) it also records the noising deltas as each
+    source block is computed, so no separate clean run is needed.
     Returns ``(logits, leaf)``: differentiate the metric with respect to ``leaf`` to run the hooks."""
     k, G = engine.kernel, engine.graph
     override = override or {}
@@ -72,17 +202,32 @@ def _lean_forward(engine, tokens, positions, fold: _ScoreFolder, emb=None, overr
     resid = leaf
     if fill:
         fill(leaf.detach()[None])
-    heads = torch.arange(engine.H)
-    for layer in range(len(engine.w.layers)):
+    last = len(engine.w.layers) - 1
+    for layer in range(last + 1):
         qkv = k.shared_qkv(layer, resid, watch=fold.watch_heads(layer, resid))
         mlp_dest = G.mlp_dest(layer)
-        on_attn = None if fill is None else (lambda z, inv, layer=layer: fill.heads(k, layer, z, inv, heads))
-        out = k.block(layer, resid, rope[layer], qkv=qkv, mlp_input=lambda mid, d=mlp_dest: fold.watch(mid, d),
+        on_attn = None if fill is None else (lambda z, inv, layer=layer: fill.heads(k, layer, z, inv))
+        out = k.block(layer, resid, rope[layer], qkv=qkv, mlp_input=lambda mid, d=mlp_dest, layer=layer: fold.watch(mid, d, layer),
                       attn_override=override.get(1 + 2 * layer), mlp_override=override.get(2 + 2 * layer), on_attn=on_attn)
         if fill:
             fill(out.mlp.detach()[None])
         resid = out.resid
-    return k.unembed(fold.watch(resid, G.logits_dest), positions), leaf
+    return k.unembed(fold.watch(resid, G.logits_dest, last), positions), leaf
+
+
+@torch.no_grad()
+def _clean_deltas(engine, tokens, ablated, keep_below: int) -> tuple[_Deltas, torch.Tensor]:
+    """The noising deltas from a plain clean forward (EAP-IG's points are not the clean run), and the clean embedding."""
+    k = engine.kernel
+    resid = engine.w.embed(tokens)
+    deltas = _Deltas(engine, resid.shape, resid.device, ablated, keep_below)
+    deltas(resid[None])
+    emb, rope = resid, k.rotary(tokens.shape[1], resid)
+    for layer in range(len(engine.w.layers)):
+        out = k.block(layer, resid, rope[layer], on_attn=lambda z, inv, layer=layer: deltas.heads(k, layer, z, inv))
+        deltas(out.mlp[None])
+        resid = out.resid
+    return deltas, emb
 
 
 IG_POINTS = ("right", "left")
@@ -104,14 +249,19 @@ def ig_alphas(steps: int, points: str = "right") -> list[float]:
 
 
 def attribute(evaluator: Evaluator, method: str = "eap", steps: int = 5, progress: bool = True,
-              ig_points: str = "right") -> EdgeScores:
+              ig_points: str = "right", keep_deltas: float = KEEP_DELTAS) -> EdgeScores:
     """Score every edge with ``eap``, ``eap-ig`` (IG over the input embeddings) or
     ``eap-ig-activations`` (IG over each source block's output, one block at a time, as in MIB);
-    ``ig_points`` picks the IG step points (see :func:`ig_alphas`)."""
+    ``ig_points`` picks the IG step points (see :func:`ig_alphas`).  ``keep_deltas`` is the fraction
+    of layers, from the first, whose heads' noising deltas stay in memory; the others are recomputed
+    when folded (1: fastest, 0: leanest; the scores are the same).  IG over activations keeps all."""
+    if not 0 <= keep_deltas <= 1:
+        raise ValueError(f"keep_deltas must be between 0 and 1, got {keep_deltas}")
     if method not in ("eap", "eap-ig", "eap-ig-activations"):
         raise ValueError(f"unknown attribution method '{method}'; expected eap, eap-ig or eap-ig-activations")
     alphas = ig_alphas(steps, ig_points)
     ev, engine = evaluator, evaluator.engine
+    keep_below = math.ceil(keep_deltas * len(engine.w.layers))
     G = engine.graph
     scores = torch.zeros(len(G.sources), len(G.destinations), dtype=torch.float64)
     n_points = 1 if method == "eap" else steps
@@ -125,17 +275,18 @@ def attribute(evaluator: Evaluator, method: str = "eap", steps: int = 5, progres
         ablated = abl.outputs  # None: zero ablation
         fill = None
         if method == "eap":  # the attribution forward is the clean run: it fills the deltas itself
-            fill = _DeltaFiller.for_sources(len(G.sources), toks.new_empty(*toks.shape, engine.D, dtype=torch.float32), ablated)
-            deltas = fill.deltas
+            fill = deltas = _Deltas(engine, torch.Size((*toks.shape, engine.D)), dev, ablated, keep_below)
+        elif method == "eap-ig":
+            deltas, clean_emb = _clean_deltas(engine, toks, ablated, keep_below)
+            abl_emb = torch.zeros_like(clean_emb) if ablated is None else ablated[0][0].expand_as(clean_emb)
         else:
             with torch.no_grad():
                 _, clean_out = engine.run(toks, record=True)
-                if method == "eap-ig":
-                    clean_emb = clean_out[0][0]
-                    abl_emb = torch.zeros_like(clean_emb) if ablated is None else ablated[0][0].expand_as(clean_emb)
-                else:
-                    summed = _block_outputs(engine, clean_out, ablated)
-                deltas = _noising_deltas(clean_out, ablated)  # frees the recorded outputs block by block
+                summed = _block_outputs(engine, clean_out, ablated)
+                deltas = _Deltas(engine, clean_out[0][0].shape, clean_out[0].device, ablated, len(engine.w.layers))
+                for b in range(len(clean_out)):  # released block by block, so the two are never held twice
+                    out, clean_out[b] = clean_out[b], None
+                    deltas(out)
         fold = _ScoreFolder(engine, scores, deltas)
         n_avg = n_points if method != "eap-ig-activations" else n_points * len(engine.src_blocks)
         fold.weight = 1.0 / n_avg
@@ -145,6 +296,7 @@ def attribute(evaluator: Evaluator, method: str = "eap", steps: int = 5, progres
             logits, leaf = _lean_forward(engine, toks, last, fold, **kw)
             metric = ev.metric(logits, part.to(dev), clean_logits).sum()
             torch.autograd.grad(metric, leaf, allow_unused=True)  # the hooks fold the gradients into the scores
+            fold.flush()
             n_backward += 1
             bar.update(1)
 
@@ -166,42 +318,6 @@ def attribute(evaluator: Evaluator, method: str = "eap", steps: int = 5, progres
     if method != "eap":
         meta["ig_points"] = ig_points
     return EdgeScores(G, scores, method, meta)
-
-
-class _DeltaFiller:
-    """Writes ``ablated - clean`` of each source block into the delta rows as the clean run produces it."""
-
-    def __init__(self, deltas: torch.Tensor, ablated: list | None):
-        self.deltas, self.ablated, self.block, self.row = deltas, ablated, 0, 0
-
-    @classmethod
-    def for_sources(cls, n_sources: int, like: torch.Tensor, ablated: list | None) -> "_DeltaFiller":
-        """A filler with a fresh float32 buffer of ``n_sources`` rows, each the size of ``like`` ``[B, P, D]``."""
-        return cls(torch.empty(n_sources, like.numel(), dtype=torch.float32, device=like.device), ablated)
-
-    @torch.no_grad()
-    def __call__(self, out: torch.Tensor):
-        d = self.deltas[self.row:self.row + out.shape[0]].view(out.shape)
-        if self.ablated is None:
-            d.copy_(out).neg_()
-        else:
-            d.copy_(self.ablated[self.block].expand_as(out))
-            d.sub_(out)
-        self.block, self.row = self.block + 1, self.row + out.shape[0]
-
-    @torch.no_grad()
-    def heads(self, kernel, layer: int, z: torch.Tensor, inv, heads: torch.Tensor):
-        self(kernel.head_outputs(layer, z.detach(), heads, None if inv is None else inv.detach()))
-
-
-def _noising_deltas(clean_out: list, ablated: list | None) -> torch.Tensor:
-    """``[n_sources, B*P*D]`` float32 ``ablated - clean`` per source, filled block by block while the
-    recorded clean outputs are released (so the two are never held twice)."""
-    fill = _DeltaFiller.for_sources(sum(o.shape[0] for o in clean_out), clean_out[0][0], ablated)
-    for b in range(len(clean_out)):
-        out, clean_out[b] = clean_out[b], None
-        fill(out)
-    return fill.deltas
 
 
 def _block_outputs(engine, clean_out, ablated):
