@@ -121,19 +121,26 @@ class PatchedRun:
 
     def _project_custom(self, layer: int, bp: BlockPlan, A: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
         """One circuit: values ``[n, Bt, P, dh]`` of a layer's custom head ports, mixed and projected
-        chunk by chunk (the weights gathered once)."""
+        chunk by chunk; ports come in runs of one base and one kind (see the plan), each projected with
+        its weights gathered once (or, a whole kind in head order, with the weights' own view)."""
         n, BP = len(bp.custom), self.Bt * self.P
-        weights = self.k.port_weights(layer, bp.custom)
+        kinds = (bp.custom % 3).tolist()
+        is_r = (bp.up[:, 0] > 0.5).tolist()
+        runs, lo = [], 0
+        for i in range(1, n + 1):
+            if i == n or kinds[i] != kinds[lo] or is_r[i] != is_r[lo]:
+                ports = bp.custom[lo:i]
+                runs.append((lo, i, ports, self.k.port_weights(layer, ports)))
+                lo = i
         A2, R2 = A.reshape(BP, self.D), R.reshape(BP, self.D)
-        step = self._chunk_rows(n, R.element_size())
-        if step >= BP:
-            return self.k.port_qkv(layer, self._mix_rows(bp, A2, R2, 0, BP).view(n, self.Bt, self.P, self.D), bp.custom, weights)
+        step = min(BP, self._chunk_rows(n, R.element_size()))
         vals = R.new_empty(n, BP, self.e.dh, device=self.k.device(layer))
         xbuf = self.e.workspace("chunk", (n * step * self.D,), R)
         for t0 in range(0, BP, step):
             t1 = min(t0 + step, BP)
             x = self._mix_rows(bp, A2, R2, t0, t1, xbuf[:n * (t1 - t0) * self.D].view(n, -1))
-            vals[:, t0:t1] = self.k.port_qkv(layer, x[:, None], bp.custom, weights)[:, 0]
+            for lo, hi, ports, weights in runs:
+                vals[lo:hi, t0:t1] = self.k.port_qkv(layer, x[lo:hi, None], ports, weights)[:, 0]
         return vals.view(n, self.Bt, self.P, self.e.dh)
 
     def _resumed_mix(self, bp: BlockPlan, n: int) -> torch.Tensor:

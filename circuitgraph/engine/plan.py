@@ -135,8 +135,9 @@ def compile_plan(engine, masks: torch.Tensor, position_masks: dict[tuple[int, in
                 full[:, pos] = coef
             coef = full
         sparse = None
-        if C == 1 and not positional:  # destinations on base A first, then those on R: two contiguous ranges
-            order = torch.argsort(up[:, 0], stable=True)
+        if C == 1 and not positional:  # by base (A, then R), then by kind (q, k, v), then head: contiguous ranges
+            n = len(custom)
+            order = torch.argsort(up[:, 0].round().long() * 3 * n + (custom % 3) * n + custom // 3)
             custom, up = custom[order], up[order]
             coef = None if coef is None else coef[:, :, order]
             if coef is not None and coef.dtype in (torch.float32, torch.float64):
