@@ -25,7 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 MIB = ROOT.parent / "shared" / "data" / "mib" / "ioi-eap-ig.json"
 B, P = 16, 16
-TASKS = ["hf_forward", "engine_plain", "patched_ioi", "patched_1pct", "patched_10pct", "patched_50pct", "patched_90pct", "eap"]
+TASKS = ["hf_forward", "engine_plain", "patched_ioi", "patched_1pct", "patched_10pct", "patched_50pct", "patched_90pct", "eap",
+         "hf_forward_last", "patched_ioi_last", "patched_10pct_last", "patched_50pct_last"]
 
 
 def worker(tasks: list[str], repeats: int) -> None:
@@ -60,18 +61,22 @@ def _time_task(task: str, repeats: int) -> float:
     with torch.no_grad():
         _, outs = e.run(corrupt, record=True)
         abl = e.make_ablation(outs, "corrupted")
+        last = torch.full((B,), P - 1)
         if task == "hf_forward":
             fn = lambda: hf(clean).logits
+        elif task == "hf_forward_last":  # logits at the last position only
+            fn = lambda: hf(clean, logits_to_keep=1).logits
         elif task == "engine_plain":
             fn = lambda: e.run(clean)[0]
         elif task.startswith("patched_"):
-            if task == "patched_ioi":
+            if task.startswith("patched_ioi"):
                 mask = CircuitSpec.load(MIB).resolve(G).mask()
             else:
                 density = int(task.split("_")[1][:-3]) / 100
                 mask = (torch.rand(len(G.sources), len(G.destinations), generator=torch.Generator().manual_seed(1)) < density) & G.legal
             plan = e.compile(mask[None])
-            fn = lambda: e.patched_run(clean, abl, plan)
+            positions = last if task.endswith("_last") else None
+            fn = lambda: e.patched_run(clean, abl, plan, logit_positions=positions)
         elif task == "eap":
             from circuitgraph.discovery import attribute
 
@@ -140,7 +145,10 @@ def main():
     dest = ROOT / "benchmarks" / "results"
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "bench_revisions.json").write_text(json.dumps(out, indent=2) + "\n")
-    lines = [f"old = {out['old']}, new = {out['new']}; {out['shape']}; medians of {args.rounds} alternating rounds", "",
+    hf_of = lambda t: "hf_forward_last" if t.endswith("_last") else "hf_forward"
+    out["over_hf_forward"] = {lab: {t: d[lab] / res[hf_of(t)][lab] for t, d in res.items()} for lab in ("old", "new")}
+    lines = [f"old = {out['old']}, new = {out['new']}; {out['shape']}; medians of {args.rounds} alternating rounds; "
+             "tasks ending in _last compute logits at the last position only, and are compared with an HF forward doing the same", "",
              "| task | old s | new s | new / old | old / HF fwd | new / HF fwd |", "|---|---|---|---|---|---|"]
     for t, d in res.items():
         lines.append(f"| {t} | {d['old']:.3f} | {d['new']:.3f} | {d['new'] / d['old']:.2f} | "
