@@ -135,29 +135,35 @@ def _measure(shape: str, task: str, repeats: int, queue):
 
 
 def memory_model(r: dict) -> list[str]:
-    """EAP's extra memory = HF forward+backward activations + noising deltas (fp32, sources x tokens x d_model)
-    + one layer's port gradients (fp32, 3 x heads x tokens x d_model); the Evaluator's cached ablation run adds
-    sources x tokens x d_model in the model's dtype.  Fitted on the Qwen2-0.5B shape, applied to Llama-3.1-8B."""
+    """EAP's extra memory = HF forward+backward activations + the noising deltas it keeps (fp32 rows of
+    tokens x d_model: the input, every MLP, and the heads of the first ``KEEP_DELTAS`` of the layers; the
+    later heads are recomputed) + one layer's gathered destination gradients (fp32, 3 x heads + 2 rows);
+    the Evaluator's cached ablation run adds sources x tokens x d_model in the model's dtype.  Fitted on
+    the Qwen2-0.5B shape, applied to Llama-3.1-8B."""
+    import math
+
+    from circuitgraph.discovery.eap import KEEP_DELTAS
+
     cls, kw, B, P = SHAPES["qwen2-0.5b"]
     L, H, D, V, N = kw["num_hidden_layers"], kw["num_attention_heads"], kw["hidden_size"], kw["vocab_size"], B * P
-    S = 1 + L * (H + 1)
-    deltas, ports = S * N * D * 4 / 2**20, 3 * H * N * D * 4 / 2**20
+    kept = lambda L, H: 1 + L + H * math.ceil(KEEP_DELTAS * L)
+    deltas, grads = kept(L, H) * N * D * 4 / 2**20, (3 * H + 2) * N * D * 4 / 2**20
     hf = r["hf_forward_backward"]["peak_growth_mb"]
-    predicted = hf + deltas + ports
+    predicted = hf + deltas + grads
     acts_per = (hf - 2 * N * V * 4 / 2**20) / (L * N * D * 4 / 2**20)  # activations in d_model-sized values per token and layer
     out = ["### Memory model", "",
-           f"Qwen2-0.5B shape: EAP extra = HF fwd+bwd {hf:.0f} MB + deltas {deltas:.0f} MB + port gradients {ports:.0f} MB "
-           f"= {predicted:.0f} MB predicted, {r['eap']['peak_growth_mb']:.0f} MB measured; HF's activations come to "
-           f"{acts_per:.1f} d_model-sized values per token and layer (logits aside).", ""]
+           f"Qwen2-0.5B shape: EAP extra = HF fwd+bwd {hf:.0f} MB + kept deltas {deltas:.0f} MB + one layer's gradients "
+           f"{grads:.0f} MB = {predicted:.0f} MB predicted, {r['eap']['peak_growth_mb']:.0f} MB measured; HF's activations "
+           f"come to {acts_per:.1f} d_model-sized values per token and layer (logits aside).", ""]
     L8, H8, D8, V8, N8, params = 32, 32, 4096, 128256, 8 * 64, 8.03e9
     S8 = 1 + L8 * (H8 + 1)
     gb = lambda b: b / 2**30
     weights, cache = gb(params * 2), gb(S8 * N8 * D8 * 2)
-    acts, deltas8, ports8 = gb(acts_per * L8 * N8 * D8 * 2 + 2 * N8 * V8 * 2), gb(S8 * N8 * D8 * 4), gb(3 * H8 * N8 * D8 * 4)
-    total = weights + cache + acts + deltas8 + ports8
+    acts, deltas8, grads8 = gb(acts_per * L8 * N8 * D8 * 2 + 2 * N8 * V8 * 2), gb(kept(L8, H8) * N8 * D8 * 4), gb((3 * H8 + 2) * N8 * D8 * 4)
+    total = weights + cache + acts + deltas8 + grads8
     out += [f"Llama-3.1-8B in bf16, batch 8 x 64 (predicted, no GPU run): weights {weights:.1f} GB + cached ablation run "
-            f"{cache:.1f} GB + activations {acts:.1f} GB + fp32 deltas {deltas8:.1f} GB + port gradients {ports8:.1f} GB "
-            f"= {total:.1f} GB for EAP (one batch); an HF forward+backward needs {weights + acts:.1f} GB. "
+            f"{cache:.1f} GB + activations {acts:.1f} GB + kept fp32 deltas {deltas8:.1f} GB + one layer's gradients "
+            f"{grads8:.1f} GB = {total:.1f} GB for EAP (one batch); an HF forward+backward needs {weights + acts:.1f} GB. "
             f"Exact patched runs hold at most the cached run plus a delta buffer of the same size in bf16: "
             f"{weights + 2 * cache:.1f} GB."]
     return out

@@ -81,6 +81,8 @@ def test_one_circuit_mixes_match_by_hand(family, mix, monkeypatch):
     if mix.startswith("sparse"):
         monkeypatch.setattr(patched_run, "CPU_CHUNK_BYTES", 1)  # one token row per chunk
     m = build(family, seed=4)
+    reused = m.engine.workspace
+    monkeypatch.setattr(m.engine, "workspace", lambda *a: reused(*a).fill_(float("nan")))  # stale buffers must not leak
     clean, corrupt = tokens(3)
     G = m.graph
     g = torch.Generator().manual_seed(7)
@@ -92,6 +94,12 @@ def test_one_circuit_mixes_match_by_hand(family, mix, monkeypatch):
     ref, _ = patched_forward(m.hf, clean, node_outputs(m.hf, corrupt),
                              lambda s, d: bool(mask[0, G.source_index[s], G.destination_index[d]]))
     assert (got - ref).abs().max() < TOL
+    last = torch.full((clean.shape[0],), clean.shape[1] - 1)
+    with torch.no_grad():
+        e = m.engine
+        abl = e.make_ablation(e.run(corrupt, record=True)[1], "corrupted")
+        at_last = e.patched_run(clean, abl, plan_, logit_positions=last)[0]
+    assert (at_last - ref[:, -1]).abs().max() < TOL
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "neox"])

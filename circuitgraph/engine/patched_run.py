@@ -244,7 +244,7 @@ class PatchedRun:
                 if self.full is not None:  # pausing keeps every head: compute them once, take the rows from them
                     every = self.k.head_outputs(layer, z, all_heads, inv)
                     self._record(1 + 2 * layer, every[rows.to(every.device)], every)
-                elif C == 1 and len(rows):  # one circuit: write straight into the buffer, subtract in place
+                elif C == 1 and len(rows) and z.device == self.dbuf.device:  # one circuit: straight into the buffer
                     o = plan.offsets[1 + 2 * layer]
                     slot = self.k.head_outputs(layer, z, rows, inv, out=self.dbuf[0, o:o + len(rows)])
                     abl = self._ablated(1 + 2 * layer)
@@ -292,7 +292,7 @@ class PatchedRun:
                 mix = torch.einsum("kbd,ck->cbd", G, coef[:, pre])
             sel = post if self.split is not None else torch.ones_like(post)
             if bool(sel.any()):
-                G = self.dbuf[:, rows[sel]][:, :, b_idx, lp]  # [C, K, B, D]
+                G = self.dbuf[:, rows[sel][:, None], b_idx[None], lp[None]]  # [C, K, B, D]: only the read positions
                 mix = mix + torch.einsum("ckbd,ck->cbd", G, coef[:, sel])
             final = final + mix.reshape(Bt, D) if torch.is_tensor(mix) else final
         return self.k.unembed(final).view(C, B, -1)
