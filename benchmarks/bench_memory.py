@@ -16,7 +16,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import resource
 import statistics
 import time
 from pathlib import Path
@@ -83,6 +82,14 @@ def engine_overhead_bytes(model) -> tuple[int, int]:
     return hf_bytes, extra
 
 
+def _status_mb(field: str) -> float:
+    """A memory figure of this process from /proc/self/status, in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
 def _measure(shape: str, task: str, repeats: int, queue):
     import torch
 
@@ -95,9 +102,9 @@ def _measure(shape: str, task: str, repeats: int, queue):
     if task == "hf_forward":
         fn = lambda: hf(clean).logits
     elif task == "hf_forward_backward":
-        def fn():
+        def fn():  # logits at the last position only, as EAP's metric reads them
             emb = hf.get_input_embeddings()(clean).detach().requires_grad_(True)
-            logits = hf(inputs_embeds=emb).logits[:, -1]
+            logits = hf(inputs_embeds=emb, logits_to_keep=1).logits[:, -1]
             torch.autograd.grad(logits[:, 0].sum() - logits[:, 1].sum(), emb)
     elif task == "engine_forward":
         fn = lambda: e.run(clean)[0]
@@ -120,17 +127,18 @@ def _measure(shape: str, task: str, repeats: int, queue):
         fn = ((lambda: attribute(ev, "eap-ig", steps=5, progress=False)) if task == "eap_ig_5"
               else (lambda: attribute(ev, "eap", progress=False, **keep)))
     ctx = torch.no_grad() if task in ("hf_forward", "engine_forward", "patched_10pct") else torch.enable_grad()
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = _status_mb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
     with ctx:
         fn()  # warm-up, and the peak
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak = _status_mb("VmHWM")
         times = []
         for _ in range(repeats):
             t = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t)
     hf_bytes, extra = engine_overhead_bytes(model)
-    queue.put({"median_s": statistics.median(times) if times else None, "peak_growth_mb": (peak - base) / 1024,
+    queue.put({"median_s": statistics.median(times) if times else None, "peak_growth_mb": peak - base,
                "hf_model_mb": hf_bytes / 2**20, "engine_extra_mb": extra / 2**20})
 
 
@@ -216,7 +224,8 @@ def main():
     dest = ROOT / "benchmarks" / "results"
     if args.report_only:
         return report(json.loads((dest / "bench_memory.json").read_text()))
-    res = {}
+    old = dest / "bench_memory.json"
+    res = json.loads(old.read_text()) if old.exists() else {}  # shapes not run now keep their last figures
     with tqdm(total=len(args.shapes) * len(args.tasks), desc="memory") as bar:
         for shape in args.shapes:
             res[shape] = {}
@@ -239,12 +248,14 @@ def report(res: dict) -> None:
                   "| run | median s | peak growth MB | time / HF | memory / HF |", "|---|---|---|---|---|"]
         for task, x in r.items():
             ref = fb if task.startswith("eap") or task == "hf_forward_backward" else fw
-            mem = f"{x['peak_growth_mb'] / ref['peak_growth_mb']:.2f}" if ref["peak_growth_mb"] >= 1 else "—"
+            mem = f"{x['peak_growth_mb'] / ref['peak_growth_mb']:.2f}"
             lines.append(f"| {task} | {x['median_s']:.3f} | {x['peak_growth_mb']:.0f} | {x['median_s'] / ref['median_s']:.2f} | {mem} |")
         lines.append("")
-    lines.append("Ratios: forwards against the HF forward; EAP / EAP-IG against the HF forward+backward to the embeddings. "
-                 "Peak growth is the process's maximum RSS above the loaded model and the Evaluator's cached ablation "
-                 "run; a forward's transient peak stays below what loading the model reached, so it shows 0 (—).")
+    lines.append("Ratios: forwards against the HF forward (full logits); EAP / EAP-IG against the HF forward+backward "
+                 "to the embeddings with logits at the last position only (what EAP's metric reads). Peak growth is "
+                 "the peak RSS during the run (VmHWM, reset before it) above the RSS before it, with the model loaded "
+                 "and the Evaluator's cached ablation run made; each in its own process, with glibc's mmap threshold "
+                 "fixed at 1 MiB so that freed tensors leave the RSS at once.")
     if "qwen2-0.5b" in res:
         lines += ["", *memory_model(res["qwen2-0.5b"])]
     (ROOT / "benchmarks" / "results" / "bench_memory.md").write_text("\n".join(lines) + "\n")

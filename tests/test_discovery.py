@@ -272,6 +272,18 @@ def test_cli_dtype_and_ig_points(model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["discover", "--model", str(model_dir), "--data", str(data), "--method", "eap", "--dtype", "float8", "-o", str(out)])
     assert "--dtype" in capsys.readouterr().err
+    scores = {}
+    for keep in ("0", "1"):
+        assert main(["discover", "--model", str(model_dir), "--data", str(data), "--method", "eap", "--keep-deltas", keep,
+                     "--top-n", "5", "-o", str(out), "--json"]) == 0
+        capsys.readouterr()
+        scores[keep] = json.loads(out.read_text())["edge_scores"]
+    assert scores["0"].keys() == scores["1"].keys()
+    assert max(abs(scores["0"][k] - scores["1"][k]) for k in scores["0"]) < 1e-6
+    with pytest.raises(SystemExit):
+        main(["discover", "--model", str(model_dir), "--data", str(data), "--method", "eap", "--keep-deltas", "2", "-o", str(out)])
+    err = capsys.readouterr().err
+    assert "--keep-deltas" in err and "from 0 to 1" in err
 
 
 @pytest.mark.parametrize("family,ablation", [("qwen2", "corrupted"), ("neox", "corrupted"), ("gemma2", "corrupted"),

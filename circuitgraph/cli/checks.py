@@ -53,6 +53,14 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def fraction(text: str) -> float:
+    """argparse type: a number from 0 to 1."""
+    value = finite_float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}")
+    return value
+
+
 def check_device(name: str) -> str:
     """The device exists here: a misspelt name or a missing GPU is one line, not a CUDA traceback."""
     import torch

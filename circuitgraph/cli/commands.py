@@ -11,7 +11,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from circuitgraph.cli.checks import (CLIError, check_device, check_output, finite_float, non_negative_float,
+from circuitgraph.cli.checks import (CLIError, check_device, check_output, finite_float, fraction, non_negative_float,
                                      positive_int)
 from circuitgraph.cli.common import DISTRIBUTED_COMMANDS, METRICS, add_model_args, load_model_and_data
 from circuitgraph.errors import CircuitWarning
@@ -106,7 +106,7 @@ def cmd_discover(args) -> int:
         ev = Evaluator(model, data, metric=metric, ablation=args.ablation, batch_size=args.batch_size,
                        progress=not args.json)
         scores = discover(ev, args.method, steps=args.steps, tau=args.tau, progress=not args.json,
-                          ig_points=args.ig_points)
+                          ig_points=args.ig_points, keep_deltas=args.keep_deltas)
         mask, how = _select(args, ev, scores, model.graph.n_edges)
         spec = scores.to_spec(mask, model=args.model, selection=how)
         spec.name = f"{args.method} circuit"
@@ -202,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ig-points", choices=["right", "left"], default="right",
                    help="IG step points: right = k/n for k=1..n (ours, ends at clean); left = k=0..n-1 "
                         "(the EAP-IG repo's EAP-IG-inputs, as run by MIB)")
+    p.add_argument("--keep-deltas", type=fraction,
+                   help="eap*: fraction of the layers whose heads' noising deltas stay in memory; the others are "
+                        "recomputed when folded (1: fastest, 0: least memory; the same scores; default 0.5)")
     p.add_argument("--tau", type=non_negative_float, default=0.01, help="ACDC threshold")
     p.add_argument("--metric", choices=METRICS, help="default: kl for acdc, else logit_diff")
     p.add_argument("--ablation", choices=["corrupted", "mean", "zero"], default="corrupted")

@@ -11,7 +11,7 @@ import time
 from circuitgraph.evaluate import distributed as dist
 from circuitgraph.evaluate.evaluator import Evaluator
 from circuitgraph.discovery.acdc import acdc, exact_scores
-from circuitgraph.discovery.eap import IG_POINTS, attribute, ig_alphas
+from circuitgraph.discovery.eap import IG_POINTS, KEEP_DELTAS, attribute, ig_alphas
 from circuitgraph.discovery.curves import MIB_FRACTIONS, FaithfulnessCurve, faithfulness_curve, roc_auc
 from circuitgraph.discovery.edge_scores import EdgeScores, prune_dangling
 from circuitgraph.discovery.selection import DEFAULT_LEVEL, Selection, SelectionError, smallest_faithful
@@ -20,9 +20,10 @@ METHODS = ("acdc", "eap", "eap-ig", "eap-ig-activations", "exact")
 
 
 def discover(ev: Evaluator, method: str, *, steps: int = 5, tau: float = 0.01, progress: bool = True,
-             ig_points: str = "right") -> EdgeScores:
+             ig_points: str = "right", keep_deltas: float | None = None) -> EdgeScores:
     """Score every edge with ``method`` (see :data:`METHODS`); ``ig_points`` places EAP-IG's steps
-    (see :func:`~circuitgraph.discovery.eap.ig_alphas`).  Under ``torch.distributed`` the ranks share
+    (see :func:`~circuitgraph.discovery.eap.ig_alphas`) and ``keep_deltas`` trades EAP's memory for time
+    (see :func:`~circuitgraph.discovery.eap.attribute`).  Under ``torch.distributed`` the ranks share
     the examples and all return the same scores; only rank 0 shows progress."""
     t = time.perf_counter()
     progress = progress and (not ev.distributed or dist.is_main())
@@ -31,13 +32,14 @@ def discover(ev: Evaluator, method: str, *, steps: int = 5, tau: float = 0.01, p
     elif method == "exact":
         out = exact_scores(ev, progress=progress)
     elif method in ("eap", "eap-ig", "eap-ig-activations"):
-        out = attribute(ev, method, steps=steps, progress=progress, ig_points=ig_points)
+        out = attribute(ev, method, steps=steps, progress=progress, ig_points=ig_points,
+                        keep_deltas=KEEP_DELTAS if keep_deltas is None else keep_deltas)
     else:
         raise ValueError(f"unknown discovery method '{method}'; expected one of {', '.join(METHODS)}")
     out.meta["seconds"] = time.perf_counter() - t
     return out
 
 
-__all__ = ["DEFAULT_LEVEL", "IG_POINTS", "METHODS", "MIB_FRACTIONS", "EdgeScores", "FaithfulnessCurve", "Selection",
+__all__ = ["DEFAULT_LEVEL", "IG_POINTS", "KEEP_DELTAS", "METHODS", "MIB_FRACTIONS", "EdgeScores", "FaithfulnessCurve", "Selection",
            "SelectionError", "acdc", "attribute", "discover", "exact_scores", "faithfulness_curve", "ig_alphas",
            "prune_dangling", "roc_auc", "smallest_faithful"]
