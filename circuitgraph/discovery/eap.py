@@ -41,7 +41,7 @@ class _Deltas:
     def __init__(self, engine, shape: torch.Size, device, ablated: list | None, keep_below: int):
         self.e, self.ablated, self.keep_below = engine, ablated, keep_below
         self.rows = torch.empty(sum(self._rows_per_block()), shape.numel(), dtype=torch.float32, device=device)
-        self.B = shape[0]
+        self.B, self.P = shape[0], shape[1]
         self.z: dict[int, tuple] = {}  # recomputed head layers: (z, inv) of the clean run
         self.block, self.row = 0, 0
         self.at: list[tuple[int, int] | None] = []  # per source block: (first row, n rows), or None when recomputed
@@ -96,18 +96,19 @@ class _Deltas:
             src, block = src + k, block + 1
         return out
 
-    def values(self, piece, b0: int, b1: int) -> torch.Tensor:
-        """A piece's deltas for examples ``b0:b1``, ``[k, (b1 - b0) * P * D]`` float32 (recomputed
-        from the heads' values where not kept)."""
+    def values(self, piece, sl: tuple[slice, slice]) -> torch.Tensor:
+        """A piece's deltas at examples and positions ``sl`` (several whole examples, or positions of
+        one), ``[k, tokens * D]`` float32, recomputed from the heads' values where not kept."""
         src, k, first, block = piece
+        b, p = sl
         if first is not None:
-            return self.rows[first:first + k].view(k, self.B, -1)[:, b0:b1].reshape(k, -1)
+            return self.rows[first:first + k].view(k, self.B, self.P, -1)[:, b, p].reshape(k, -1)
         layer = (block - 1) // 2
         z, inv = self.z[layer]
-        out = self.e.kernel.head_outputs(layer, z[b0:b1], torch.arange(self.e.H), None if inv is None else inv[b0:b1])
+        out = self.e.kernel.head_outputs(layer, z[b, :, p], torch.arange(self.e.H), None if inv is None else inv[b, p])
         abl = None if self.ablated is None else self.ablated[block]
-        if abl is not None and abl.shape[1] != 1:
-            abl = abl[:, b0:b1]
+        if abl is not None:
+            abl = abl[:, b if abl.shape[1] != 1 else slice(None), p if abl.shape[2] != 1 else slice(None)]
         if out.dtype == torch.float32 and out.device == self.rows.device:  # in place: ablated - clean
             d = out.neg_() if abl is None else out.neg_().add_(abl)
         else:
@@ -135,33 +136,32 @@ class _ScoreFolder:
         self.pending.append((first_dest, cols, grads))
 
     def flush(self):
-        """Fold the gathered gradients: each source piece times every gathered destination it is upstream of."""
+        """Fold the gathered gradients: each source piece times every gathered destination it is
+        upstream of, a chunk of tokens at a time (the gradients are made per chunk, never whole)."""
         if not self.pending:
             return
         pending = sorted(self.pending, key=lambda item: -int(self.e.graph.n_upstream[item[0]]))  # most upstream first
         self.pending, self.group = [], None
         n_up = torch.tensor([int(self.e.graph.n_upstream[first]) for first, cols, _ in pending for _ in cols])
         cols = torch.tensor([c for _, cs, _ in pending for c in cs])
-        rows = self.deltas.rows
-        U = torch.empty(len(cols), rows.shape[1], dtype=torch.float32, device=rows.device)
-        at = 0
-        for _, cs, g in pending:  # each gradient written into its rows and released before the next is made
-            g = g() if callable(g) else g
-            U[at:at + len(cs)].copy_(g.reshape(len(cs), -1))
-            at += len(cs)
-            del g
-        pieces = self.deltas.pieces(sorted(set(n_up.tolist())))
+        d = self.deltas
+        pieces = d.pieces(sorted(set(n_up.tolist())))
         n_sel = [int((n_up >= src + k).sum()) for src, k, _, _ in pieces]  # columns are sorted: the selected ones lead
-        acc = [torch.zeros(k, n, dtype=torch.float64, device=rows.device) for (_, k, _, _), n in zip(pieces, n_sel)]
-        B = self.deltas.B
-        step = B if rows.device.type != "cpu" else max(1, FOLD_CHUNK_BYTES // (U.shape[1] // B * 4 * len(cols)))
-        Ub = U.view(len(cols), B, -1)
-        for b0 in range(0, B, step):  # on a CPU by groups of examples, so each group of gradients stays in cache
-            b1 = min(b0 + step, B)
-            Uc = Ub[:, b0:b1].reshape(len(cols), -1)
+        acc = [torch.zeros(k, n, dtype=torch.float64, device=d.rows.device) for (_, k, _, _), n in zip(pieces, n_sel)]
+        D = d.rows.shape[1] // (d.B * d.P)
+        budget = FOLD_CHUNK_BYTES if d.rows.device.type == "cpu" else 64 * FOLD_CHUNK_BYTES
+        tokens = max(1, budget // (len(cols) * D * 4))
+        U = torch.empty(len(cols) * min(tokens, d.B * d.P) * D, dtype=torch.float32, device=d.rows.device)
+        for b, p in _token_chunks(d.B, d.P, tokens):
+            n_tok = (b.stop - b.start) * (p.stop - p.start)
+            Uc = U[:len(cols) * n_tok * D].view(len(cols), -1)
+            at = 0
+            for _, cs, grad in pending:  # each destination's gradient at these tokens, straight into its rows
+                Uc[at:at + len(cs)].view(len(cs), b.stop - b.start, p.stop - p.start, D).copy_(grad((b, p)))
+                at += len(cs)
             for piece, n, a in zip(pieces, n_sel, acc):
                 if n:
-                    a += (self.deltas.values(piece, b0, b1) @ Uc[:n].T).double()
+                    a += (d.values(piece, (b, p)) @ Uc[:n].T).double()
         for (src, k, _, _), n, a in zip(pieces, n_sel, acc):
             if n:
                 self.scores[src:src + k, cols[:n]] += a.cpu() * self.weight
@@ -170,20 +170,38 @@ class _ScoreFolder:
         G, H = self.e.graph, self.e.H
         base = G.head_dest(layer, 0, "q")
 
+        def port_grads(kind, g, pre, sl):
+            b, p = sl
+            pre = None if pre is None else tuple(t.detach()[b, p] for t in pre)
+            return self.e.kernel.port_input_grads(layer, kind, g[b, :, p], x.detach()[b, p], pre)
+
         def watch(q, k, v, pre):
             for kind, t in enumerate((q, k, v)):
                 if t.requires_grad:
                     cols = (base + 3 * torch.arange(H) + kind).tolist()
-                    t.register_hook(lambda g, kind=kind, cols=cols: self._queue(layer, base, cols, lambda g=g, kind=kind: (
-                        self.e.kernel.port_input_grads(layer, kind, g, x.detach(), pre))))
+                    t.register_hook(lambda g, kind=kind, cols=cols: self._queue(
+                        layer, base, cols, lambda sl, g=g, kind=kind: port_grads(kind, g, pre, sl)))
         return watch
 
     def watch(self, t: torch.Tensor, dest: int, layer: int) -> torch.Tensor:
         """``t`` as a destination's input: a view whose gradient is folded into column ``dest``."""
         t = t.view_as(t)
         if t.requires_grad:
-            t.register_hook(lambda g: self._queue(layer, dest, [dest], g[None]))
+            t.register_hook(lambda g: self._queue(layer, dest, [dest], lambda sl, g=g: g[sl[0], sl[1]][None]))
         return t
+
+
+def _token_chunks(B: int, P: int, tokens: int):
+    """``(example slice, position slice)`` covering a ``[B, P]`` batch about ``tokens`` at a time:
+    whole examples together, or one example's positions in runs."""
+    if tokens >= P:
+        step = tokens // P
+        for b0 in range(0, B, step):
+            yield slice(b0, min(b0 + step, B)), slice(0, P)
+    else:
+        for b0 in range(B):
+            for p0 in range(0, P, tokens):
+                yield slice(b0, b0 + 1), slice(p0, min(p0 + tokens, P))
 
 
 def _lean_forward(engine, tokens, positions, fold: _ScoreFolder, emb=None, override: dict[int, torch.Tensor] | None = None,

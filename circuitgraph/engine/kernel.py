@@ -98,9 +98,9 @@ class Kernel:
             cot[torch.arange(self.H, device=g.device), :, :, idx] = gh
             u_full = norm_.vjp(full, cot.flatten(-2))  # [H, B, P, n_slices * dh]
             u = torch.einsum("hbpne,nde->hbpd", u_full.unflatten(-1, (n_slices, self.dh)), W.float())
-        else:
-            Wh = W.float() if heads is None else W.float()[heads]  # [H, D, dh]
-            u = torch.einsum("hbpe,hde->hbpd", gh, Wh)
+        else:  # keys and values per kv head, each shared by its group of query heads (no gathered copy)
+            Wf = W.float()
+            u = torch.einsum("kgbpe,kde->kgbpd", gh.unflatten(0, (Wf.shape[0], -1)), Wf).flatten(0, 1)
         return u if lw.ln1 is None else lw.ln1.vjp(x, u)
 
     def port_weights(self, layer: int, ports: torch.Tensor):
