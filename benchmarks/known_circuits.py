@@ -21,7 +21,6 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from circuitgraph.data.dataset import Example, tokenize

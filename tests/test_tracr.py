@@ -252,6 +252,18 @@ def test_bidirectional_model_refuses_mixed_lengths():
     data = tokenize([Example.model_validate(r) for r in rows], m.tokenizer)
     with pytest.raises(DataError, match="bidirectional.*same length"):
         Evaluator(m, data, ablation="zero", progress=False)
+    import importlib
+
+    ch = lambda mod: importlib.import_module(f"circuitgraph.characterise.{mod}")
+    for name, call in [("activation_patching", lambda: ch("activation_patching").activation_patching(m, data)),
+                       ("direct_logit_attribution", lambda: ch("dla").direct_logit_attribution(m, data)),
+                       ("head_scores", lambda: ch("heads").head_scores(m, data)),
+                       ("integrated_gradients", lambda: ch("integrated_gradients").integrated_gradients(m, data)),
+                       ("logit_lens", lambda: ch("logit_lens").logit_lens(m, data)),
+                       ("node_lens", lambda: ch("logit_lens").node_lens(m, data)),
+                       ("top_neurons", lambda: ch("neurons").top_neurons(m, data, "m0"))]:
+        with pytest.raises(DataError, match="bidirectional.*same length"):
+            call()
     causal = model("shift2")  # causal: mixed lengths are fine
     rows = make_data("tracr", causal.tokenizer, 4, seed=0) + make_data("tracr", causal.tokenizer, 2, seed=0, length=3)
     Evaluator(causal, tokenize([Example.model_validate(r) for r in rows], causal.tokenizer), ablation="zero", progress=False)

@@ -67,6 +67,7 @@ def activation_patching(model: CircuitModel, data: TaskData, component: str = "r
                         direction: str = "denoising", metric: str = "logit_diff", layers: list[int] | None = None,
                         max_batch: int = 128) -> PatchingResult:
     """Patch each (layer, cell) of ``component`` alone, in ``direction``; cells batched ``max_batch`` rows a run."""
+    model.check_padding(data)
     if component not in HOOKS:
         raise ValueError(f"unknown component '{component}'; expected one of {', '.join(HOOKS)}")
     if direction not in DIRECTIONS:
@@ -117,6 +118,7 @@ def patch_one(model: CircuitModel, data: TaskData, component: str, layer: int, d
               metric: str = "logit_diff", positions=None, head: int | None = None) -> float:
     """Normalised score of one patch: ``component`` at ``layer`` (one ``head`` of ``heads``), at ``positions``
     (a list of indices; ``None`` = every position), all at once."""
+    model.check_padding(data)
     if component not in HOOKS or direction not in DIRECTIONS:
         raise ValueError(f"component must be one of {', '.join(HOOKS)} and direction one of {', '.join(DIRECTIONS)}")
     fn, dev = get_metric(metric), model.device

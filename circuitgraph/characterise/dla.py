@@ -59,12 +59,13 @@ def linear_decode(model: CircuitModel, component: torch.Tensor, scale: torch.Ten
 @torch.no_grad()
 def direct_logit_attribution(model: CircuitModel, data: TaskData, batch_size: int = 32) -> DLAResult:
     """Per-node direct contributions to the clean logit difference (see module docstring)."""
+    model.check_padding(data)
     e, G, w = model.engine, model.graph, model.weights
     dev = model.device
     rows, totals = [], []
     for a in range(0, len(data), batch_size):
         part = data.slice(a, min(len(data), a + batch_size))
-        B, idx = len(part), torch.arange(len(part), device=dev)
+        idx = torch.arange(len(part), device=dev)
         last = part.last.to(dev)
         logits, outs = e.run(part.clean.to(dev), record=True)
         final = e.make_ablation(outs, "clean").resid[-1][idx, last]  # [B, D], biases included

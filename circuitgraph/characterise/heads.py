@@ -153,6 +153,8 @@ class HeadScores:
 
 def head_scores(model: CircuitModel, data=None, n_random: int = 16, seq_len: int = 20, seed: int = 0) -> HeadScores:
     """Previous-token, duplicate-token, induction and copying scores of every head; DLA too when ``data`` is given."""
+    if data is not None:
+        model.check_padding(data)
     from circuitgraph.characterise.qkov import copying_scores
 
     rep = repeated_tokens(model, n_random, seq_len, seed)

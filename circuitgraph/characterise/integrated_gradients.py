@@ -36,6 +36,7 @@ class IGResult:
 def integrated_gradients(model: CircuitModel, data: TaskData, metric: str = "logit_diff", n_steps: int = 32,
                          max_batch: int = 128) -> IGResult:
     """Per-token IG attributions of the per-example metric, baseline = corrupted embeddings."""
+    model.check_padding(data)
     fn = get_metric(metric)
     dev = model.device
     embed = model.weights.embed  # the input node's output (token embedding, positions and scaling as the model adds them)

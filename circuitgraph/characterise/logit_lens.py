@@ -57,6 +57,7 @@ def summarise(logits: torch.Tensor, data: TaskData, labels: list[str], k: int = 
 @torch.no_grad()
 def residual_states(model: CircuitModel, data: TaskData) -> tuple[torch.Tensor, list[str]]:
     """Residual stream ``[n_layers + 1, N, D]`` at each example's last position: after the embedding, after each layer."""
+    model.check_padding(data)
     L = model.graph.n_layers
     names = ["blocks.0.hook_resid_pre"] + [f"blocks.{l}.hook_resid_post" for l in range(L)]
     _, cache = model.run_with_cache(data.clean.to(model.device), names_filter=lambda n: n in names)
@@ -67,6 +68,7 @@ def residual_states(model: CircuitModel, data: TaskData) -> tuple[torch.Tensor, 
 @torch.no_grad()
 def logit_lens(model: CircuitModel, data: TaskData, k: int = 5, keep_logits: bool = False) -> LensResult:
     """Decode the residual stream after the embedding and after every layer (final norm applied to each)."""
+    model.check_padding(data)
     states, labels = residual_states(model, data)
     return summarise(model.weights.unembed(states), data, labels, k, keep_logits)
 
@@ -74,6 +76,7 @@ def logit_lens(model: CircuitModel, data: TaskData, k: int = 5, keep_logits: boo
 @torch.no_grad()
 def _node_outputs(model: CircuitModel, data: TaskData):
     """(every source's output ``[S, N, D]``, final residual ``[N, D]``) at the last positions."""
+    model.check_padding(data)
     e, dev = model.engine, model.device
     _, outs = e.run(data.clean.to(dev), record=True)
     idx, last = torch.arange(len(data), device=dev), data.last.to(dev)
@@ -85,6 +88,7 @@ def _node_outputs(model: CircuitModel, data: TaskData):
 def node_lens(model: CircuitModel, data: TaskData, nodes: list[str] | None = None, k: int = 5,
               keep_logits: bool = False) -> LensResult:
     """Decode each node's own output through the final norm frozen at the clean run's scale."""
+    model.check_padding(data)
     G = model.graph
     nodes = nodes or list(G.sources)
     srcs, final, _ = _node_outputs(model, data)
@@ -109,6 +113,7 @@ class LensComparison:
 @torch.no_grad()
 def lens_without(model: CircuitModel, data: TaskData, node: str, layer: int | None = None, k: int = 5) -> LensComparison:
     """Decode the residual after ``layer`` (default: the node's own layer) with and without ``node``'s output."""
+    model.check_padding(data)
     G = model.graph
     ref = G.ref(node)
     if ref.kind in ("input", "logits"):

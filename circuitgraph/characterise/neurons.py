@@ -40,6 +40,7 @@ class NeuronActivity:
 @torch.no_grad()
 def neuron_activations(model: CircuitModel, data: TaskData, node, position: str = "last") -> torch.Tensor:
     """Hidden activations ``[rows, d_mlp]``: one row per example (``last`` / a named position) or per valid token (``all``)."""
+    model.check_padding(data)
     layer = _layer(model, node)
     name = f"blocks.{layer}.mlp.hook_post"
     _, cache = model.run_with_cache(data.clean.to(model.device), names_filter=lambda n: n == name)
@@ -54,6 +55,7 @@ def neuron_activations(model: CircuitModel, data: TaskData, node, position: str 
 
 def top_neurons(model: CircuitModel, data: TaskData, node, k: int = 10, position: str = "last") -> NeuronActivity:
     """The ``k`` neurons of an MLP with the highest mean activation."""
+    model.check_padding(data)
     act = neuron_activations(model, data, node, position)
     mean = act.mean(0)
     top = mean.topk(min(k, len(mean))).indices
@@ -76,6 +78,7 @@ class NeuronEffects:
 def neuron_ablation(model: CircuitModel, data: TaskData, node, neurons, metric: str = "logit_diff",
                     max_batch: int = 128) -> NeuronEffects:
     """Zero each neuron in turn (all positions, clean run); copies of the batch carry one neuron each."""
+    model.check_padding(data)
     layer = _layer(model, node)
     fn = get_metric(metric)
     neurons = torch.as_tensor(neurons).flatten()

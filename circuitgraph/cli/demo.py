@@ -11,7 +11,6 @@ SPEC_DIR = Path(__file__).resolve().parents[1] / "specs"
 
 
 def run_demo(out: Path, n_examples: int = 64, progress: bool = True) -> dict:
-    import torch
     from rich.console import Console
     from rich.table import Table
 

@@ -447,11 +447,7 @@ def _check_inputs(model, data) -> tuple[CircuitModel, TaskData]:
     if context is not None and data.clean.shape[1] > context:
         i = int(data.lengths.argmax())
         raise DataError(f"{data.where(i)}: the prompt is {int(data.lengths[i])} tokens, longer than the model's context of {context} tokens")
-    if not data.same_length and any(not layer.attn.causal for layer in model.weights.layers):
-        i = int((data.lengths != data.lengths[0]).nonzero()[0, 0])
-        raise DataError(f"{data.where(i)}: the prompt is {int(data.lengths[i])} tokens but {data.where(0)} is {int(data.lengths[0])}; "
-                        "this model's attention is bidirectional, so a shorter prompt would attend to its padding: "
-                        "every prompt must have the same length")
+    model.check_padding(data)
     top = int(max(data.clean.max(), data.corrupted.max(), data.answers.max(), data.wrongs.max()))
     if top >= vocab:
         raise DataError(f"{data.source}: token id {top} is outside the model's vocabulary ({vocab}); was the data tokenized for another model?")

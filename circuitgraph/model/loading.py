@@ -79,6 +79,18 @@ class CircuitModel:
         check_exact(self, tokens, last, engine_logits)
         self._verified_lengths.add(tokens.shape[1])
 
+    def check_padding(self, data) -> None:
+        """Refuse prompts of different lengths when attention is bidirectional (tracr programs such as
+        sort): a shorter prompt would attend to its padding, so every number would be silently off."""
+        if data.same_length or all(layer.attn.causal for layer in self.weights.layers):
+            return
+        from circuitgraph.data.dataset import DataError
+
+        i = int((data.lengths != data.lengths[0]).nonzero()[0, 0])
+        raise DataError(f"{data.where(i)}: the prompt is {int(data.lengths[i])} tokens but {data.where(0)} is {int(data.lengths[0])}; "
+                        "this model's attention is bidirectional, so a shorter prompt would attend to its padding: "
+                        "every prompt must have the same length")
+
     @property
     def device(self) -> torch.device:
         """Where inputs go (the embedding's device; a sharded model's layers may sit elsewhere)."""
