@@ -228,7 +228,7 @@ def main():
     res = json.loads(old.read_text()) if old.exists() else {}  # shapes not run now keep their last figures
     with tqdm(total=len(args.shapes) * len(args.tasks), desc="memory") as bar:
         for shape in args.shapes:
-            res[shape] = {}
+            res.setdefault(shape, {})  # tasks not run now keep their last figures
             for task in args.tasks:
                 res[shape][task] = run(shape, task, args.repeats)
                 bar.update(1)

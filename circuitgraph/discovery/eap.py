@@ -25,7 +25,7 @@ from circuitgraph.evaluate.evaluator import Evaluator
 from circuitgraph.discovery.edge_scores import EdgeScores
 
 KEEP_DELTAS = 0.5  # see attribute(); measured in benchmarks/bench_memory.py
-FOLD_CHUNK_BYTES = 8 << 20  # on a CPU, a layer's gathered gradients are folded this many bytes at a time
+FOLD_CHUNK_BYTES = 32 << 20  # a CPU folds a layer's gradients this many bytes at a time (measured: 8 MiB 1.2x, 64 MiB 1.1x slower)
 
 
 class _Deltas:
@@ -149,7 +149,7 @@ class _ScoreFolder:
         n_sel = [int((n_up >= src + k).sum()) for src, k, _, _ in pieces]  # columns are sorted: the selected ones lead
         acc = [torch.zeros(k, n, dtype=torch.float64, device=d.rows.device) for (_, k, _, _), n in zip(pieces, n_sel)]
         D = d.rows.shape[1] // (d.B * d.P)
-        budget = FOLD_CHUNK_BYTES if d.rows.device.type == "cpu" else 64 * FOLD_CHUNK_BYTES
+        budget = FOLD_CHUNK_BYTES if d.rows.device.type == "cpu" else 16 * FOLD_CHUNK_BYTES
         tokens = max(1, budget // (len(cols) * D * 4))
         U = torch.empty(len(cols) * min(tokens, d.B * d.P) * D, dtype=torch.float32, device=d.rows.device)
         for b, p in _token_chunks(d.B, d.P, tokens):
