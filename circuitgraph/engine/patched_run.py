@@ -28,6 +28,7 @@ class PatchedRun:
         self.Bt, self.D = self.C * self.B, engine.D
         self.tokens, self.logit_positions, self.start, self.stop_layer = tokens, logit_positions, start, stop_layer
         self.split: int | None = None  # buffer rows below this live in ``start`` (shared by all circuits)
+        self._base_rows: dict[int, tuple] = {}  # per block plan: custom rows on base A and on base R
         self.full: list[torch.Tensor] | None = [] if stop_layer is not None else None  # all-row deltas when pausing
         if stop_layer is not None and self.C != 1:
             raise ValueError("a prefix state holds one circuit")
@@ -104,12 +105,25 @@ class PatchedRun:
             rows = rows.reshape(rows.shape[0], -1)
             x = bp.coef[0].T @ rows if out is None else torch.mm(bp.coef[0].T, rows, out=out)
         x = x.view(n, t1 - t0, self.D)
-        n_a = int((bp.up[:, 0] < 0.5).sum())
-        if n_a:
-            x[:n_a] += A[t0:t1]
-        if n_a < n:
-            x[n_a:] += R[t0:t1]
+        for rows, base in zip(self._bases(bp), (A, R)):
+            if rows is None:
+                continue
+            b = base[t0:t1]
+            if isinstance(rows, slice):
+                x += b
+            else:
+                x.index_add_(0, rows, b.expand(len(rows), *b.shape))
         return x
+
+    def _bases(self, bp: BlockPlan):
+        """Which custom rows take base ``A`` and which ``R``: ``slice(None)`` for all, ``None`` for none, else indices."""
+        key = id(bp)
+        if key not in self._base_rows:
+            on_r = bp.up[:, 0] > 0.5
+            n_r = int(on_r.sum())
+            pick = lambda mask, k: None if k == 0 else slice(None) if k == len(mask) else torch.nonzero(mask).flatten().to(self.dbuf.device)
+            self._base_rows[key] = (pick(~on_r, len(on_r) - n_r), pick(on_r, n_r))
+        return self._base_rows[key]
 
     def _chunk_rows(self, n: int, itemsize: int) -> int:
         """Token rows per chunk of a one-circuit layer: on a CPU, chunks small enough that each input
@@ -121,14 +135,13 @@ class PatchedRun:
 
     def _project_custom(self, layer: int, bp: BlockPlan, A: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
         """One circuit: values ``[n, Bt, P, dh]`` of a layer's custom head ports, mixed and projected
-        chunk by chunk; ports come in runs of one base and one kind (see the plan), each projected with
-        its weights gathered once (or, a whole kind in head order, with the weights' own view)."""
+        chunk by chunk; ports come in runs of one kind (see the plan), each projected with its weights
+        gathered once (or, a whole kind in head order, with the weights' own view)."""
         n, BP = len(bp.custom), self.Bt * self.P
         kinds = (bp.custom % 3).tolist()
-        is_r = (bp.up[:, 0] > 0.5).tolist()
         runs, lo = [], 0
         for i in range(1, n + 1):
-            if i == n or kinds[i] != kinds[lo] or is_r[i] != is_r[lo]:
+            if i == n or kinds[i] != kinds[lo]:
                 ports = bp.custom[lo:i]
                 runs.append((lo, i, ports, self.k.port_weights(layer, ports)))
                 lo = i

@@ -135,9 +135,8 @@ def compile_plan(engine, masks: torch.Tensor, position_masks: dict[tuple[int, in
                 full[:, pos] = coef
             coef = full
         sparse = None
-        if C == 1 and not positional:  # by base (A, then R), then by kind (q, k, v), then head: contiguous ranges
-            n = len(custom)
-            order = torch.argsort(up[:, 0].round().long() * 3 * n + (custom % 3) * n + custom // 3)
+        if C == 1 and not positional:  # by kind (q, k, v), then head: a whole kind projects with its weights' view
+            order = torch.argsort((custom % 3) * len(custom) + custom // 3)
             custom, up = custom[order], up[order]
             coef = None if coef is None else coef[:, :, order]
             if coef is not None and coef.dtype in (torch.float32, torch.float64):
