@@ -4,9 +4,10 @@ An edge's score is ``(ablated_s - clean_s) . dM/dx_d`` summed over positions and
 examples, where ``x_d`` is the destination's own input (each head's q, k and v input separately).
 The gradients come from the ordinary shared forward: a head port's input gradient is the
 gradient of its own projection pulled back through the port's input norm (a closed-form
-vector-Jacobian product, one batched product for all ports of a layer), and each destination's
-gradient is folded into the scores by a hook as soon as the backward produces it, so neither
-per-port copies of the residual nor all destinations' gradients are ever held.  EAP-IG averages
+vector-Jacobian product), and hooks gather each layer's destinations as the backward reaches them
+and fold them into the scores a chunk of tokens at a time, so neither per-port copies of the
+residual nor a layer's full gradients are ever held.  The later layers' heads' noising deltas are
+rebuilt when folded rather than kept (``keep_deltas``).  EAP-IG averages
 the gradients over ``steps`` points between the ablated and the clean run; :func:`ig_alphas` says
 where (ours by default, or the EAP-IG repository's).
 
@@ -52,18 +53,16 @@ class _Deltas:
             yield self.e.H if layer < self.keep_below else 0
             yield 1
 
-    def _delta_into(self, d: torch.Tensor, block: int, out: torch.Tensor):
-        if self.ablated is None:
-            d.copy_(out).neg_()
-        else:
-            d.copy_(self.ablated[block].expand_as(out))
-            d.sub_(out)
+    @staticmethod
+    def _delta_into(d: torch.Tensor, abl: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+        """``d = abl - out`` (``abl`` None: zero ablation), computed in ``d``'s dtype."""
+        return d.copy_(out).neg_() if abl is None else d.copy_(abl.expand_as(out)).sub_(out)
 
     @torch.no_grad()
     def __call__(self, out: torch.Tensor):
         """The next source block's clean output ``[k, B, P, D]`` (the input or an MLP)."""
         k = out.shape[0]
-        self._delta_into(self.rows[self.row:self.row + k].view(out.shape), self.block, out)
+        self._delta_into(self.rows[self.row:self.row + k].view(out.shape), None if self.ablated is None else self.ablated[self.block], out)
         self.at.append((self.row, k))
         self.block, self.row = self.block + 1, self.row + k
 
@@ -112,8 +111,7 @@ class _Deltas:
         if out.dtype == torch.float32 and out.device == self.rows.device:  # in place: ablated - clean
             d = out.neg_() if abl is None else out.neg_().add_(abl)
         else:
-            d = torch.empty(out.shape, dtype=torch.float32, device=self.rows.device)
-            d.copy_(out).neg_() if abl is None else d.copy_(abl.expand_as(out)).sub_(out)
+            d = self._delta_into(torch.empty(out.shape, dtype=torch.float32, device=self.rows.device), abl, out)
         return d.view(k, -1)
 
 
