@@ -100,6 +100,8 @@ def test_one_circuit_mixes_match_by_hand(family, mix, monkeypatch):
         abl = e.make_ablation(e.run(corrupt, record=True)[1], "corrupted")
         at_last = e.patched_run(clean, abl, plan_, logit_positions=last)[0]
     assert (at_last - ref[:, -1]).abs().max() < TOL
+    e.release_workspace()
+    assert not e._workspace
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "neox"])

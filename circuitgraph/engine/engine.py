@@ -40,7 +40,8 @@ class PatchEngine:
     def workspace(self, name: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
         """An uninitialised ``shape`` tensor for a patched run's buffer ``name``.  On a CPU the last one
         of each name is kept and reused while it is large enough: a fresh buffer of this size can
-        spend as long in page faults as the work done in it (other devices' allocators cache memory)."""
+        spend as long in page faults as the work done in it (other devices' allocators cache memory).
+        One patched run at a time per engine; :meth:`release_workspace` frees them."""
         if like.device.type != "cpu":
             return like.new_empty(shape)
         n = int(torch.Size(shape).numel())
@@ -49,6 +50,10 @@ class PatchEngine:
             self._workspace.pop(name, None)
             ws = self._workspace[name] = like.new_empty(n)
         return ws[:n].view(shape)
+
+    def release_workspace(self) -> None:
+        """Free the buffers kept between patched runs (the largest is one run's delta buffer)."""
+        self._workspace.clear()
 
     def source_block_of(self, source: int) -> int:
         """Index of the source block (input, a layer's heads, an MLP) that holds global source ``source``."""
