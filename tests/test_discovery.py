@@ -12,6 +12,7 @@ from circuitgraph.discovery.curves import FaithfulnessCurve
 from circuitgraph.model.loading import CircuitModel
 from circuitgraph.evaluate.evaluator import Evaluator
 from conftest import CONFIGS, make_tokenizer, randomize_norms, signal_rows
+from test_engine import adder, hook_for, source_output
 
 
 @pytest.fixture(scope="module")
@@ -25,36 +26,6 @@ def setup():
     model = CircuitModel(hf, make_tokenizer())
     data = tokenize([Example(**r) for r in signal_rows(model, 6, seed=5)], model.tokenizer)
     return model, data
-
-
-def _hook_for(dest):
-    if dest == "logits":
-        return "ln_final.hook_in", None
-    if dest.startswith("m"):
-        return f"blocks.{dest[1:]}.ln2.hook_in", None
-    layer, rest = dest[1:].split(".h")
-    return f"blocks.{layer}.hook_{rest.split('<')[1][0]}_input", int(rest.split("<")[0])
-
-
-def _adder(delta, head):
-    """A hook adding ``delta`` to a destination input (one head's slot of a per-head input)."""
-    def patch(x, hook):
-        x = x.clone()
-        if head is None:
-            x += delta
-        else:
-            x[:, :, head] += delta
-        return x
-    return patch
-
-
-def _source(cache, src):
-    if src == "input":
-        return cache["hook_embed"] + cache["hook_pos_embed"]
-    if src.startswith("m"):
-        return cache[f"blocks.{src[1:]}.hook_mlp_out"]
-    layer, head = src[1:].split(".h")
-    return cache[f"blocks.{layer}.attn.hook_result"][:, :, int(head)]
 
 
 def test_eap_equals_finite_differences(setup):
@@ -73,12 +44,12 @@ def test_eap_equals_finite_differences(setup):
     eps = 1e-4
     for edge in ["a0.h1->a1.h2<k>", "input->a1.h3<q>", "a0.h3->a1.h0<v>", "m0->logits", "a1.h2->m1", "input->a0.h0<v>"]:
         src, dst = edge.split("->")
-        delta = _source(corrupt_cache, src) - _source(clean_cache, src)
-        hook, head = _hook_for(dst)
+        delta = source_output(corrupt_cache, src) - source_output(clean_cache, src)
+        hook, head = hook_for(dst)
 
         def run(scale):
             with torch.no_grad():
-                return float(metric(bridge.run_with_hooks(data.clean, fwd_hooks=[(hook, _adder(scale * delta, head))])))
+                return float(metric(bridge.run_with_hooks(data.clean, fwd_hooks=[(hook, adder(scale * delta, head))])))
 
         fd = (run(eps) - run(-eps)) / (2 * eps)  # d M / d scale at 0 = delta . grad
         got = eap.scores[model.graph.edge_index[edge]].item()
@@ -112,8 +83,8 @@ def test_eap_ig_step_points_by_hand(setup, points):
     eps = 1e-4
     for edge in ["a0.h1->a1.h2<k>", "input->a1.h3<q>", "a1.h2->m1", "m0->logits"]:
         src, dst = edge.split("->")
-        delta = _source(corrupt_cache, src) - _source(clean_cache, src)
-        hook, head = _hook_for(dst)
+        delta = source_output(corrupt_cache, src) - source_output(clean_cache, src)
+        hook, head = hook_for(dst)
 
         def run(alpha, scale):
             def embed(x, hook):
@@ -121,7 +92,7 @@ def test_eap_ig_step_points_by_hand(setup, points):
 
             with torch.no_grad():
                 return float(metric(bridge.run_with_hooks(data.clean, fwd_hooks=[("hook_embed", embed),
-                                                                                  (hook, _adder(scale * delta, head))])))
+                                                                                  (hook, adder(scale * delta, head))])))
 
         by_hand = np.mean([(run(a, eps) - run(a, -eps)) / (2 * eps) for a in alphas])
         assert ig.scores[model.graph.edge_index[edge]].item() == pytest.approx(by_hand, rel=1e-6, abs=1e-8), edge

@@ -156,16 +156,36 @@ def test_mean_and_zero_ablation_match_by_hand(kind):
     assert (got - ref).abs().max() < TOL
 
 
-HOOK_OF_SOURCE = {"input": lambda c, L, H: c["hook_embed"] + c["hook_pos_embed"] if "hook_pos_embed" in c else c["hook_embed"]}
-
-
-def _source_output(cache, src):
+def source_output(cache, src):
+    """A source node's output from a TransformerLens cache (the per-head result for a head)."""
     if src == "input":
         return cache["hook_embed"] + (cache["hook_pos_embed"] if "hook_pos_embed" in cache else 0)
     if src.startswith("m"):
         return cache[f"blocks.{src[1:]}.hook_mlp_out"]
     layer, head = src[1:].split(".h")
     return cache[f"blocks.{layer}.attn.hook_result"][:, :, int(head)]
+
+
+def hook_for(dest):
+    """``(TransformerLens hook, head or None)`` holding a destination's input."""
+    if dest == "logits":
+        return "ln_final.hook_in", None
+    if dest.startswith("m"):
+        return f"blocks.{dest[1:]}.ln2.hook_in", None
+    layer, rest = dest[1:].split(".h")
+    return f"blocks.{layer}.hook_{rest.split('<')[1][0]}_input", int(rest.split("<")[0])
+
+
+def adder(delta, head):
+    """A hook adding ``delta`` to a destination input (one head's slot of a per-head input)."""
+    def patch(x, hook):
+        x = x.clone()
+        if head is None:
+            x += delta
+        else:
+            x[:, :, head] += delta
+        return x
+    return patch
 
 
 @pytest.mark.parametrize("family", ["gpt2", "neox-sequential"])
@@ -183,28 +203,12 @@ def test_removing_one_edge_matches_transformerlens_hook_patch(family, edge):
     with torch.no_grad():
         _, clean_cache = bridge.run_with_cache(clean)
         _, corrupt_cache = bridge.run_with_cache(corrupt)
-    src = edge.split("->")[0]
-    diff = _source_output(corrupt_cache, src) - _source_output(clean_cache, src)
-    dst = edge.split("->")[1]
-    if dst == "logits":
-        hook, head = "ln_final.hook_in", None
-    elif dst.startswith("m"):
-        hook, head = f"blocks.{dst[1:]}.ln2.hook_in", None
-    else:
-        layer, rest = dst[1:].split(".h")
-        head, port = int(rest.split("<")[0]), rest.split("<")[1][0]
-        hook = f"blocks.{layer}.hook_{port}_input"
-
-    def patch(x, hook):
-        x = x.clone()
-        if head is None:
-            x += diff
-        else:
-            x[:, :, head] += diff
-        return x
+    src, dst = edge.split("->")
+    diff = source_output(corrupt_cache, src) - source_output(clean_cache, src)
+    hook, head = hook_for(dst)
 
     with torch.no_grad():
-        ref = bridge.run_with_hooks(clean, fwd_hooks=[(hook, patch)])
+        ref = bridge.run_with_hooks(clean, fwd_hooks=[(hook, adder(diff, head))])
         plain = bridge(clean)
     assert (got - ref).abs().max() < TOL
     assert (ref - plain).abs().max() > 1e-4  # the edge matters, so the comparison is informative

@@ -14,6 +14,7 @@ from circuitgraph.model.loading import bundled_models, load_model
 from circuitgraph.cli.path_patch import register_cli
 from circuitgraph.evaluate.path_patching import path_patch, path_patch_sweep, plot_path_patching, receiver_index
 from conftest import random_rows, write_jsonl
+from test_engine import adder, hook_for, source_output
 
 
 def signal_rows(model, n, seed):
@@ -89,11 +90,6 @@ def test_sender_set_and_positions_match_engine(setup):
     assert sweep.senders["m0"] == pytest.approx(engine_effect(model, data, m1, pos1), abs=1e-5)
 
 
-def _head_out(cache, node):
-    layer, head = node[1:].split(".h")
-    return cache[f"blocks.{layer}.attn.hook_result"][:, :, int(head)]
-
-
 def test_head_to_key_matches_transformerlens_hook_patch(setup):
     """a0.h1 -> a1.h2<k> by hand: add (corrupted - clean) a0.h1 output to a1.h2's key input, nothing else."""
     model, data, _ = setup
@@ -101,16 +97,12 @@ def test_head_to_key_matches_transformerlens_hook_patch(setup):
     with torch.no_grad():
         _, clean_cache = bridge.run_with_cache(data.clean)
         _, corrupt_cache = bridge.run_with_cache(data.corrupted)
-        diff = _head_out(corrupt_cache, "a0.h1") - _head_out(clean_cache, "a0.h1")
-
-        def patch(x, hook):
-            x = x.clone()
-            x[:, :, 2] += diff
-            return x
+        diff = source_output(corrupt_cache, "a0.h1") - source_output(clean_cache, "a0.h1")
+        hook, head = hook_for("a1.h2<k>")
 
         idx = torch.arange(len(data))
         at_last = lambda logits: logits[idx, data.last]
-        m_patch = logit_diff(at_last(bridge.run_with_hooks(data.clean, fwd_hooks=[("blocks.1.hook_k_input", patch)])), data).mean()
+        m_patch = logit_diff(at_last(bridge.run_with_hooks(data.clean, fwd_hooks=[(hook, adder(diff, head))])), data).mean()
         m_clean = logit_diff(at_last(bridge(data.clean)), data).mean()
         m_corrupt = logit_diff(at_last(bridge(data.corrupted)), data).mean()
     expected = float((m_patch - m_clean) / (m_clean - m_corrupt))
