@@ -231,21 +231,6 @@ def _lean_forward(engine, tokens, positions, fold: _ScoreFolder, emb=None, overr
     return k.unembed(fold.watch(resid, G.logits_dest, last), positions), leaf
 
 
-@torch.no_grad()
-def _clean_deltas(engine, tokens, ablated, keep_below: int) -> tuple[_Deltas, torch.Tensor]:
-    """The noising deltas from a plain clean forward (EAP-IG's points are not the clean run), and the clean embedding."""
-    k = engine.kernel
-    resid = engine.w.embed(tokens)
-    deltas = _Deltas(engine, resid.shape, resid.device, ablated, keep_below)
-    deltas(resid[None])
-    emb, rope = resid, k.rotary(tokens.shape[1], resid)
-    for layer in range(len(engine.w.layers)):
-        out = k.block(layer, resid, rope[layer], on_attn=lambda z, inv, layer=layer: deltas.heads(k, layer, z, inv))
-        deltas(out.mlp[None])
-        resid = out.resid
-    return deltas, emb
-
-
 IG_POINTS = ("right", "left")
 
 
@@ -290,20 +275,26 @@ def attribute(evaluator: Evaluator, method: str = "eap", steps: int = 5, progres
         toks, last = part.clean.to(dev), part.last.to(dev)
         ablated = abl.outputs  # None: zero ablation
         fill = None
+        shape = torch.Size((*toks.shape, engine.D))
         if method == "eap":  # the attribution forward is the clean run: it fills the deltas itself
-            fill = deltas = _Deltas(engine, torch.Size((*toks.shape, engine.D)), dev, ablated, keep_below)
-        elif method == "eap-ig":
-            deltas, clean_emb = _clean_deltas(engine, toks, ablated, keep_below)
+            fill = deltas = _Deltas(engine, shape, dev, ablated, keep_below)
+            fold = _ScoreFolder(engine, scores, deltas)
+        elif method == "eap-ig":  # the IG points are not the clean run: a clean forward without gradients fills them
+            deltas = _Deltas(engine, shape, dev, ablated, keep_below)
+            fold = _ScoreFolder(engine, scores, deltas)
+            with torch.no_grad():
+                _lean_forward(engine, toks, last, fold, fill=deltas)
+                clean_emb = engine.w.embed(toks)
             abl_emb = torch.zeros_like(clean_emb) if ablated is None else ablated[0][0].expand_as(clean_emb)
         else:
             with torch.no_grad():
                 _, clean_out = engine.run(toks, record=True)
                 summed = _block_outputs(engine, clean_out, ablated)
-                deltas = _Deltas(engine, clean_out[0][0].shape, clean_out[0].device, ablated, len(engine.w.layers))
+                deltas = _Deltas(engine, shape, dev, ablated, len(engine.w.layers))
                 for b in range(len(clean_out)):  # released block by block, so the two are never held twice
                     out, clean_out[b] = clean_out[b], None
                     deltas(out)
-        fold = _ScoreFolder(engine, scores, deltas)
+            fold = _ScoreFolder(engine, scores, deltas)
         n_avg = n_points if method != "eap-ig-activations" else n_points * len(engine.src_blocks)
         fold.weight = 1.0 / n_avg
 
