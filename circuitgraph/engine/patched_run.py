@@ -41,6 +41,11 @@ class PatchedRun:
     def _ablated(self, block: int) -> torch.Tensor | None:
         return self.abl.outputs[block] if self.abl.outputs is not None else None
 
+    def _ablated_rows(self, block: int, rows: torch.Tensor) -> torch.Tensor | None:
+        """The ablated outputs of a block's ``rows`` (``None``: zero ablation)."""
+        abl = self._ablated(block)
+        return abl if abl is None or len(rows) == abl.shape[0] else abl[rows.to(abl.device)]
+
     def _record(self, block: int, rows_out: torch.Tensor | None, every: torch.Tensor | None = None):
         """Keep ``patched - ablated`` for the rows later blocks read (``rows_out`` holds just those rows;
         ``every``, when the block's rows are not all needed, holds all of them for a pausing run)."""
@@ -53,9 +58,9 @@ class PatchedRun:
         if not len(rows):
             return
         out = rows_out
-        abl = self._ablated(block)
+        abl = self._ablated_rows(block, rows)
         if abl is not None:
-            out = out - self._tile(abl if len(rows) == abl.shape[0] else abl[rows.to(out.device)])
+            out = out - self._tile(abl)
         o = self.plan.offsets[block]
         out = out.to(self.dbuf.device)
         self.dbuf[:, o:o + len(rows)] = out.view(len(rows), self.C, self.B, self.P, self.D).transpose(0, 1)
@@ -81,7 +86,7 @@ class PatchedRun:
         K = G.shape[1]
         if bp.positional:
             mix = torch.einsum("kbpd,knbp->nbpd", G[0], bp.coef)
-        else:  # several circuits (one circuit took _single_circuit_inputs)
+        else:  # several circuits (one circuit took _mix_rows)
             mix = torch.bmm(bp.coef.transpose(1, 2), G.reshape(C, K, -1))  # [C, n, B*P*D]
             mix = mix.view(C, n, B, P, D).transpose(0, 1).reshape(n, self.Bt, P, D)
         return x + mix
@@ -260,9 +265,9 @@ class PatchedRun:
                 elif C == 1 and len(rows) and z.device == self.dbuf.device:  # one circuit: straight into the buffer
                     o = plan.offsets[1 + 2 * layer]
                     slot = self.k.head_outputs(layer, z, rows, inv, out=self.dbuf[0, o:o + len(rows)])
-                    abl = self._ablated(1 + 2 * layer)
+                    abl = self._ablated_rows(1 + 2 * layer, rows)
                     if abl is not None:
-                        slot.sub_(abl if len(rows) == abl.shape[0] else abl[rows.to(abl.device)])
+                        slot.sub_(abl)
                 else:
                     self._record(1 + 2 * layer, self.k.head_outputs(layer, z, rows, inv) if len(rows) else None)
 
