@@ -87,9 +87,14 @@ def test_one_circuit_mixes_match_by_hand(family, mix, monkeypatch):
     G = m.graph
     g = torch.Generator().manual_seed(7)
     per_dst = torch.rand(1, 1, len(G.destinations), generator=g)
+    per_dst[..., G.logits_dest] = 0.1  # few rows: a gathered mix
     mask = (torch.rand(1, len(G.sources), len(G.destinations), generator=g) < per_dst) & G.legal
     plan_ = m.engine.compile(mask)
-    assert any((bp.sparse is not None) == mix.startswith("sparse") for bp in plan_.blocks if bp.coef is not None)
+    mixed = [bp for bp in plan_.blocks if bp.mix is not None]
+    assert all((bp.mix.layout == torch.sparse_csr) == mix.startswith("sparse") for bp in mixed)
+    assert any(bp.bases == ("A", "R") for bp in mixed)  # ports on both bases in one product
+    if mix == "dense":
+        assert any(bp.mix_rows is not None for bp in mixed) and any(bp.mix_rows is None for bp in mixed)
     got = engine_logits(m, clean, corrupt, mask)[0]
     ref, _ = patched_forward(m.hf, clean, node_outputs(m.hf, corrupt),
                              lambda s, d: bool(mask[0, G.source_index[s], G.destination_index[d]]))

@@ -132,8 +132,13 @@ class Kernel:
         """
         lw = self.w.layers[layer]
         x = x.to(self.device(layer))
-        ports = ports.to(x.device)
-        xn = lw.ln1(x) if lw.ln1 is not None else x
+        return self.project_ports(layer, lw.ln1(x) if lw.ln1 is not None else x, ports, weights)
+
+    def project_ports(self, layer: int, xn: torch.Tensor, ports: torch.Tensor, weights=None) -> torch.Tensor:
+        """:meth:`port_qkv` after the input norm: ``xn`` normalised, ``[B, P, D]`` or ``[n, B, P, D]``
+        (any strides with a contiguous last axis)."""
+        lw = self.w.layers[layer]
+        ports = ports.to(xn.device)
         n = len(ports)
         W, bias = self.port_weights(layer, ports) if weights is None else weights
         if xn.dim() == 3:  # shared input: one matmul for all ports

@@ -43,7 +43,13 @@ class BlockPlan:
     coef: torch.Tensor | None  # [C, K, n_custom], or [K, n_custom, B, P] when positional
     up: torch.Tensor | None  # [n_custom, C] float: 1 where the base is R
     positional: bool = False
-    sparse: torch.Tensor | None = None  # one sparse circuit: its coefficients [n_custom, prefix] as a CSR matrix
+    # one circuit (not positional): the whole input as one product, bases included.  The run keeps the
+    # bases named in ``bases`` in the rows just before the buffer's first (rows -len(bases)..-1); ``mix``
+    # [n_custom, rows read] (dense, or CSR when sparse) multiplies buffer rows ``mix_rows`` (None: the
+    # bases' rows, then the prefix)
+    mix: torch.Tensor | None = None
+    mix_rows: torch.Tensor | None = None
+    bases: tuple[str, ...] = ()
 
 
 @dataclass
@@ -134,18 +140,29 @@ def compile_plan(engine, masks: torch.Tensor, position_masks: dict[tuple[int, in
                 full = coef.new_zeros(coef.shape[0], prefix, coef.shape[2])
                 full[:, pos] = coef
             coef = full
-        sparse = None
+        one = {}
         if C == 1 and not positional:  # by kind (q, k, v), then head: a whole kind projects with its weights' view
             order = torch.argsort((custom % 3) * len(custom) + custom // 3)
             custom, up = custom[order], up[order]
             coef = None if coef is None else coef[:, :, order]
-            if coef is not None and coef.dtype in (torch.float32, torch.float64):
-                full = coef[0].T.contiguous()  # [n, rows read]
-                if gather is not None:
-                    full = coef.new_zeros(len(custom), prefix).index_copy_(1, gather.to(full.device), full)
-                if float((full != 0).float().mean()) < SPARSE_BELOW:
-                    with warnings.catch_warnings():  # "sparse CSR support is in beta": the product used here is tested
-                        warnings.simplefilter("ignore")
-                        sparse = full.to_sparse_csr()
-        plan.blocks.append(BlockPlan(from_a, from_r, custom, prefix, gather, coef, up, positional, sparse))
+            if coef is not None:
+                one = _one_circuit_mix(coef[0].T, up[:, 0] > 0.5, prefix, gather)
+        plan.blocks.append(BlockPlan(from_a, from_r, custom, prefix, gather, coef, up, positional, **one))
     return plan
+
+
+def _one_circuit_mix(coef: torch.Tensor, on_r: torch.Tensor, prefix: int, gather: torch.Tensor | None) -> dict:
+    """One circuit's block as a single product: coefficients ``coef`` [n, rows read] extended by a
+    column per base in use (1 for the ports on it), so bases are added by the same product that mixes
+    the deltas; sparse (CSR over the whole prefix) below :data:`SPARSE_BELOW` non-zero."""
+    bases = tuple(name for name, on in (("A", ~on_r), ("R", on_r)) if bool(on.any()))
+    cols = torch.stack([(~on_r if b == "A" else on_r).to(coef.dtype) for b in bases], 1)
+    full = coef if gather is None else coef.new_zeros(len(coef), prefix).index_copy_(1, gather.to(coef.device), coef)
+    if coef.dtype in (torch.float32, torch.float64) and float((full != 0).float().mean()) < SPARSE_BELOW:
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": the product used here is tested
+            warnings.simplefilter("ignore")
+            return dict(mix=torch.cat([cols, full], 1).to_sparse_csr(), bases=bases)
+    mix = torch.cat([cols, coef], 1)
+    if gather is None:
+        return dict(mix=mix, bases=bases)
+    return dict(mix=mix, mix_rows=torch.cat([torch.arange(-len(bases), 0), gather]).to(coef.device), bases=bases)

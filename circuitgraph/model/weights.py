@@ -47,6 +47,15 @@ class Norm:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.module(x)
 
+    def into(self, x: torch.Tensor, out: torch.Tensor, piece_bytes: int = 1 << 19) -> torch.Tensor:
+        """``self(x)`` written into ``out`` (shaped like ``x``), a slice of ``piece_bytes`` along the first
+        axis at a time: a norm is per row, so this is bit for bit ``self(x)``, and its temporaries stay
+        small and in cache where one call on a large ``x`` would take fresh pages for each."""
+        step = max(1, piece_bytes // max(1, x[0].numel() * x.element_size()))
+        for i in range(0, x.shape[0], step):
+            out[i:i + step] = self(x[i:i + step])
+        return out
+
     @property
     def weight(self) -> torch.Tensor:
         return self.gain
