@@ -16,7 +16,7 @@ from circuitgraph.engine.plan import BlockPlan, Plan
 
 # Row gathers use advanced indexing: on CPUs ``index_select`` over rows of this width measured ~14x slower.
 LEAD = 2  # one circuit: buffer rows before the deltas, holding a block's bases (A, R) during its mix
-CPU_CHUNK_BYTES = 8 << 20  # one-circuit layers mix and project at most this much input at a time on a CPU
+CPU_CHUNK_BYTES = 4 << 20  # one-circuit layers mix and project at most this much input at a time on a CPU
 
 
 class PatchedRun:
@@ -69,6 +69,12 @@ class PatchedRun:
     def _custom_inputs(self, bp: BlockPlan, A: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
         """``[n_custom, Bt, P, D]`` inputs of the destinations built from deltas."""
         n, B, P, D, C = len(bp.custom), self.B, self.P, self.D, self.C
+        if self._one_circuit(bp) and bp.from_partial:  # one destination: the heads' partial sum, base, own rows
+            x = self.partial.view(self.Bt, P, D)
+            x += A if bp.bases[0] == "A" else R
+            if bp.prefix > bp.start:
+                x.view(1, -1).addmm_(bp.mix, self.dbuf[0, bp.start:bp.prefix].reshape(bp.prefix - bp.start, -1))
+            return x[None]
         if self._one_circuit(bp):
             self._stage_bases(bp, A, R)
             x, token_major = self._mix_rows(bp, 0, self.Bt * P)
@@ -108,7 +114,7 @@ class PatchedRun:
         elements, when given).  Dense mixes on a CPU run token by token (one batched product: measured
         1.3x faster than one wide product, whose operand of many rows BLAS must repack)."""
         G = self.lead[0].view(self.lead.shape[1], -1, self.D)  # row LEAD is the buffer's first
-        n, T, K = len(bp.custom), t1 - t0, bp.mix.shape[1]
+        n, T, K = bp.mix.shape[0], t1 - t0, bp.mix.shape[1]
         first = LEAD - len(bp.bases)
         rows = G[first:first + K, t0:t1] if bp.mix_rows is None else G[bp.mix_rows.to(G.device) + LEAD, t0:t1]  # [K, T, D]
         if bp.mix.layout == torch.sparse_csr:
@@ -134,6 +140,7 @@ class PatchedRun:
         chunk by chunk; ports come in runs of one kind (see the plan), each projected with its weights
         gathered once (or, a whole kind in head order, with the weights' own view)."""
         n, BP = len(bp.custom), self.Bt * self.P
+        rows_out = n + bp.partial  # the mix's last row: the MLP's partial sum (see the plan)
         kinds = (bp.custom % 3).tolist()
         runs, lo = [], 0
         for i in range(1, n + 1):
@@ -142,14 +149,18 @@ class PatchedRun:
                 runs.append((lo, i, ports, self.k.port_weights(layer, ports)))
                 lo = i
         self._stage_bases(bp, A, R)
-        step = min(BP, self._chunk_rows(n, R.element_size()))
+        step = min(BP, self._chunk_rows(rows_out, R.element_size()))
         vals = R.new_empty(n, BP, self.e.dh, device=self.k.device(layer))
-        xbuf = self.e.workspace("chunk", (n * step * self.D,), R)
-        nbuf = self.e.workspace("chunk normed", (n * step * self.D,), R)
+        xbuf = self.e.workspace("chunk", (rows_out * step * self.D,), R)
+        nbuf = self.e.workspace("chunk normed", (rows_out * step * self.D,), R)
+        if bp.partial:
+            self.partial = self.e.workspace("partial", (BP, self.D), R)
         ln = self.e.w.layers[layer].ln1
         for t0 in range(0, BP, step):
             t1 = min(t0 + step, BP)
-            x, token_major = self._mix_rows(bp, t0, t1, xbuf[:n * (t1 - t0) * self.D])
+            x, token_major = self._mix_rows(bp, t0, t1, xbuf[:rows_out * (t1 - t0) * self.D])
+            if bp.partial:
+                self.partial[t0:t1] = x[:, n] if token_major else x[n]
             xn = ln.into(x, nbuf[:x.numel()].view(x.shape)) if ln is not None else x  # a per-row norm: either layout
             xn = xn.transpose(0, 1) if token_major else xn  # [n, T, D]
             for lo, hi, ports, weights in runs:

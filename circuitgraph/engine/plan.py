@@ -50,6 +50,12 @@ class BlockPlan:
     mix: torch.Tensor | None = None
     mix_rows: torch.Tensor | None = None
     bases: tuple[str, ...] = ()
+    # one circuit, a layer's heads and its MLP: the heads' product has one more row, the MLP's sum over
+    # the rows the heads read (``partial``), so the MLP (``from_partial``) mixes only the rows after them
+    # (``mix`` [1, prefix - start] over rows ``start:prefix``) and adds its base
+    partial: bool = False
+    from_partial: bool = False
+    start: int = 0
 
 
 @dataclass
@@ -148,6 +154,9 @@ def compile_plan(engine, masks: torch.Tensor, position_masks: dict[tuple[int, in
             if coef is not None:
                 one = _one_circuit_mix(coef[0].T, up[:, 0] > 0.5, prefix, gather)
         plan.blocks.append(BlockPlan(from_a, from_r, custom, prefix, gather, coef, up, positional, **one))
+    if C == 1:
+        for heads, mlp in zip(plan.blocks[0:-1:2], plan.blocks[1::2]):
+            _fuse_mlp_partial(heads, mlp)
     return plan
 
 
@@ -166,3 +175,28 @@ def _one_circuit_mix(coef: torch.Tensor, on_r: torch.Tensor, prefix: int, gather
     if gather is None:
         return dict(mix=mix, bases=bases)
     return dict(mix=mix, mix_rows=torch.cat([torch.arange(-len(bases), 0), gather]).to(coef.device), bases=bases)
+
+
+def _fuse_mlp_partial(heads: BlockPlan, mlp: BlockPlan):
+    """Let the heads' product also sum the MLP's terms over the rows the heads read (one more output
+    row, while those rows are in cache), so the MLP reads only its own layer's head rows again."""
+    if heads.mix is None or heads.mix_rows is not None or mlp.mix is None:
+        return
+    nb = len(mlp.bases)
+    dense = mlp.mix.to_dense() if mlp.mix.layout == torch.sparse_csr else mlp.mix
+    full = dense.new_zeros(mlp.prefix)
+    rows = torch.arange(mlp.prefix) if mlp.mix_rows is None else mlp.mix_rows[nb:].cpu()
+    full[rows.to(full.device)] = dense[0, nb:]
+    split = heads.prefix
+    if not bool(full[:split].any()):
+        return
+    sparse = heads.mix.layout == torch.sparse_csr
+    mix = heads.mix.to_dense() if sparse else heads.mix
+    row = torch.cat([mix.new_zeros(len(heads.bases)), full[:split]])
+    mix = torch.cat([mix, row[None]])
+    if sparse:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mix = mix.to_sparse_csr()
+    heads.mix, heads.partial = mix, True
+    mlp.mix, mlp.mix_rows, mlp.from_partial, mlp.start = full[split:][None].contiguous(), None, True, split
