@@ -25,7 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 MIB = ROOT.parent / "shared" / "data" / "mib" / "ioi-eap-ig.json"
 B, P = 16, 16
-TASKS = ["hf_forward", "engine_plain", "patched_ioi", "patched_1pct", "patched_10pct", "patched_50pct", "patched_90pct", "eap",
+TASKS = ["hf_forward", "engine_plain", "patched_ioi", "patched_1pct", "patched_10pct", "patched_30pct", "patched_50pct",
+         "patched_70pct", "patched_90pct", "eap",
          "hf_forward_last", "patched_ioi_last", "patched_10pct_last", "patched_50pct_last"]
 
 
@@ -139,14 +140,13 @@ def main():
                 if rev is not None:
                     subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(trees[label])], capture_output=True)
     res = {t: {k: statistics.median(v) for k, v in d.items()} for t, d in times.items()}
+    hf_of = lambda t: "hf_forward_last" if t.endswith("_last") else "hf_forward"
     out = {"old": args.old, "new": args.new or "working tree", "shape": f"GPT-2 small (random init), batch {B} x {P}, 2 threads",
            "median_s": res, "new_over_old": {t: d["new"] / d["old"] for t, d in res.items()},
-           "over_hf_forward": {lab: {t: d[lab] / res["hf_forward"][lab] for t, d in res.items()} for lab in ("old", "new")}}
+           "over_hf_forward": {lab: {t: d[lab] / res[hf_of(t)][lab] for t, d in res.items()} for lab in ("old", "new")}}
     dest = ROOT / "benchmarks" / "results"
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "bench_revisions.json").write_text(json.dumps(out, indent=2) + "\n")
-    hf_of = lambda t: "hf_forward_last" if t.endswith("_last") else "hf_forward"
-    out["over_hf_forward"] = {lab: {t: d[lab] / res[hf_of(t)][lab] for t, d in res.items()} for lab in ("old", "new")}
     lines = [f"old = {out['old']}, new = {out['new']}; {out['shape']}; medians of {args.rounds} alternating rounds; "
              "tasks ending in _last compute logits at the last position only, and are compared with an HF forward doing the same", "",
              "| task | old s | new s | new / old | old / HF fwd | new / HF fwd |", "|---|---|---|---|---|---|"]
