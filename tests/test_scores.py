@@ -210,3 +210,36 @@ def test_unknown_model_name_is_one_clear_line(tmp_path):
     assert "model 'no-such-model-xyz': not a bundled model (toy-induction, toy-ioi, tracr-" in r.stderr
     assert "), not a local directory" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_memory_budget_caps_the_batch_not_the_scores(setup):
+    model, data, _ = setup
+    spec = CircuitSpec.from_dict(SPEC)
+    whole = Evaluator(model, data, batch_size=7, progress=False)
+    one = whole.pass_mb(1)
+    assert whole.pass_mb(2, 3) == pytest.approx(2 * one + 2 * 2 * (whole.pass_mb(1) - whole.pass_mb(1, 0)))
+    tight = Evaluator(model, data, batch_size=7, progress=False, memory_budget_mb=2.5 * one)
+    assert tight.batch_size == 2 and tight.circuits_per_pass == 1 and tight.n_batches == 4
+    assert not tight._cache_ok  # all batches' ablated runs would not fit beside a pass
+    a, b = whole.evaluate(spec), tight.evaluate(spec)
+    assert b.faithfulness == pytest.approx(a.faithfulness, abs=1e-6) and b.necessity == pytest.approx(a.necessity, abs=1e-6)
+    roomy = Evaluator(model, data, batch_size=7, progress=False, memory_budget_mb=1e6)
+    assert roomy.batch_size == 7 and roomy.circuits_per_pass == whole.circuits_per_pass and roomy._cache_ok
+    with pytest.raises(ValueError, match="memory budget of .* is below what one example's patched pass holds"):
+        Evaluator(model, data, progress=False, memory_budget_mb=0.5 * one)
+
+
+@pytest.mark.parametrize("value,message", [("0.000001", "is below what one example's patched pass holds"),
+                                           ("-3", "argument --memory-budget: expected a number > 0"),
+                                           ("nan", "argument --memory-budget: expected a finite number")])
+def test_cli_memory_budget_errors_are_one_line(setup, model_dir, tmp_path, capsys, value, message):
+    _, _, data_path = setup
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps(SPEC))
+    try:
+        code = main(["evaluate", "--model", str(model_dir), "--data", str(data_path), "--spec", str(spec_path),
+                     "--memory-budget", value])
+    except SystemExit as e:  # argparse's own refusal
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err.strip().splitlines()[-1] and "Traceback" not in err

@@ -37,7 +37,7 @@ def cmd_evaluate(args) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # score.warnings holds ours; they are printed below
         ev = Evaluator(model, data, metric=args.metric, ablation=args.ablation, batch_size=args.batch_size,
-                       progress=not args.json)
+                       progress=not args.json, memory_budget_mb=args.memory_budget)
         score = ev.evaluate(spec)
     if args.json:
         for w in score.warnings:
@@ -104,7 +104,7 @@ def cmd_discover(args) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ev = Evaluator(model, data, metric=metric, ablation=args.ablation, batch_size=args.batch_size,
-                       progress=not args.json)
+                       progress=not args.json, memory_budget_mb=args.memory_budget)
         scores = discover(ev, args.method, steps=args.steps, tau=args.tau, progress=not args.json,
                           ig_points=args.ig_points, keep_deltas=args.keep_deltas)
         mask, how = _select(args, ev, scores, model.graph.n_edges)
@@ -181,14 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="circuitgraph", description="Test, discover and characterise transformer circuits.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("evaluate", help="faithfulness and necessity of a circuit spec")
-    add_model_args(p)
+    add_model_args(p, budget=True)
     p.add_argument("--spec", required=True, help="circuit spec JSON (ours or EAP-IG/MIB), or a shipped spec by name (ioi_gpt2)")
     p.add_argument("--ablation", choices=["corrupted", "mean", "zero"], default="corrupted")
     p.add_argument("--metric", choices=METRICS, default="logit_diff")
     p.add_argument("--json", action="store_true", help="print one JSON object (undefined numbers are null)")
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("discover", help="find a circuit automatically (ACDC, EAP, EAP-IG, exact)")
-    add_model_args(p)
+    add_model_args(p, budget=True)
     p.add_argument("--method", required=True, choices=["acdc", "eap", "eap-ig", "eap-ig-activations", "exact"])
     p.add_argument("--threshold", type=non_negative_float, help="keep edges with |score| >= T")
     p.add_argument("--top-n", type=positive_int,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from circuitgraph.cli.checks import check_device, positive_int
+from circuitgraph.cli.checks import check_device, positive_float, positive_int
 from circuitgraph.evaluate import distributed as dist
 
 METRICS = ["logit_diff", "prob_diff", "kl", "accuracy"]
@@ -30,13 +30,17 @@ def load_model_and_data(args, need_data: bool = True):
     return model, data
 
 
-def add_model_args(p: argparse.ArgumentParser, data: bool = True):
-    """--model, --data, --prepend-bos, --batch-size, --device, --dtype, --no-exactness-check."""
+def add_model_args(p: argparse.ArgumentParser, data: bool = True, budget: bool = False):
+    """--model, --data, --prepend-bos, --batch-size, [--memory-budget,] --device, --dtype, --no-exactness-check."""
     p.add_argument("--model", required=True, help="hub name, local HuggingFace directory or bundled model name")
     if data:
         p.add_argument("--data", required=True, help="JSONL dataset (clean, corrupted, answer, wrong[, positions])")
         p.add_argument("--prepend-bos", action="store_true", help="put the BOS token first (TransformerLens habit)")
         p.add_argument("--batch-size", type=positive_int, default=32)
+    if budget:  # commands that patch through the Evaluator
+        p.add_argument("--memory-budget", type=positive_float, metavar="MIB", default=None,
+                       help="cap the batch (and the circuits stacked per pass) so the buffers that grow with them "
+                            "fit in this many MiB beside the model; the results are the same")
     p.add_argument("--device", default="cpu",
                    help="cpu, cuda, cuda:N or mps (under torchrun, cuda means each rank's own GPU)")
     p.add_argument("--dtype", choices=DTYPES, default="float32",

@@ -9,7 +9,7 @@ def register_cli(subparsers) -> None:
     from circuitgraph.cli.common import METRICS, add_model_args
 
     p = subparsers.add_parser("explore", help="write an interactive HTML page of a circuit study (opens offline in a browser)")
-    add_model_args(p)
+    add_model_args(p, budget=True)
     p.add_argument("--spec", required=True, help="circuit spec JSON (ours or EAP-IG/MIB), e.g. the hypothesis")
     p.add_argument("--compare", default=None, help="a second circuit spec (e.g. a discovered one), shown overlaid or side by side")
     p.add_argument("-o", "--output", required=True, help="the page, .html")
@@ -41,7 +41,8 @@ def cmd_explore(args) -> int:
             s.resolve(model.graph)  # a name the model lacks fails before any run
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the scores' own warnings are shown on the page
-        ev = Evaluator(model, data, metric=args.metric, ablation=args.ablation, batch_size=args.batch_size, progress=False)
+        ev = Evaluator(model, data, metric=args.metric, ablation=args.ablation, batch_size=args.batch_size, progress=False,
+                       memory_budget_mb=args.memory_budget)
         study = Study.collect(model, data, spec, other, evaluator=ev, title=args.title, model_name=args.model,
                               limits=Limits(examples=args.examples, top_edges=args.top_edges))
     path = study.to_html(args.output)

@@ -122,7 +122,7 @@ class Evaluator:
 
     def __init__(self, model: CircuitModel, data: TaskData, metric: str = "logit_diff", ablation: str = "corrupted",
                  batch_size: int = 32, reference: TaskData | None = None, progress: bool = True,
-                 cache_budget_mb: float = 2048, distributed: bool = True):
+                 cache_budget_mb: float = 2048, distributed: bool = True, memory_budget_mb: float | None = None):
         if ablation not in ABLATIONS:
             raise ValueError(f"unknown ablation '{ablation}'; expected one of {', '.join(ABLATIONS)}")
         model, data = _check_inputs(model, data)
@@ -130,23 +130,50 @@ class Evaluator:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.model, self.data, self.ablation_kind = model, data, ablation
         self.metric_name, self.metric = metric, get_metric(metric)
-        self.batch_size = batch_size
         self.distributed = distributed and dist.active()
         self.progress = progress and (not self.distributed or dist.is_main())
         self.engine = model.engine
         self.graph = model.graph
+        self.memory_budget_mb = memory_budget_mb
+        self.batch_size = batch_size if memory_budget_mb is None else self._batch_within(memory_budget_mb, batch_size)
         self._mean = self._mean_outputs(reference if reference is not None else data) if ablation == "mean" else None
         self._cache: dict[int, tuple] = {}
-        per_example = len(self.graph.sources) * data.clean.shape[1] * self.engine.D * 4 / 2**20
-        self._cache_ok = ablation == "corrupted" and per_example * len(data) <= cache_budget_mb
+        cached = self.pass_mb(len(data), circuits=0)  # every batch's ablated run
+        if memory_budget_mb is not None:  # kept beside one pass of the circuits
+            cache_budget_mb = min(cache_budget_mb, memory_budget_mb - self.pass_mb(self.batch_size, self.circuits_per_pass)
+                                  + self.pass_mb(self.batch_size, circuits=0))
+        self._cache_ok = ablation == "corrupted" and cached <= cache_budget_mb
         self.clean_values, self.base_values = self._baselines()
 
     @property
     def circuits_per_pass(self) -> int:
         """How many circuits share one patched pass.  Stacking circuits saves per-operation overhead
-        (small models, GPUs) but not arithmetic, so on a CPU a large model runs them one by one."""
-        work = self.engine.D * min(self.batch_size, len(self.data)) * self.data.clean.shape[1]
-        return 16 if self.model.device.type != "cpu" or work <= 2**21 else 1
+        (small models, GPUs) but not arithmetic, so on a CPU a large model runs them one by one;
+        under a memory budget, no more than fit in it."""
+        batch = min(self.batch_size, len(self.data))
+        work = self.engine.D * batch * self.data.clean.shape[1]
+        n = 16 if self.model.device.type != "cpu" or work <= 2**21 else 1
+        while n > 1 and self.memory_budget_mb is not None and self.pass_mb(batch, n) > self.memory_budget_mb:
+            n //= 2
+        return n
+
+    def pass_mb(self, batch: int, circuits: int = 1) -> float:
+        """MiB a patched pass of ``circuits`` stacked circuits over ``batch`` examples holds in the buffers
+        that grow with them: the ablated run's source outputs, and per circuit a delta row for every
+        source (a dense circuit's worst case) and one layer's head-port inputs.  The model's weights and a
+        plain forward's activations come on top; attribution keeps fewer deltas (``keep_deltas``) but
+        in float32."""
+        n, e = len(self.graph.sources), self.engine
+        rows = n + circuits * (n + 2 + 3 * e.H + 1)
+        return batch * self.data.clean.shape[1] * e.D * e.w.W_U.element_size() * rows / 2**20
+
+    def _batch_within(self, budget_mb: float, batch_size: int) -> int:
+        """The largest batch up to ``batch_size`` whose patched pass of one circuit fits ``budget_mb``."""
+        one = self.pass_mb(1)
+        if not math.isfinite(budget_mb) or budget_mb < one:
+            raise ValueError(f"memory budget of {budget_mb:g} MiB is below what one example's patched pass holds "
+                             f"({one:.3g} MiB at {self.data.clean.shape[1]} tokens); raise the budget or shorten the prompts")
+        return max(1, min(batch_size, int(budget_mb // one)))
 
     # ----- runs ----------------------------------------------------------------------------
     def _spans(self, n: int | None = None) -> list[tuple[int, int]]:
