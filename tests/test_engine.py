@@ -88,6 +88,8 @@ def test_one_circuit_mixes_match_by_hand(family, mix, monkeypatch):
     g = torch.Generator().manual_seed(7)
     per_dst = torch.rand(1, 1, len(G.destinations), generator=g)
     per_dst[..., G.logits_dest] = 0.1  # few rows: a gathered mix
+    for h in range(m.engine.H):  # every head's key port custom: grouped keys project with their own weights
+        per_dst[..., G.head_dest(1, h, "k")] = 0.5
     mask = (torch.rand(1, len(G.sources), len(G.destinations), generator=g) < per_dst) & G.legal
     plan_ = m.engine.compile(mask)
     mixed = [bp for bp in plan_.blocks if bp.mix is not None]

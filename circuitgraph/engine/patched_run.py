@@ -145,8 +145,7 @@ class PatchedRun:
         runs, lo = [], 0
         for i in range(1, n + 1):
             if i == n or kinds[i] != kinds[lo]:
-                ports = bp.custom[lo:i]
-                runs.append((lo, i, ports, self.k.port_weights(layer, ports)))
+                runs += self._port_runs(layer, lo, bp.custom[lo:i])
                 lo = i
         self._stage_bases(bp, A, R)
         step = min(BP, self._chunk_rows(rows_out, R.element_size()))
@@ -163,9 +162,20 @@ class PatchedRun:
                 self.partial[t0:t1] = x[:, n] if token_major else x[n]
             xn = ln.into(x, nbuf[:x.numel()].view(x.shape)) if ln is not None else x  # a per-row norm: either layout
             xn = xn.transpose(0, 1) if token_major else xn  # [n, T, D]
-            for lo, hi, ports, weights in runs:
-                vals[lo:hi, t0:t1] = self.k.project_ports(layer, xn[lo:hi, None], ports, weights)[:, 0]
+            for rows, ports, weights in runs:
+                vals[rows, t0:t1] = self.k.project_ports(layer, xn[rows, None], ports, weights)[:, 0]
         return vals.view(n, self.Bt, self.P, self.e.dh)
+
+    def _port_runs(self, layer: int, lo: int, ports: torch.Tensor) -> list:
+        """``(rows, ports, weights)`` to project one kind's run of ports (custom rows ``lo:``) with.  Keys
+        or values of every head in order, with grouped key/value heads, become ``group`` strided runs
+        that each use the key/value weights themselves, so no weight is repeated per query head."""
+        a, H = self.e.w.layers[layer].attn, self.e.H
+        kind = int(ports[0]) % 3
+        if kind and a.group > 1 and len(ports) == H and bool((ports // 3 == torch.arange(H, device=ports.device)).all()):
+            weights = (a.W_K, a.b_K) if kind == 1 else (a.W_V, a.b_V)
+            return [(slice(lo + j, lo + H, a.group), ports[j::a.group], weights) for j in range(a.group)]
+        return [(slice(lo, lo + len(ports)), ports, self.k.port_weights(layer, ports))]
 
     def _resumed_mix(self, bp: BlockPlan, n: int) -> torch.Tensor:
         """The mix when rows before ``split`` live in the prefix state (one copy for all circuits)."""
