@@ -45,28 +45,26 @@ def finite_float(text: str) -> float:
     return value
 
 
+def _float_where(text: str, ok, what: str) -> float:
+    value = finite_float(text)
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return value
+
+
 def non_negative_float(text: str) -> float:
     """argparse type: a finite number >= 0."""
-    value = finite_float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
+    return _float_where(text, lambda v: v >= 0, "a number >= 0")
 
 
 def positive_float(text: str) -> float:
     """argparse type: a finite number > 0."""
-    value = finite_float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return value
+    return _float_where(text, lambda v: v > 0, "a number > 0")
 
 
 def fraction(text: str) -> float:
     """argparse type: a number from 0 to 1."""
-    value = finite_float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}")
-    return value
+    return _float_where(text, lambda v: 0 <= v <= 1, "a number from 0 to 1")
 
 
 def check_device(name: str) -> str:

@@ -111,13 +111,14 @@ class Kernel:
         heads, kinds = ports // 3, ports % 3
         n = len(ports)
         kind = int(kinds[0])
-        if n == self.H and bool((kinds == kind).all()) and (kind == 0 or a.group == 1) and bool((heads == torch.arange(n, device=heads.device)).all()):
+        one_kind = bool((kinds == kind).all())
+        if one_kind and n == self.H and (kind == 0 or a.group == 1) and bool((heads == torch.arange(n, device=heads.device)).all()):
             return ((a.W_Q, a.b_Q), (a.W_K, a.b_K), (a.W_V, a.b_V))[kind]  # one kind, every head in order: the views themselves
         # gathered in the parameters' own row order (a plain row copy; a transposing copy of bf16 weights
         # measured 10-40x slower), then viewed as [n, D, dh]
         native = a.W_Q.stride(-1) != 1
         params = ((a.W_Q, a.b_Q, heads), (a.W_K, a.b_K, heads // a.group), (a.W_V, a.b_V, heads // a.group))
-        if bool((kinds == kind).all()):  # one kind: a single gather
+        if one_kind:  # a single gather
             Wk, bk, idx = params[kind]
             W = (Wk.mT if native else Wk).index_select(0, idx)
             return (W.mT if native else W), (None if bk is None else bk.index_select(0, idx))

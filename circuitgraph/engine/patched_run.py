@@ -30,6 +30,7 @@ class PatchedRun:
         self.tokens, self.logit_positions, self.start, self.stop_layer = tokens, logit_positions, start, stop_layer
         self.split: int | None = None  # buffer rows below this live in ``start`` (shared by all circuits)
         self.full: list[torch.Tensor] | None = [] if stop_layer is not None else None  # all-row deltas when pausing
+        self.partial: torch.Tensor | None = None  # [B * P, D] the next MLP's partial sum (see the plan's ``partial``)
         if stop_layer is not None and self.C != 1:
             raise ValueError("a prefix state holds one circuit")
 

@@ -182,11 +182,8 @@ def _fuse_mlp_partial(heads: BlockPlan, mlp: BlockPlan):
     row, while those rows are in cache), so the MLP reads only its own layer's head rows again."""
     if heads.mix is None or heads.mix_rows is not None or mlp.mix is None:
         return
-    nb = len(mlp.bases)
-    dense = mlp.mix.to_dense() if mlp.mix.layout == torch.sparse_csr else mlp.mix
-    full = dense.new_zeros(mlp.prefix)
-    rows = torch.arange(mlp.prefix) if mlp.mix_rows is None else mlp.mix_rows[nb:].cpu()
-    full[rows.to(full.device)] = dense[0, nb:]
+    c = mlp.coef[0, :, 0]  # the MLP's coefficients over its rows read
+    full = c if mlp.gather is None else c.new_zeros(mlp.prefix).index_copy_(0, mlp.gather.to(c.device), c)
     split = heads.prefix
     if not bool(full[:split].any()):
         return
