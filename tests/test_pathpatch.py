@@ -226,3 +226,19 @@ def test_toy_induction_prev_token_heads_feed_induction_keys(toy, tmp_path):
     # the induction heads' direct paths to the logits carry the behaviour
     logit_sweep = path_patch_sweep(model, data, "logits")
     assert sum(logit_sweep.senders[h] for h in ind) < -0.3
+
+
+def test_memory_budget_caps_the_sweep_not_its_effects(setup, model_dir, capsys):
+    """A tight budget stacks fewer senders' circuits per pass and shrinks the batch; the effects stay."""
+    from circuitgraph.evaluate.evaluator import Evaluator
+
+    model, data, path = setup
+    whole = path_patch_sweep(model, data, "logits", batch_size=9)
+    one = Evaluator(model, data, batch_size=9, progress=False).pass_mb(1)
+    tight = path_patch_sweep(model, data, "logits", batch_size=9, memory_budget_mb=2.5 * one)
+    assert tight.senders == pytest.approx(whole.senders, abs=1e-6)
+    assert path_patch(model, data, "a0.h1", "m1", memory_budget_mb=2.5 * one) == pytest.approx(
+        path_patch(model, data, "a0.h1", "m1"), abs=1e-6)
+    assert _cli(["path-patch", "--model", str(model_dir), "--data", str(path), "--receiver", "logits", "--json",
+                 "--memory-budget", str(2.5 * one)]) == 0
+    assert json.loads(capsys.readouterr().out)["senders"] == pytest.approx(whole.senders, abs=1e-6)

@@ -13,7 +13,7 @@ from circuitgraph.evaluate.path_patching import (NORMALISATION, as_list, check_u
 def register_cli(subparsers) -> None:
     """Add ``circuitgraph path-patch --model M --data FILE --receiver 'a1.h2<k>' [--json] [-o FIG.png]``."""
     p = subparsers.add_parser("path-patch", help="path patching from every head and MLP to a receiver")
-    add_model_args(p)
+    add_model_args(p, budget=True)
     p.add_argument("--receiver", required=True, action="append",
                    help="head port 'a1.h2<k>', MLP 'm1' or 'logits' (repeat or comma-separate for several)")
     p.add_argument("--senders", default=None, help="comma-separated sender nodes (default: every node upstream)")
@@ -38,7 +38,7 @@ def cmd_path_patch(args) -> int:
     if positions:
         data.check_positions(positions, user="--positions")
     res = path_patch_sweep(model, data, receivers, senders=args.senders, metric=args.metric, positions=positions,
-                           batch_size=args.batch_size)
+                           batch_size=args.batch_size, memory_budget_mb=args.memory_budget)
     from circuitgraph.evaluate import distributed as dist
 
     if not dist.is_main():

@@ -116,14 +116,15 @@ def as_list(x) -> list[str]:
 
 
 # ----- patching -----------------------------------------------------------------------------
-def _evaluator(model, data, metric, batch_size, evaluator):
+def _evaluator(model, data, metric, batch_size, evaluator, memory_budget_mb=None):
     if evaluator is not None:
         return evaluator
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return Evaluator(model, data, metric=metric, ablation="corrupted", batch_size=batch_size, progress=False)
+        return Evaluator(model, data, metric=metric, ablation="corrupted", batch_size=batch_size, progress=False,
+                         memory_budget_mb=memory_budget_mb)
 
 
 def _patched_values(ev: Evaluator, sender_sets: list[list[int]], dst: list[int], positions: list[str] | None) -> np.ndarray:
@@ -142,7 +143,8 @@ def _patched_values(ev: Evaluator, sender_sets: list[list[int]], dst: list[int],
 
 
 def path_patch(model: CircuitModel, data: TaskData, senders, receivers, metric: str = "logit_diff",
-               positions: list[str] | None = None, batch_size: int = 32, evaluator: Evaluator | None = None) -> float:
+               positions: list[str] | None = None, batch_size: int = 32, evaluator: Evaluator | None = None,
+               memory_budget_mb: float | None = None) -> float:
     """Normalised effect of patching the paths from all ``senders`` (together) to all ``receivers``."""
     G = model.graph
     dst = [receiver_index(G, r) for r in as_list(receivers)]
@@ -150,7 +152,7 @@ def path_patch(model: CircuitModel, data: TaskData, senders, receivers, metric: 
     if not src:
         raise ValueError("no senders given")
     check_upstream(G, src, dst, as_list(receivers))
-    ev = _evaluator(model, data, metric, batch_size, evaluator)
+    ev = _evaluator(model, data, metric, batch_size, evaluator, memory_budget_mb)
     vals = _patched_values(ev, [src], dst, positions)
     if zero_gap(ev.clean_values, ev.base_values):
         raise ValueError(f"the path-patching effect is undefined: {ev.undefined_reason}")
@@ -159,8 +161,10 @@ def path_patch(model: CircuitModel, data: TaskData, senders, receivers, metric: 
 
 def path_patch_sweep(model: CircuitModel, data: TaskData, receivers, senders=None, metric: str = "logit_diff",
                      positions: list[str] | None = None, batch_size: int = 32,
-                     evaluator: Evaluator | None = None) -> PathPatchResult:
-    """Path patching from each sender alone (default: every node upstream of a receiver) to ``receivers``."""
+                     evaluator: Evaluator | None = None, memory_budget_mb: float | None = None) -> PathPatchResult:
+    """Path patching from each sender alone (default: every node upstream of a receiver) to ``receivers``;
+    ``memory_budget_mb`` caps what a pass holds as :class:`Evaluator`'s does (the senders' circuits
+    stacked in one pass, then the batch)."""
     G = model.graph
     rec = as_list(receivers)
     dst = [receiver_index(G, r) for r in rec]
@@ -171,7 +175,7 @@ def path_patch_sweep(model: CircuitModel, data: TaskData, receivers, senders=Non
         check_upstream(G, src, dst, rec)
     if not src:
         raise ValueError(f"receiver(s) {rec} read only from nothing upstream; no senders to sweep")
-    ev = _evaluator(model, data, metric, batch_size, evaluator)
+    ev = _evaluator(model, data, metric, batch_size, evaluator, memory_budget_mb)
     if positions:
         ev.data.check_positions(positions, user="the path patching (positions)")
     vals = _patched_values(ev, [[s] for s in src], dst, positions)
