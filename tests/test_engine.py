@@ -71,14 +71,14 @@ def test_random_edge_subsets_match_by_hand(family, density):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("mix", ["sparse, in chunks", "dense"])
+@pytest.mark.parametrize("mix", ["sparse, in chunks", "sparse, token-major", "dense", "dense, row-major"])
 def test_one_circuit_mixes_match_by_hand(family, mix, monkeypatch):
     """A single circuit takes its own path (a sparse or dense mix, on a CPU chunk by chunk); each
     destination gets its own density so ports on both bases and every mix size occur."""
     from circuitgraph.engine import patched_run, plan
 
     monkeypatch.setattr(plan, "SPARSE_BELOW", 1.1 if mix.startswith("sparse") else 0.0)
-    if mix.startswith("sparse"):
+    if mix == "sparse, in chunks":
         monkeypatch.setattr(patched_run, "CPU_CHUNK_BYTES", 1)  # one token row per chunk
     m = build(family, seed=4)
     reused = m.engine.workspace
@@ -92,11 +92,13 @@ def test_one_circuit_mixes_match_by_hand(family, mix, monkeypatch):
         per_dst[..., G.head_dest(1, h, "k")] = 0.5
     mask = (torch.rand(1, len(G.sources), len(G.destinations), generator=g) < per_dst) & G.legal
     plan_ = m.engine.compile(mask)
+    assert plan_.token_major == mix.startswith("dense")  # the buffer layout the plan's mixes favour
+    plan_.token_major = mix in ("dense", "sparse, token-major")  # and the other, as a mixed plan may get
     mixed = [bp for bp in plan_.blocks if bp.mix is not None]
     assert all((bp.mix.layout == torch.sparse_csr) == mix.startswith("sparse") for bp in mixed if not bp.from_partial)
     assert any(bp.bases == ("A", "R") for bp in mixed)  # ports on both bases in one product
     assert any(bp.partial for bp in mixed)  # an MLP's sum over earlier rows made by its layer's heads
-    if mix == "dense":
+    if mix.startswith("dense"):
         assert any(bp.mix_rows is not None for bp in mixed) and any(bp.mix_rows is None for bp in mixed)
     got = engine_logits(m, clean, corrupt, mask)[0]
     ref, _ = patched_forward(m.hf, clean, node_outputs(m.hf, corrupt),

@@ -3,7 +3,7 @@
 The run walks the layers with the shared :class:`~circuitgraph.engine.kernel.Kernel`; what it adds
 is where each destination's input comes from (the plan) and a buffer of source deltas
 (``patched - ablated``), indexed ``[C, rows, B, P, D]`` so one batched matmul per block mixes them (a
-one-circuit run on a CPU stores it token-major, each token's rows side by side: see :meth:`PatchedRun._mix_rows`).
+mostly dense circuit, run alone on a CPU, stores it token-major: see :meth:`PatchedRun._mix_rows`).
 It can pause at a layer (returning a :class:`PrefixState`) and resume from one.
 """
 
@@ -137,7 +137,7 @@ class PatchedRun:
                 self.e.workspace("sparse operand", (K, T, self.D), G).copy_(rows).view(K, -1)
             x = torch.sparse.mm(bp.mix, flat) if out is None else torch.addmm(out.view(n, -1), bp.mix, flat, beta=0, out=out.view(n, -1))
             return x.view(n, T, self.D), False
-        if self.token_major:
+        if G.device.type == "cpu":  # token by token, on either layout
             x = out.view(T, n, self.D) if out is not None else G.new_empty(T, n, self.D)
             return torch.bmm(bp.mix.expand(T, n, K), rows.transpose(0, 1), out=x), True
         x = bp.mix @ rows.reshape(K, -1) if out is None else torch.mm(bp.mix, rows.reshape(K, -1), out=out.view(n, -1))
@@ -271,7 +271,7 @@ class PatchedRun:
         rope = self.k.rotary(P, emb)
         lead = LEAD if C == 1 else 0  # rows for a one-circuit block's bases (see _stage_bases)
         rows = lead + plan.n_rows
-        if C == 1 and emb.device.type == "cpu" and self.start is None and not any(bp.positional for bp in plan.blocks):
+        if plan.token_major and emb.device.type == "cpu" and self.start is None and not any(bp.positional for bp in plan.blocks):
             # token-major: each token's rows contiguous, the operand :meth:`_mix_rows` multiplies token by token
             self.lead = e.workspace("deltas", (C, B, P, rows, D), emb).permute(0, 3, 1, 2, 4)
         else:
