@@ -100,15 +100,23 @@ def test_one_circuit_mixes_match_by_hand(family, mix, monkeypatch):
     assert any(bp.partial for bp in mixed)  # an MLP's sum over earlier rows made by its layer's heads
     if mix.startswith("dense"):
         assert any(bp.mix_rows is not None for bp in mixed) and any(bp.mix_rows is None for bp in mixed)
-    got = engine_logits(m, clean, corrupt, mask)[0]
+    e = m.engine
+    projections = []  # layers whose attention output came from the output projection, not the heads' sum
+    attn_out = e.kernel.attn_out
+    monkeypatch.setattr(e.kernel, "attn_out", lambda layer, z: projections.append(layer) or attn_out(layer, z))
+    with torch.no_grad():
+        abl = e.make_ablation(e.run(corrupt, record=True)[1], "corrupted")
+        projections.clear()
+        got = e.patched_run(clean, abl, plan_)[0]
+        last = torch.full((clean.shape[0],), clean.shape[1] - 1)
+        at_last = e.patched_run(clean, abl, plan_, logit_positions=last)[0]
+    summable = [layer for layer, lw in enumerate(e.w.layers)
+                if len(plan_.needed[1 + 2 * layer]) == e.H and lw.post_attn is None and plan_.token_major]
+    assert summable or not plan_.token_major or any(lw.post_attn is not None for lw in e.w.layers)
+    assert not set(summable) & set(projections)  # every head's output in the buffer: their sum is the attention output
     ref, _ = patched_forward(m.hf, clean, node_outputs(m.hf, corrupt),
                              lambda s, d: bool(mask[0, G.source_index[s], G.destination_index[d]]))
     assert (got - ref).abs().max() < TOL
-    last = torch.full((clean.shape[0],), clean.shape[1] - 1)
-    with torch.no_grad():
-        e = m.engine
-        abl = e.make_ablation(e.run(corrupt, record=True)[1], "corrupted")
-        at_last = e.patched_run(clean, abl, plan_, logit_positions=last)[0]
     assert (at_last - ref[:, -1]).abs().max() < TOL
     e.release_workspace()
     assert not e._workspace

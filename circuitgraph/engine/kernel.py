@@ -254,12 +254,14 @@ class Kernel:
     # ----- the block ----------------------------------------------------------------------------
     def block(self, layer: int, resid: torch.Tensor, rope, qkv=None, mlp_input: Callable | None = None,
               attn_override: torch.Tensor | None = None, mlp_override: torch.Tensor | None = None,
-              pattern: bool = False, on_attn: Callable | None = None, tap=None) -> BlockOut:
+              pattern: bool = False, on_attn: Callable | None = None, tap=None,
+              attn_from: Callable | None = None) -> BlockOut:
         """One block.  ``qkv`` (default: every port reads ``resid``) and ``mlp_input`` (default: the
         residual the MLP reads in the plain model) let a run give each destination its own input;
         the overrides replace a block's output by a constant (integrated gradients over activations);
         ``on_attn(z, inv)`` runs between attention and MLP (a patched MLP may read this layer's heads);
-        ``tap`` (:class:`~circuitgraph.engine.hooks.Tap`) reads or replaces named activations."""
+        ``attn_from(z)``, on a layer with no post-attention norm, may return the attention output
+        instead of the output projection (a run that computed every head's output sums them); ``tap`` (:class:`~circuitgraph.engine.hooks.Tap`) reads or replaces named activations."""
         name = f"blocks.{layer}."
         dev = self.device(layer)
         if resid.device != dev:  # a sharded model: run each layer where its weights are
@@ -280,7 +282,8 @@ class Kernel:
                 if new is not probs:
                     probs, z = new, new @ (v if v.shape[1] == new.shape[1] else v.repeat_interleave(self.w.layers[layer].attn.group, 1))
             z = tap(name + "attn.hook_z", z.transpose(1, 2)).transpose(1, 2)
-        attn, inv = self.attn_out(layer, z)
+        attn = attn_from(z) if attn_from is not None and self.w.layers[layer].post_attn is None else None
+        attn, inv = (attn, None) if attn is not None else self.attn_out(layer, z)
         if tap is not None:
             attn = tap(name + "hook_attn_out", attn)
         if on_attn is not None:
