@@ -78,8 +78,11 @@ def test_one_circuit_mixes_match_by_hand(family, mix, monkeypatch):
     from circuitgraph.engine import patched_run, plan
 
     monkeypatch.setattr(plan, "SPARSE_BELOW", 1.1 if mix.startswith("sparse") else 0.0)
-    if mix == "sparse, in chunks":
-        monkeypatch.setattr(patched_run, "CPU_CHUNK_BYTES", 1)  # one token row per chunk
+    if mix == "sparse, in chunks":  # two token rows per chunk
+        monkeypatch.setattr(patched_run, "CPU_CHUNK_BYTES", 1)
+        monkeypatch.setattr(patched_run, "MIN_CHUNK_TOKENS", 2)
+    if mix.startswith("sparse"):  # a sparse product one token row at a time
+        monkeypatch.setattr(patched_run, "SPARSE_OPERAND_BYTES", 1)
     m = build(family, seed=4)
     reused = m.engine.workspace
     monkeypatch.setattr(m.engine, "workspace", lambda *a: reused(*a).fill_(float("nan")))  # stale buffers must not leak

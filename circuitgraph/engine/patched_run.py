@@ -18,6 +18,8 @@ from circuitgraph.engine.plan import BlockPlan, Plan
 # Row gathers use advanced indexing: on CPUs ``index_select`` over rows of this width measured ~14x slower.
 LEAD = 2  # one circuit: buffer rows before the deltas, holding a block's bases (A, R) during its mix
 CPU_CHUNK_BYTES = 4 << 20  # one-circuit layers mix and project at most this much input at a time on a CPU
+MIN_CHUNK_TOKENS = 32  # ... but at least this many tokens, so each port's weights serve many (wide models)
+SPARSE_OPERAND_BYTES = 16 << 20  # a sparse mix reads at most this much of its rows at a time (wide models)
 
 
 class PatchedRun:
@@ -132,11 +134,19 @@ class PatchedRun:
             for k, c in terms:
                 x[:, 0].add_(rows[k], alpha=c)
             return x, True
-        if bp.mix.layout == torch.sparse_csr:  # token-major rows are copied into one reused operand first
-            flat = rows.reshape(K, -1) if not self.token_major else \
-                self.e.workspace("sparse operand", (K, T, self.D), G).copy_(rows).view(K, -1)
-            x = torch.sparse.mm(bp.mix, flat) if out is None else torch.addmm(out.view(n, -1), bp.mix, flat, beta=0, out=out.view(n, -1))
-            return x.view(n, T, self.D), False
+        if bp.mix.layout == torch.sparse_csr:  # a few tokens at a time, so the rows read stay in cache
+            x = out.view(n, T, self.D) if out is not None else G.new_empty(n, T, self.D)
+            step = T if G.device.type != "cpu" else max(1, SPARSE_OPERAND_BYTES // (K * self.D * G.element_size()))
+            for s0 in range(0, T, step):
+                part = rows[:, s0:s0 + step]
+                t = part.shape[1]
+                flat = part.reshape(K, -1) if not self.token_major else \
+                    self.e.workspace("sparse operand", (K, t, self.D), G).copy_(part).view(K, -1)  # token-major: copied
+                dst = x.view(n, -1) if t == T else self.e.workspace("sparse product", (n, t * self.D), G)
+                torch.addmm(dst, bp.mix, flat, beta=0, out=dst)
+                if t != T:
+                    x[:, s0:s0 + t] = dst.view(n, t, self.D)
+            return x, False
         if G.device.type == "cpu":  # token by token, on either layout
             x = out.view(T, n, self.D) if out is not None else G.new_empty(T, n, self.D)
             return torch.bmm(bp.mix.expand(T, n, K), rows.transpose(0, 1), out=x), True
@@ -146,10 +156,12 @@ class PatchedRun:
     def _chunk_rows(self, n: int, itemsize: int) -> int:
         """Token rows per chunk of a one-circuit layer: on a CPU, chunks small enough that each input
         chunk stays in cache from the mix through the norm and projection (measured 1.5-2.5x faster
-        per layer than whole-batch tensors); elsewhere the whole batch."""
+        per layer than whole-batch tensors), yet of at least :data:`MIN_CHUNK_TOKENS` tokens (a chunk
+        of 5 tokens made a Llama-3.2-1B-shaped run 1.25x slower, its port projections re-reading
+        their weights for every few tokens); elsewhere the whole batch."""
         if self.dbuf.device.type != "cpu":
             return self.Bt * self.P
-        return max(1, CPU_CHUNK_BYTES // (n * self.D * itemsize))
+        return max(MIN_CHUNK_TOKENS, CPU_CHUNK_BYTES // (n * self.D * itemsize))
 
     def _project_custom(self, layer: int, bp: BlockPlan, A: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
         """One circuit: values ``[n, Bt, P, dh]`` of a layer's custom head ports, mixed and projected
