@@ -17,6 +17,7 @@ from circuitgraph.engine.plan import BlockPlan, Plan
 
 # Row gathers use advanced indexing: on CPUs ``index_select`` over rows of this width measured ~14x slower.
 LEAD = 2  # one circuit: buffer rows before the deltas, holding a block's bases (A, R) during its mix
+FULL = (torch.float32, torch.float64)  # precisions that take the token-major layout on a CPU
 CPU_CHUNK_BYTES = 4 << 20  # one-circuit layers mix and project at most this much input at a time on a CPU
 MIN_CHUNK_TOKENS = 32  # ... but at least this many tokens, so each port's weights serve many (wide models)
 SPARSE_OPERAND_BYTES = 16 << 20  # a sparse mix reads at most this much of its rows at a time (wide models)
@@ -119,9 +120,11 @@ class PatchedRun:
         """One circuit: inputs of the custom destinations at flattened token rows ``t0:t1``, bases
         included (:meth:`_stage_bases` first), as ``(x, token_major)``: ``x`` is ``[t1 - t0, n, D]``
         when token-major, else ``[n, t1 - t0, D]`` (written into ``out``, ``n * (t1 - t0) * D``
-        elements, when given).  Dense mixes on a CPU run token by token on the token-major buffer: one
-        batched product whose per-token operands are contiguous (measured 1.3x the rate of the same
-        product on row-major rows, and 1.7x that of one wide product, whose operand BLAS must repack)."""
+        elements, when given).  Dense fp32 mixes on a CPU run token by token on the token-major buffer:
+        one batched product whose per-token operands are contiguous (measured 1.3x the rate of the same
+        product on row-major rows, and 1.7x that of one wide product, whose operand BLAS must repack).
+        In half precision a CPU's batched product first copies such operands (measured at 0.4x the rate
+        of one wide product), so those take the wide product, as other devices do."""
         G = self.lead[0].view(self.lead.shape[1], -1, self.D)  # row LEAD is the buffer's first
         n, T, K = bp.mix.shape[0], t1 - t0, bp.mix.shape[1]
         first = LEAD - len(bp.bases)
@@ -147,7 +150,7 @@ class PatchedRun:
                 if t != T:
                     x[:, s0:s0 + t] = dst.view(n, t, self.D)
             return x, False
-        if G.device.type == "cpu":  # token by token, on either layout
+        if G.device.type == "cpu" and G.dtype in FULL:  # token by token, on either layout
             x = out.view(T, n, self.D) if out is not None else G.new_empty(T, n, self.D)
             return torch.bmm(bp.mix.expand(T, n, K), rows.transpose(0, 1), out=x), True
         x = bp.mix @ rows.reshape(K, -1) if out is None else torch.mm(bp.mix, rows.reshape(K, -1), out=out.view(n, -1))
@@ -283,7 +286,8 @@ class PatchedRun:
         rope = self.k.rotary(P, emb)
         lead = LEAD if C == 1 else 0  # rows for a one-circuit block's bases (see _stage_bases)
         rows = lead + plan.n_rows
-        if plan.token_major and emb.device.type == "cpu" and self.start is None and not any(bp.positional for bp in plan.blocks):
+        if plan.token_major and emb.device.type == "cpu" and emb.dtype in FULL and self.start is None \
+                and not any(bp.positional for bp in plan.blocks):
             # token-major: each token's rows contiguous, the operand :meth:`_mix_rows` multiplies token by token
             self.lead = e.workspace("deltas", (C, B, P, rows, D), emb).permute(0, 3, 1, 2, 4)
         else:
@@ -341,8 +345,7 @@ class PatchedRun:
                     slot.sub_(abl)
                 return attn
 
-            sum_heads = (self.token_major and self.full is None and len(plan.needed[1 + 2 * layer]) == e.H
-                         and emb.dtype in (torch.float32, torch.float64))  # half precision: one rounding, in the projection
+            sum_heads = self.token_major and self.full is None and len(plan.needed[1 + 2 * layer]) == e.H
             out = self.k.block(layer, resid, rope[layer], qkv=self._qkv(layer, A, resid), mlp_input=mlp_input,
                                **(dict(attn_from=summed_heads) if sum_heads and e.w.layers[layer].post_attn is None
                                   else dict(on_attn=store_heads)))
