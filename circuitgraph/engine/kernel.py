@@ -261,7 +261,8 @@ class Kernel:
         the overrides replace a block's output by a constant (integrated gradients over activations);
         ``on_attn(z, inv)`` runs between attention and MLP (a patched MLP may read this layer's heads);
         ``attn_from(z)``, on a layer with no post-attention norm, may return the attention output
-        instead of the output projection (a run that computed every head's output sums them); ``tap`` (:class:`~circuitgraph.engine.hooks.Tap`) reads or replaces named activations."""
+        in place of the output projection (a run that computed every head's output sums them);
+        ``tap`` (:class:`~circuitgraph.engine.hooks.Tap`) reads or replaces named activations."""
         name = f"blocks.{layer}."
         dev = self.device(layer)
         if resid.device != dev:  # a sharded model: run each layer where its weights are
