@@ -70,6 +70,20 @@ def test_random_edge_subsets_match_by_hand(family, density):
     assert (got[0] - got[1]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_one_token_prompts_stacked_and_alone_match_by_hand(family):
+    """One example of one token: every buffer layout coincides, so the run must not infer its path from strides."""
+    m = build(family, seed=6)
+    clean, corrupt = tokens(8, B=1, P=1)
+    G = m.graph
+    masks = (torch.rand(2, len(G.sources), len(G.destinations), generator=torch.Generator().manual_seed(3)) < 0.5) & G.legal
+    corrupt_out = node_outputs(m.hf, corrupt)
+    stacked, alone = engine_logits(m, clean, corrupt, masks), [engine_logits(m, clean, corrupt, masks[c:c + 1])[0] for c in range(2)]
+    for c in range(2):
+        ref, _ = patched_forward(m.hf, clean, corrupt_out, lambda s, d, c=c: bool(masks[c, G.source_index[s], G.destination_index[d]]))
+        assert (stacked[c] - ref).abs().max() < TOL and (alone[c] - ref).abs().max() < TOL
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("mix", ["sparse, in chunks", "sparse, token-major", "dense", "dense, row-major"])
 def test_one_circuit_mixes_match_by_hand(family, mix, monkeypatch):

@@ -286,14 +286,13 @@ class PatchedRun:
         rope = self.k.rotary(P, emb)
         lead = LEAD if C == 1 else 0  # rows for a one-circuit block's bases (see _stage_bases)
         rows = lead + plan.n_rows
-        if plan.token_major and emb.device.type == "cpu" and emb.dtype in FULL and self.start is None \
-                and not any(bp.positional for bp in plan.blocks):
-            # token-major: each token's rows contiguous, the operand :meth:`_mix_rows` multiplies token by token
+        # token-major: each token's rows contiguous, the operand :meth:`_mix_rows` multiplies token by token
+        self.token_major = plan.token_major and emb.device.type == "cpu" and emb.dtype in FULL and self.start is None
+        if self.token_major:
             self.lead = e.workspace("deltas", (C, B, P, rows, D), emb).permute(0, 3, 1, 2, 4)
         else:
             self.lead = e.workspace("deltas", (C, rows, B, P, D), emb)
         self.dbuf = self.lead[:, lead:]
-        self.token_major = self.lead.stride(1) == D
         if self.start is None:
             resid, first = emb, 0
             self._record(0, emb[None])
@@ -315,7 +314,10 @@ class PatchedRun:
             A_mid = self._tile(self.abl.resid[2 * layer + 1]).expand(Bt, P, D)
             mlp_input = lambda R_mid, layer=layer, A_mid=A_mid: self._single_input(2 * layer + 1, A_mid, R_mid.to(emb.device))
 
-            def store_heads(z, inv, layer=layer):
+            def store_heads(z, inv, layer=layer, summed=False):
+                """Record the layer's head outputs; ``summed`` (every head recorded, no post-norm): return
+                their sum as the attention output, or None where they were not written into the buffer
+                (the rows of a token lie side by side: measured a tenth of the output projection's time)."""
                 rows = plan.needed[1 + 2 * layer]
                 if self.full is not None:  # pausing keeps every head: compute them once, take the rows from them
                     every = self.k.head_outputs(layer, z, all_heads, inv)
@@ -323,31 +325,20 @@ class PatchedRun:
                 elif C == 1 and len(rows) and z.device == self.dbuf.device:  # one circuit: straight into the buffer
                     o = plan.offsets[1 + 2 * layer]
                     slot = self.k.head_outputs(layer, z, rows, inv, out=self.dbuf[0, o:o + len(rows)])
+                    attn = slot.sum(0) if summed else None
+                    if summed and e.w.layers[layer].attn.b_O is not None:
+                        attn += e.w.layers[layer].attn.b_O
                     abl = self._ablated_rows(1 + 2 * layer, rows)
                     if abl is not None:
                         slot.sub_(abl)
+                    return attn
                 else:
                     self._record(1 + 2 * layer, self.k.head_outputs(layer, z, rows, inv) if len(rows) else None)
 
-            def summed_heads(z, layer=layer):
-                """Every head's output into the buffer, and their sum as the attention output (the rows of a
-                token lie side by side: measured a tenth of the output projection's time)."""
-                if z.device != self.dbuf.device:
-                    return store_heads(z, None)
-                o, H = plan.offsets[1 + 2 * layer], e.H
-                slot = self.k.head_outputs(layer, z, all_heads, out=self.dbuf[0, o:o + H])
-                attn = slot.sum(0)
-                b_O = e.w.layers[layer].attn.b_O
-                if b_O is not None:
-                    attn += b_O
-                abl = self._ablated(1 + 2 * layer)
-                if abl is not None:
-                    slot.sub_(abl)
-                return attn
-
-            sum_heads = self.token_major and self.full is None and len(plan.needed[1 + 2 * layer]) == e.H
+            sum_heads = (self.token_major and self.full is None and len(plan.needed[1 + 2 * layer]) == e.H
+                         and e.w.layers[layer].post_attn is None)
             out = self.k.block(layer, resid, rope[layer], qkv=self._qkv(layer, A, resid), mlp_input=mlp_input,
-                               **(dict(attn_from=summed_heads) if sum_heads and e.w.layers[layer].post_attn is None
+                               **(dict(attn_from=lambda z, f=store_heads: f(z, None, summed=True)) if sum_heads
                                   else dict(on_attn=store_heads)))
             self._record(2 + 2 * layer, out.mlp[None])
             resid = out.resid.to(emb.device)

@@ -68,8 +68,9 @@ class Plan:
     offsets: list[int] = field(default_factory=list)  # per source block: its first row in the delta buffer
     n_rows: int = 0
     buffer_sources: torch.Tensor | None = None  # global source index of each buffer row
-    # one circuit whose dense mixes outweigh its sparse ones: a CPU run stores its delta buffer token-major
-    # (see PatchedRun._mix_rows; measured 10% faster per run at 50% of edges, 10% slower at 10% or 90%)
+    # one circuit, not position-restricted, whose dense mixes outweigh its sparse ones: a CPU run stores its
+    # delta buffer token-major (see PatchedRun._mix_rows; measured 10% faster per run at 50% of edges, 10%
+    # slower at 10% or 90%)
     token_major: bool = False
 
 
@@ -164,7 +165,7 @@ def compile_plan(engine, masks: torch.Tensor, position_masks: dict[tuple[int, in
         for bp in plan.blocks:
             if bp.mix is not None and bp.mix_rows is None:
                 work[bp.mix.layout != torch.sparse_csr] += bp.mix.shape[0] * bp.mix.shape[1]
-        plan.token_major = work[True] > work[False]
+        plan.token_major = work[True] > work[False] and not any(bp.positional for bp in plan.blocks)
     return plan
 
 
