@@ -306,3 +306,22 @@ def test_every_registered_family_has_a_test_entry():
 
     tested = {CONFIGS[name]().architectures[0] for name in CONFIGS}
     assert set(REGISTRY) <= tested, sorted(set(REGISTRY) - tested)
+
+
+@pytest.mark.parametrize("activation", ["gelu_new", "gelu_fast", "relu"])
+def test_mlp_activation_runs_fused_only_where_it_is_the_tanh_gelu(activation):
+    """HF's unfused tanh-GELU formulas run as PyTorch's fused kernel (the same function to float
+    rounding); any other activation runs in HF's own module."""
+    from transformers import GPT2LMHeadModel
+
+    from conftest import gpt2_config
+
+    torch.manual_seed(0)
+    cfg = gpt2_config()
+    cfg.activation_function = activation
+    hf = GPT2LMHeadModel(cfg).eval()
+    layer = CircuitModel(hf).engine.w.layers[0]
+    x = torch.randn(2, 5, cfg.n_embd) * 4
+    with torch.no_grad():
+        assert (layer.mlp(x) - hf.transformer.h[0].mlp(x)).abs().max() < 1e-5
+    assert (layer.mlp is hf.transformer.h[0].mlp) == (activation == "relu")

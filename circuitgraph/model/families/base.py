@@ -106,6 +106,19 @@ def linear(module):
     return lambda x: F.linear(x, module.weight, module.bias)
 
 
+def gelu_mlp(mlp, up, down, after=None):
+    """``mlp``, or, where its activation ``mlp.act`` is HF's unfused tanh-GELU formula (``gelu_new``,
+    ``gelu_fast``: GPT-2's), ``after(down(gelu(up(x))))`` with PyTorch's fused tanh GELU: the same function
+    up to float rounding (measured within 5e-7 of HF's formula at |x| < 15), where HF's five passes over
+    the neurons take 12% of a GPT-2 forward on a CPU.  ``down`` stays the module (neuron hooks fire on it)."""
+    from transformers.activations import FastGELUActivation, NewGELUActivation
+
+    if type(getattr(mlp, "act", None)) not in (NewGELUActivation, FastGELUActivation):
+        return mlp
+    after = after or (lambda h: h)
+    return lambda x: after(down(F.gelu(up(x), approximate="tanh")))
+
+
 def separate_qkv(a, n_heads: int, n_kv: int, **kw):
     """Attention of the Llama kind (separate q/k/v/o projections, ``a.scaling``), as views."""
     from circuitgraph.model.weights import Attention

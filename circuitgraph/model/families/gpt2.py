@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from circuitgraph.model.families.base import Family, bias_heads, common_checks, norm, refuse, register
+from circuitgraph.model.families.base import Family, bias_heads, common_checks, gelu_mlp, norm, refuse, register
 from circuitgraph.model.weights import ArchInfo, Attention, Layer, Weights
 
 
@@ -39,7 +39,8 @@ class GPT2(Family):
             attn = Attention(per_head(slice(0, D)), per_head(slice(D, 2 * D)), per_head(slice(2 * D, 3 * D)),
                              bias_heads(b[:D], H), bias_heads(b[D:2 * D], H), bias_heads(b[2 * D:], H),
                              a.c_proj.weight.unflatten(0, (H, -1)), a.c_proj.bias, project, a.c_proj, scale)
-            layers.append(Layer(norm(block.ln_1), norm(block.ln_2), attn, block.mlp, mlp_down=block.mlp.c_proj))
+            mlp = gelu_mlp(block.mlp, block.mlp.c_fc, block.mlp.c_proj, block.mlp.dropout)
+            layers.append(Layer(norm(block.ln_1), norm(block.ln_2), attn, mlp, mlp_down=block.mlp.c_proj))
         wte, wpe = tr.wte, tr.wpe
 
         def embed(ids):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from circuitgraph.model.families.base import Family, common_checks, heads_out, norm, register
+from circuitgraph.model.families.base import Family, common_checks, gelu_mlp, heads_out, norm, register
 from circuitgraph.model.weights import ArchInfo, Attention, Layer, Rotary, Weights
 
 
@@ -35,6 +35,8 @@ class GPTNeoX(Family):
 
             attn = Attention(*(W[:, j].transpose(1, 2) for j in range(3)), *((None,) * 3 if b is None else (b[:, j] for j in range(3))),
                              heads_out(a.dense.weight, H), a.dense.bias, project, a.dense, a.scaling, rotary=rotary)
-            layers.append(Layer(norm(layer.input_layernorm), norm(layer.post_attention_layernorm), attn, layer.mlp, mlp_down=layer.mlp.dense_4h_to_h))
+            layers.append(Layer(norm(layer.input_layernorm), norm(layer.post_attention_layernorm), attn,
+                                gelu_mlp(layer.mlp, layer.mlp.dense_h_to_4h, layer.mlp.dense_4h_to_h),
+                                mlp_down=layer.mlp.dense_4h_to_h))
         return Weights(info, tr.embed_in, layers, norm(tr.final_layer_norm), hf.get_output_embeddings().weight, None,
                        W_E=tr.embed_in.weight)
