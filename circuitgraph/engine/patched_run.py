@@ -242,6 +242,9 @@ class PatchedRun:
         H, n = self.e.H, 3 * self.e.H
         if len(bp.from_ablated) == n or len(bp.from_patched) == n:
             return self.k.shared_qkv(layer, A if len(bp.from_ablated) == n else R)
+        if len(bp.custom) == n and self._one_circuit(bp):  # the plan orders them by kind, then head: views of the values
+            vals = self._project_custom(layer, bp, A, R)
+            return tuple(vals[j * H:(j + 1) * H].transpose(0, 1) for j in range(3))
         dev = self.k.device(layer)
         outs = tuple(R.new_empty(self.Bt, H, self.P, self.e.dh, device=dev) for _ in range(3))
         group = self.e.w.layers[layer].attn.group
