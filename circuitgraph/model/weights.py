@@ -4,7 +4,8 @@ The engine needs every head's query, key and value input separately, which no st
 offers; each architecture family (``circuitgraph.model.families``) describes its model in this
 form.  Every tensor here is a *view* of a HF parameter and every callable is a HF module or a thin
 wrapper around one, so the engine adds no weight copies and reproduces each family's own
-arithmetic (norm variants, embedding scaling, rotary types, MLPs) by construction.
+arithmetic (norm variants, embedding scaling, rotary types, MLPs) by construction (HF's unfused
+tanh-GELU formula alone runs as PyTorch's fused kernel: see ``families.base.gelu_mlp``).
 """
 
 from __future__ import annotations
