@@ -128,8 +128,8 @@ def test_one_circuit_mixes_match_by_hand(family, mix, monkeypatch):
         last = torch.full((clean.shape[0],), clean.shape[1] - 1)
         at_last = e.patched_run(clean, abl, plan_, logit_positions=last)[0]
     summable = [layer for layer, lw in enumerate(e.w.layers)
-                if len(plan_.needed[1 + 2 * layer]) == e.H and lw.post_attn is None and plan_.token_major]
-    assert summable or not plan_.token_major or any(lw.post_attn is not None for lw in e.w.layers)
+                if len(plan_.needed[1 + 2 * layer]) == e.H and lw.post_attn is None]
+    assert summable or any(lw.post_attn is not None for lw in e.w.layers)
     assert not set(summable) & set(projections)  # every head's output in the buffer: their sum is the attention output
     ref, _ = patched_forward(m.hf, clean, node_outputs(m.hf, corrupt),
                              lambda s, d: bool(mask[0, G.source_index[s], G.destination_index[d]]))

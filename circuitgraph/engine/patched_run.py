@@ -292,7 +292,8 @@ class PatchedRun:
         lead = LEAD if C == 1 else 0  # rows for a one-circuit block's bases (see _stage_bases)
         rows = lead + plan.n_rows
         # token-major: each token's rows contiguous, the operand :meth:`_mix_rows` multiplies token by token
-        self.token_major = plan.token_major and emb.device.type == "cpu" and emb.dtype in FULL and self.start is None
+        cpu_full = emb.device.type == "cpu" and emb.dtype in FULL
+        self.token_major = plan.token_major and cpu_full and self.start is None
         if self.token_major:
             self.lead = e.workspace("deltas", (C, B, P, rows, D), emb).permute(0, 3, 1, 2, 4)
         else:
@@ -322,7 +323,8 @@ class PatchedRun:
             def store_heads(z, inv, layer=layer, summed=False):
                 """Record the layer's head outputs; ``summed`` (every head recorded, no post-norm): return
                 their sum as the attention output, or None where they were not written into the buffer
-                (the rows of a token lie side by side: measured a tenth of the output projection's time)."""
+                (on a CPU in full precision: a tenth of the output projection's time with the rows of a token
+                side by side, and a Llama-3.2-1B-shaped 10% circuit 1.05x faster with them row-major)."""
                 rows = plan.needed[1 + 2 * layer]
                 if self.full is not None:  # pausing keeps every head: compute them once, take the rows from them
                     every = self.k.head_outputs(layer, z, all_heads, inv)
@@ -340,7 +342,7 @@ class PatchedRun:
                 else:
                     self._record(1 + 2 * layer, self.k.head_outputs(layer, z, rows, inv) if len(rows) else None)
 
-            sum_heads = (self.token_major and self.full is None and len(plan.needed[1 + 2 * layer]) == e.H
+            sum_heads = (cpu_full and self.full is None and len(plan.needed[1 + 2 * layer]) == e.H
                          and e.w.layers[layer].post_attn is None)
             out = self.k.block(layer, resid, rope[layer], qkv=self._qkv(layer, A, resid), mlp_input=mlp_input,
                                **(dict(attn_from=lambda z, f=store_heads: f(z, None, summed=True)) if sum_heads
