@@ -308,23 +308,23 @@ def test_every_registered_family_has_a_test_entry():
     assert set(REGISTRY) <= tested, sorted(set(REGISTRY) - tested)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "neox"])
 @pytest.mark.parametrize("activation", ["gelu_new", "gelu_fast", "relu"])
-def test_mlp_activation_runs_fused_only_where_it_is_the_tanh_gelu(activation):
+def test_mlp_activation_runs_fused_only_where_it_is_the_tanh_gelu(family, activation):
     """HF's unfused tanh-GELU formulas run as PyTorch's fused kernel (the same function to float
     rounding); any other activation runs in HF's own module."""
-    from transformers import GPT2LMHeadModel
-
-    from conftest import gpt2_config
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    cfg = gpt2_config()
-    cfg.activation_function = activation
-    hf = GPT2LMHeadModel(cfg).eval()
+    cfg = CONFIGS[family]()
+    setattr(cfg, "activation_function" if family == "gpt2" else "hidden_act", activation)
+    hf = AutoModelForCausalLM.from_config(cfg).eval()
+    hf_mlp = hf.transformer.h[0].mlp if family == "gpt2" else hf.gpt_neox.layers[0].mlp
     layer = CircuitModel(hf).engine.w.layers[0]
-    x = torch.randn(2, 5, cfg.n_embd) * 4
+    x = torch.randn(2, 5, hf.config.hidden_size) * 4
     with torch.no_grad():
-        assert (layer.mlp(x) - hf.transformer.h[0].mlp(x)).abs().max() < 1e-5
-    assert (layer.mlp is hf.transformer.h[0].mlp) == (activation == "relu")
+        assert (layer.mlp(x) - hf_mlp(x)).abs().max() < 1e-5
+    assert (layer.mlp is hf_mlp) == (activation == "relu")
 
 
 def test_fused_tanh_gelu_differs_from_hf_formula_by_rounding_only():
