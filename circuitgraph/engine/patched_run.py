@@ -70,7 +70,8 @@ class PatchedRun:
             out = out - self._tile(abl)
         o = self.plan.offsets[block]
         out = out.to(self.dbuf.device)
-        self.dbuf[:, o:o + len(rows)] = out.view(len(rows), self.C, self.B, self.P, self.D).transpose(0, 1)
+        # ``out`` may hold one position per example (the last MLP, see run): written to every position
+        self.dbuf[:, o:o + len(rows)] = out.view(len(rows), self.C, self.B, out.shape[-2], self.D).transpose(0, 1)
 
     # ----- destination inputs -----------------------------------------------------------------
     def _custom_inputs(self, bp: BlockPlan, A: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
@@ -319,6 +320,11 @@ class PatchedRun:
             A = self._tile(self.abl.resid[2 * layer]).expand(Bt, P, D)
             A_mid = self._tile(self.abl.resid[2 * layer + 1]).expand(Bt, P, D)
             mlp_input = lambda R_mid, layer=layer, A_mid=A_mid: self._single_input(2 * layer + 1, A_mid, R_mid.to(emb.device))
+            if layer == len(e.w.layers) - 1 and self._reads_positions_only():
+                # the last MLP feeds only the logits, read at one position per example: run it there alone
+                # (its output broadcasts over the positions of the residual, which nothing reads elsewhere)
+                at = (torch.arange(Bt, device=emb.device), self._positions())
+                mlp_input = lambda R_mid, inner=mlp_input, at=at: inner(R_mid)[at][:, None]
 
             def store_heads(z, inv, layer=layer, summed=False):
                 """Record the layer's head outputs; ``summed`` (every head recorded, no post-norm): return
@@ -353,11 +359,21 @@ class PatchedRun:
             return PrefixState(self.stop_layer, resid, self.full)
         return self._logits(resid)
 
+    def _positions(self) -> torch.Tensor:
+        """``[Bt]`` the logit positions, repeated per circuit."""
+        lp = self.logit_positions
+        return lp.repeat(self.C) if self.C > 1 else lp
+
+    def _reads_positions_only(self) -> bool:
+        """Whether the run ends in logits at one position per example built from those positions alone."""
+        return (self.logit_positions is not None and self.stop_layer is None
+                and not self.plan.blocks[-1].positional)
+
     def _logits(self, resid: torch.Tensor) -> torch.Tensor:
         e, plan, C, B, P, Bt, D = self.e, self.plan, self.C, self.B, self.P, self.Bt, self.D
         A = self._tile(self.abl.resid[-1]).expand(Bt, P, D)
         lp = self.logit_positions
-        positions = lp.repeat(C) if lp is not None and C > 1 else lp
+        positions = None if lp is None else self._positions()
         bp = plan.blocks[-1]
         if positions is None or bp.positional:
             logits = self.k.unembed(self._single_input(len(e.dst_blocks) - 1, A, resid), positions)
