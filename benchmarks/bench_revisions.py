@@ -131,6 +131,9 @@ def main():
         tasks.append("hf_forward_last")
     from tqdm import tqdm
 
+    short = lambda rev: subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", rev], check=True,
+                                       capture_output=True, text=True).stdout.strip()
+    args.old, args.new = short(args.old), (None if args.new is None else short(args.new))  # results name commits
     with tempfile.TemporaryDirectory() as tmp:
         trees = {}
         for label, rev in (("old", args.old), ("new", args.new)):
