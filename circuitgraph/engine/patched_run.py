@@ -375,7 +375,7 @@ class PatchedRun:
         lp = self.logit_positions
         positions = None if lp is None else self._positions()
         bp = plan.blocks[-1]
-        if positions is None or bp.positional:
+        if not self._reads_positions_only():
             logits = self.k.unembed(self._single_input(len(e.dst_blocks) - 1, A, resid), positions)
             return logits.view(C, B, *logits.shape[1:])
         # only the read positions of the final residual matter: build them alone
