@@ -196,20 +196,29 @@ class PatchedRun:
                 self.partial[t0:t1] = x[:, n] if token_major else x[n]
             xn = ln.into(x, nbuf[:x.numel()].view(x.shape)) if ln is not None else x  # a per-row norm: either layout
             xn = xn.transpose(0, 1) if token_major else xn  # [n, T, D]
-            for rows, ports, weights in runs:
-                vals[rows, t0:t1] = self.k.project_ports(layer, xn[rows, None], ports, weights)[:, 0]
+            for rows, ports, weights, stack in runs:
+                xr = xn[rows]  # [m, T, D]
+                if stack > 1:  # a group's query heads side by side on the token axis (a view: rows are contiguous)
+                    xr = xr.reshape(len(ports), stack * (t1 - t0), self.D)
+                out = self.k.project_ports(layer, xr[:, None], ports, weights)[:, 0]
+                vals[rows, t0:t1] = out.view(-1, t1 - t0, self.e.dh)
         return vals.view(n, self.Bt, self.P, self.e.dh)
 
     def _port_runs(self, layer: int, lo: int, ports: torch.Tensor) -> list:
-        """``(rows, ports, weights)`` to project one kind's run of ports (custom rows ``lo:``) with.  Keys
-        or values of every head in order, with grouped key/value heads, become ``group`` strided runs
-        that each use the key/value weights themselves, so no weight is repeated per query head."""
+        """``(rows, ports, weights, stack)`` to project one kind's run of ports (custom rows ``lo:``) with.
+        Keys or values of every head in order, with grouped key/value heads, use the key/value weights
+        themselves, so no weight is repeated per query head: with port inputs row-major, each group's
+        query heads stacked on the token axis (``stack``), one product per kind instead of ``group`` (the
+        Llama-3.1-8B shape in bf16 over 16 tokens ran 1.01x faster; a Llama-3.2-1B-shaped fp32 10%
+        circuit the same); token-major, as ``group`` strided runs (stacking would copy every input)."""
         a, H = self.e.w.layers[layer].attn, self.e.H
         kind = int(ports[0]) % 3
         if kind and a.group > 1 and len(ports) == H and bool((ports // 3 == torch.arange(H, device=ports.device)).all()):
             weights = (a.W_K, a.b_K) if kind == 1 else (a.W_V, a.b_V)
-            return [(slice(lo + j, lo + H, a.group), ports[j::a.group], weights) for j in range(a.group)]
-        return [(slice(lo, lo + len(ports)), ports, self.k.port_weights(layer, ports))]
+            if not self.token_major:
+                return [(slice(lo, lo + H), ports[::a.group], weights, a.group)]
+            return [(slice(lo + j, lo + H, a.group), ports[j::a.group], weights, 1) for j in range(a.group)]
+        return [(slice(lo, lo + len(ports)), ports, self.k.port_weights(layer, ports), 1)]
 
     def _resumed_mix(self, bp: BlockPlan, n: int) -> torch.Tensor:
         """The mix when rows before ``split`` live in the prefix state (one copy for all circuits)."""
