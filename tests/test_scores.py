@@ -229,9 +229,19 @@ def test_memory_budget_caps_the_batch_not_the_scores(setup):
         Evaluator(model, data, progress=False, memory_budget_mb=0.5 * one)
 
 
+def test_memory_sizes_read_with_or_without_a_unit():
+    from circuitgraph.cli.checks import memory_mib
+
+    assert [memory_mib(t) for t in ("512", "512MiB", "0.5 GiB", "8G", "1GB", "2048kib")] == \
+        [512, 512, 512, 8192, pytest.approx(1e9 / 2**20), 2]
+
+
 @pytest.mark.parametrize("value,message", [("0.000001", "is below what one example's patched pass holds"),
+                                           ("1KiB", "is below what one example's patched pass holds"),
                                            ("-3", "argument --memory-budget: expected a number > 0"),
-                                           ("nan", "argument --memory-budget: expected a finite number")])
+                                           ("0GB", "argument --memory-budget: expected a number > 0, got '0GB'"),
+                                           ("nan", "argument --memory-budget: expected a finite number"),
+                                           ("8XB", "argument --memory-budget: expected a size such as 512, 512MiB or 8GB")])
 def test_cli_memory_budget_errors_are_one_line(setup, model_dir, tmp_path, capsys, value, message):
     _, _, data_path = setup
     spec_path = tmp_path / "spec.json"

@@ -62,6 +62,29 @@ def positive_float(text: str) -> float:
     return _float_where(text, lambda v: v > 0, "a number > 0")
 
 
+# units a memory size may carry (case ignored), in MiB; a bare number is MiB
+SIZE_UNITS = {"k": 1 / 1024, "kib": 1 / 1024, "m": 1, "mib": 1, "g": 1024, "gib": 1024, "t": 1 << 20, "tib": 1 << 20,
+              "kb": 1e3 / 2**20, "mb": 1e6 / 2**20, "gb": 1e9 / 2**20, "tb": 1e12 / 2**20}
+
+
+def memory_mib(text: str) -> float:
+    """argparse type: a memory size > 0 in MiB, written as a number of MiB or with a unit (``512MiB``,
+    ``8GiB``, ``8G``, ``16GB``)."""
+    number = text.strip().rstrip("bBiIkKmMgGtT ")
+    unit = text.strip()[len(number):].strip().lower()
+    try:
+        value = float(number)
+    except ValueError:
+        value = None
+    if value is None or (unit and unit not in SIZE_UNITS):
+        raise argparse.ArgumentTypeError(f"expected a size such as 512, 512MiB or 8GB, got {text!r}")
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value * SIZE_UNITS[unit or "mib"]
+
+
 def fraction(text: str) -> float:
     """argparse type: a number from 0 to 1."""
     return _float_where(text, lambda v: 0 <= v <= 1, "a number from 0 to 1")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from circuitgraph.cli.checks import check_device, positive_float, positive_int
+from circuitgraph.cli.checks import check_device, memory_mib, positive_int
 from circuitgraph.evaluate import distributed as dist
 
 METRICS = ["logit_diff", "prob_diff", "kl", "accuracy"]
@@ -38,9 +38,10 @@ def add_model_args(p: argparse.ArgumentParser, data: bool = True, budget: bool =
         p.add_argument("--prepend-bos", action="store_true", help="put the BOS token first (TransformerLens habit)")
         p.add_argument("--batch-size", type=positive_int, default=32)
     if budget:  # commands that patch through the Evaluator
-        p.add_argument("--memory-budget", type=positive_float, metavar="MIB", default=None,
+        p.add_argument("--memory-budget", type=memory_mib, metavar="SIZE", default=None,
                        help="cap the batch (and the circuits stacked per pass) so the buffers that grow with them "
-                            "fit in this many MiB beside the model; the results are the same")
+                            "fit in this much memory beside the model (MiB, or with a unit: 512MiB, 8GiB, 16GB); "
+                            "the results are the same")
     p.add_argument("--device", default="cpu",
                    help="cpu, cuda, cuda:N or mps (under torchrun, cuda means each rank's own GPU)")
     p.add_argument("--dtype", choices=DTYPES, default="float32",
