@@ -47,6 +47,32 @@ def test_guard_passes_exact_models_and_reports_the_difference():
         assert ev.evaluate(CircuitSpec(edges=["input->logits"])).n_edges == 1
 
 
+def test_a_model_accelerate_offloaded_is_refused(model_dir):
+    """Offloaded weights sit on ``meta`` and arrive by hooks at each forward: the engine cannot read them."""
+    from circuitgraph.model.loading import ModelLoadError, _refuse_offload, load_model
+
+    m = load_model(model_dir, device_map={"": "cpu"})
+    _refuse_offload(m.hf, "toy")  # all weights in place: nothing to refuse
+    m.hf.hf_device_map = {"model": "cpu", "lm_head": "disk"}
+    m.hf.lm_head.to("meta")
+    with pytest.raises(ModelLoadError, match="model 'toy' does not fit on the devices: accelerate offloaded part of it to "
+                                             "cpu and disk, which the engine cannot run"):
+        _refuse_offload(m.hf, "toy")
+
+
+def test_device_auto_needs_gpus_and_no_launcher(monkeypatch, capsys):
+    """``--device auto`` shards one model over the GPUs: a one-line refusal without any, or under torchrun."""
+    from circuitgraph.cli.checks import CLIError, check_device
+
+    with pytest.raises(CLIError, match="there are none; use --device cpu"):
+        check_device("auto")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert check_device("auto") == "auto"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(CLIError, match="under torchrun each rank holds the whole model on its own GPU; use --device cuda"):
+        check_device("auto")
+
+
 def test_load_with_a_device_map(model_dir):
     """Sharding goes through HF accelerate; here every layer lands on the one CPU."""
     from circuitgraph.model.loading import load_model

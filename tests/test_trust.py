@@ -245,7 +245,7 @@ def test_damaged_weights_file(files, capsys, tmp_path):
 
 
 @pytest.mark.parametrize("device,message", [
-    ("cdua", "--device 'cdua': not a device; expected cpu, cuda, cuda:N or mps"),
+    ("cdua", "--device 'cdua': not a device; expected cpu, cuda, cuda:N, mps or auto"),
     ("cuda:99", "--device 'cuda:99'"),
     ("meta", "device type 'meta' is not supported"),
 ])
@@ -489,7 +489,7 @@ def test_real_entry_point_warns_and_fails_in_one_line(files, tmp_path):
     _strict(r.stdout)
     r = subprocess.run(base + ["--device", "cdua"], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip() == ("circuitgraph evaluate: error: --device 'cdua': not a device; "
-                                                      "expected cpu, cuda, cuda:N or mps")
+                                                      "expected cpu, cuda, cuda:N, mps or auto")
 
 
 def test_path_patching_with_no_corruption_effect_prints_no_number(files, capsys, model, tmp_path):

@@ -91,13 +91,21 @@ def fraction(text: str) -> float:
 
 
 def check_device(name: str) -> str:
-    """The device exists here: a misspelt name or a missing GPU is one line, not a CUDA traceback."""
+    """The device exists here: a misspelt name or a missing GPU is one line, not a CUDA traceback.
+    ``auto`` shards one model over every visible GPU (HF accelerate's ``device_map="auto"``)."""
     import torch
 
+    if name == "auto":
+        if not torch.cuda.is_available():
+            raise CLIError("--device 'auto' shards the model over the visible GPUs, and there are none; use --device cpu")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise CLIError("--device 'auto' shards one model over every GPU, while under torchrun each rank holds "
+                           "the whole model on its own GPU; use --device cuda")
+        return name
     try:
         dev = torch.device(name)
     except (RuntimeError, ValueError):
-        raise CLIError(f"--device '{name}': not a device; expected cpu, cuda, cuda:N or mps") from None
+        raise CLIError(f"--device '{name}': not a device; expected cpu, cuda, cuda:N, mps or auto") from None
     if dev.type == "cpu":
         return name
     if dev.type == "cuda":
@@ -112,7 +120,7 @@ def check_device(name: str) -> str:
         if not torch.backends.mps.is_available():
             raise CLIError(f"--device '{name}': Apple's MPS is not available here; use --device cpu")
         return name
-    raise CLIError(f"--device '{name}': device type '{dev.type}' is not supported; expected cpu, cuda, cuda:N or mps")
+    raise CLIError(f"--device '{name}': device type '{dev.type}' is not supported; expected cpu, cuda, cuda:N, mps or auto")
 
 
 def _writable(folder: Path) -> bool:

@@ -273,7 +273,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command not in DISTRIBUTED_COMMANDS:
         return _run(args) if os.environ.get("RANK", "0") == "0" else 0
     try:
-        dist.init(check_device(getattr(args, "device", "cpu")))
+        device = check_device(getattr(args, "device", "cpu"))
+    except CLIError as e:
+        print(f"circuitgraph {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        dist.init(device)
     except Exception as e:  # noqa: BLE001 -- one line, no traceback
         print(f"circuitgraph {args.command}: error: could not join the torch.distributed group "
               f"(MASTER_ADDR={os.environ.get('MASTER_ADDR')}, MASTER_PORT={os.environ.get('MASTER_PORT')}): "

@@ -20,10 +20,11 @@ def load_model_and_data(args, need_data: bool = True):
     from circuitgraph.data.dataset import read_jsonl, tokenize
     from circuitgraph.model.loading import load_model
 
-    device = dist.device_for(check_device(getattr(args, "device", "cpu")))
+    device = check_device(getattr(args, "device", "cpu"))
+    placement = dict(device_map="auto") if device == "auto" else dict(device=dist.device_for(device))
     dtype = getattr(torch, getattr(args, "dtype", "float32"))
     examples = read_jsonl(args.data) if need_data else None
-    model = load_model(args.model, device=device, dtype=dtype, check_exact=not getattr(args, "no_exactness_check", False))
+    model = load_model(args.model, dtype=dtype, check_exact=not getattr(args, "no_exactness_check", False), **placement)
     data = None
     if need_data:
         data = tokenize(examples, model, prepend_bos=args.prepend_bos, source=str(args.data))
@@ -43,7 +44,8 @@ def add_model_args(p: argparse.ArgumentParser, data: bool = True, budget: bool =
                             "fit in this much memory beside the model (MiB, or with a unit: 512MiB, 8GiB, 16GB); "
                             "the results are the same")
     p.add_argument("--device", default="cpu",
-                   help="cpu, cuda, cuda:N or mps (under torchrun, cuda means each rank's own GPU)")
+                   help="cpu, cuda, cuda:N, mps (under torchrun, cuda means each rank's own GPU), or auto: one model "
+                        "sharded layer by layer over every visible GPU, for models larger than one")
     p.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="weights and activations; metrics and score sums accumulate in fp32 either way")
     p.add_argument("--no-exactness-check", action="store_true",

@@ -169,7 +169,20 @@ def load_model(name: str | os.PathLike, device: str | torch.device = "cpu", dtyp
         tokenizer = AutoTokenizer.from_pretrained(where)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"model '{name}': could not load its tokenizer ({str(e).splitlines()[0]})") from None
+    if device_map is not None:
+        _refuse_offload(hf, str(name))
     return CircuitModel(hf if device_map is not None else hf.to(device), tokenizer, name=str(name), check_exact=check_exact)
+
+
+def _refuse_offload(hf, name: str):
+    """accelerate offloads what does not fit on the devices (weights on ``meta``, brought in by hooks at each
+    forward); the engine reads the weights themselves, so such a model cannot run here."""
+    if not any(p.device.type == "meta" for p in hf.parameters()):
+        return
+    where = sorted({str(v) for v in getattr(hf, "hf_device_map", {}).values() if str(v) in ("cpu", "disk")}) or ["meta"]
+    raise ModelLoadError(f"model '{name}' does not fit on the devices: accelerate offloaded part of it to "
+                         f"{' and '.join(where)}, which the engine cannot run; use more or larger GPUs, a half-precision "
+                         f"dtype, or the CPU alone (device_map={{'': 'cpu'}}, or --device cpu)")
 
 
 def from_config(config, seed: int = 0, tokenizer=None) -> CircuitModel:
