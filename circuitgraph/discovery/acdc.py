@@ -131,7 +131,7 @@ def acdc(ev: Evaluator, tau: float, batch: int | None = None, progress: bool = T
 def exact_scores(ev: Evaluator, batch: int | None = None, progress: bool = True) -> EdgeScores:
     """Each edge's true effect: M(clean run with only that edge ablated) - M(clean), batched."""
     G = ev.graph
-    batch = batch or ev.circuits_per_pass
+    batch = batch or ev.trials_per_pass
     runner = _TrialRunner(ev)
     pairs = torch.nonzero(G.legal)
     scores = torch.zeros(len(G.sources), len(G.destinations), dtype=torch.float64)
