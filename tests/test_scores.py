@@ -112,6 +112,23 @@ def test_edge_effects_match_two_evaluations(setup):
     assert set(nodes) == {"a0.h1", "a0.h2", "a1.h0", "a1.h3", "m1"}
 
 
+@pytest.mark.parametrize("ablation", ["corrupted", "mean", "zero"])
+def test_effects_resumed_from_the_circuits_own_run_equal_full_runs(setup, ablation):
+    """Each removal resumes from the circuit's run paused at the first layer it changes: the same
+    numbers as running every reduced circuit from the embedding (over two batches of examples)."""
+    model, data, _ = setup
+    ev = Evaluator(model, data, batch_size=5, ablation=ablation, progress=False)
+    everywhere = json.loads(json.dumps(SPEC))  # the spec at every position
+    del everywhere["groups"]["early"]["positions"], everywhere["edges"][1]["positions"]
+    circuit = ev.resolve(CircuitSpec.from_dict(everywhere))
+    assert not circuit.position_names and len(circuit.edges) == 15
+    removals = [[k] for k in circuit.edges] + [list(circuit.edges)[:3]]
+    resumed = ev._resumed_values(circuit, removals, chunk=2, desc="")
+    full = ev.metric_values([circuit.without(r) for r in removals], chunk=1)
+    assert ev.n_batches == 2 and resumed.shape == full.shape
+    assert np.abs(resumed - full).max() < 1e-5
+
+
 @pytest.mark.parametrize("metric", ["prob_diff", "kl", "accuracy"])
 def test_other_metrics_normalise_between_baselines(setup, metric):
     model, data, _ = setup

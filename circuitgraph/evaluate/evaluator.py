@@ -27,6 +27,7 @@ from circuitgraph.engine import Ablation
 from circuitgraph.errors import CircuitWarning
 from circuitgraph.evaluate import distributed as dist
 from circuitgraph.evaluate.metrics import get_metric
+from circuitgraph.graph.nodes import NodeRef
 from circuitgraph.model.loading import CircuitModel
 from circuitgraph.spec.circuit_spec import CircuitSpec, ResolvedCircuit, SpecError
 
@@ -461,13 +462,52 @@ class Evaluator:
         if self.undefined_reason:
             warnings.warn(f"effects are undefined (NaN): {self.undefined_reason}", CircuitWarning, stacklevel=3)
         full = self.metric_values([circuit])[0]
-        reduced = self.metric_values([circuit.without(r) for r in removals], chunk=chunk, desc=desc)
+        if circuit.position_names:  # position-restricted circuits run one at a time from the embedding
+            reduced = self.metric_values([circuit.without(r) for r in removals], chunk=chunk, desc=desc)
+        else:
+            reduced = self._resumed_values(circuit, removals, chunk, desc)
         clean, base = self.clean_values, self.base_values
         drop = lambda f, r, c, b: normalised(f, c, b) - normalised(r, c, b)
         out = {}
         for name, row in zip(names, reduced):
             out[name] = (float(drop(full, row, clean, base)), bootstrap_se(drop, full, row, clean, base))
         return out
+
+
+    @torch.no_grad()
+    def _resumed_values(self, circuit: ResolvedCircuit, removals: list, chunk: int | None, desc: str) -> np.ndarray:
+        """Per-example metric ``[R, N]`` of the circuit without each removal (a list of its edges).
+
+        Nothing before the first layer a removal changes can differ from the circuit's own run, so
+        each removal resumes from that run paused there (one paused run per layer and batch),
+        :attr:`circuits_per_pass` at a time (on GPT-2 small over 16 x 16 tokens, resumed removals from
+        MIB's IOI circuit ran 1.17x faster one by one than 16 stacked, unlike exact edge effects'
+        near-complete circuits: see :attr:`trials_per_pass`)."""
+        G, e, dev = self.graph, self.engine, self.model.device
+        dst_layer = [NodeRef.parse(d).block_layer(G.n_layers) for d in G.destinations]
+        by_layer: dict[int, list[int]] = {}
+        for i, r in enumerate(removals):
+            by_layer.setdefault(min(dst_layer[d] for _, d in r), []).append(i)
+        mask = circuit.mask()
+        plan = e.compile(mask[None].to(dev))
+        chunk = chunk or self.circuits_per_pass
+        out = np.zeros((len(removals), len(self.data)), dtype=np.float64)
+        jobs = [(layer, s) for layer in sorted(by_layer) for s in range(self.n_batches)]
+        for layer, s in tqdm(jobs, desc=desc, leave=False, disable=not self.progress or len(jobs) < 2):
+            a, b = self._spans()[s]
+            part, abl, clean_logits = self._batch(s, a, b)
+            clean, last = part.clean.to(dev), part.last.to(dev)
+            state = e.patched_run(clean, abl, plan, stop_layer=layer)
+            todo = by_layer[layer]
+            for c in range(0, len(todo), chunk):
+                idx = todo[c:c + chunk]
+                masks = mask[None].repeat(len(idx), 1, 1)
+                for j, i in enumerate(idx):
+                    for src, dst in removals[i]:
+                        masks[j, src, dst] = False
+                logits = e.patched_run(clean, abl, e.compile(masks.to(dev)), logit_positions=last, start=state)
+                out[idx, a:b] = self._values(logits, part, clean_logits.expand(len(idx), -1, -1)).numpy()
+        return self.reduce(out)
 
 
 def _check_inputs(model, data) -> tuple[CircuitModel, TaskData]:
