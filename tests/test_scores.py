@@ -1,5 +1,6 @@
 """Scores and the evaluate command, checked against by-hand runs of the HF model, one example at a time."""
 
+import importlib
 import json
 
 import numpy as np
@@ -251,6 +252,27 @@ def test_memory_sizes_read_with_or_without_a_unit():
 
     assert [memory_mib(t) for t in ("512", "512MiB", "0.5 GiB", "8G", "1GB", "2048kib")] == \
         [512, 512, 512, 8192, pytest.approx(1e9 / 2**20), 2]
+
+
+def test_without_a_budget_passes_fit_in_half_the_free_memory(setup, monkeypatch):
+    """No --memory-budget: the batch shrinks to what half the device's free memory holds (a large model's
+    default batch would otherwise fail out of memory), never below one example; the scores are the same."""
+    evaluator = importlib.import_module("circuitgraph.evaluate.evaluator")  # the package name is also a function
+
+    model, data, _ = setup
+    spec = CircuitSpec.from_dict(SPEC)
+    whole = Evaluator(model, data, batch_size=7, progress=False)
+    assert evaluator.free_mb(torch.device("cpu")) > 0 and whole.batch_size == 7
+    one = whole.pass_mb(1)
+    monkeypatch.setattr(evaluator, "free_mb", lambda device: 5 * one)
+    tight = Evaluator(model, data, batch_size=7, progress=False)
+    assert tight.batch_size == 2 and tight.circuits_per_pass == 1 and not tight._cache_ok
+    a, b = whole.evaluate(spec), tight.evaluate(spec)
+    assert b.faithfulness == pytest.approx(a.faithfulness, abs=1e-6) and b.necessity == pytest.approx(a.necessity, abs=1e-6)
+    monkeypatch.setattr(evaluator, "free_mb", lambda device: 0.1 * one)
+    assert Evaluator(model, data, batch_size=7, progress=False).batch_size == 1
+    monkeypatch.setattr(evaluator, "free_mb", lambda device: float("inf"))
+    assert Evaluator(model, data, batch_size=7, progress=False).batch_size == 7
 
 
 @pytest.mark.parametrize("value,message", [("0.000001", "is below what one example's patched pass holds"),

@@ -114,6 +114,24 @@ def normalisation_problem(clean: np.ndarray, base: np.ndarray, metric: str) -> s
     return None
 
 
+AUTO_BUDGET_SHARE = 0.5  # without --memory-budget, passes hold at most this share of the free memory (the rest: activations)
+
+
+def free_mb(device: torch.device) -> float:
+    """MiB still free on ``device``: a GPU's free memory, or the RAM Linux reports available (inf where unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] / 2**20
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+    return math.inf
+
+
 class Evaluator:
     """Scores circuits on one dataset, reusing the clean and ablation runs across circuits.
 
@@ -136,13 +154,19 @@ class Evaluator:
         self.engine = model.engine
         self.graph = model.graph
         self.memory_budget_mb = memory_budget_mb
-        self.batch_size = batch_size if memory_budget_mb is None else self._batch_within(memory_budget_mb, batch_size)
+        # without a budget, a share of what the device has free, so that a large model's default batch
+        # shrinks to fit rather than failing out of memory (the results are the same either way)
+        self._limit_mb = memory_budget_mb if memory_budget_mb is not None else AUTO_BUDGET_SHARE * free_mb(model.device)
+        if memory_budget_mb is not None:
+            self.batch_size = self._batch_within(memory_budget_mb, batch_size)
+        else:
+            self.batch_size = max(1, min(batch_size, int(self._limit_mb // self.pass_mb(1)))) if math.isfinite(self._limit_mb) else batch_size
         self._mean = self._mean_outputs(reference if reference is not None else data) if ablation == "mean" else None
         self._cache: dict[int, tuple] = {}
         cached = self.pass_mb(len(data), circuits=0)  # every batch's ablated run
-        if memory_budget_mb is not None:  # kept beside one pass of the circuits
-            cache_budget_mb = min(cache_budget_mb, memory_budget_mb - self.pass_mb(self.batch_size, self.circuits_per_pass)
-                                  + self.pass_mb(self.batch_size, circuits=0))
+        # kept beside one pass of the circuits
+        cache_budget_mb = min(cache_budget_mb, self._limit_mb - self.pass_mb(self.batch_size, self.circuits_per_pass)
+                              + self.pass_mb(self.batch_size, circuits=0))
         self._cache_ok = ablation == "corrupted" and cached <= cache_budget_mb
         self.clean_values, self.base_values = self._baselines()
 
@@ -152,7 +176,8 @@ class Evaluator:
         (small models, GPUs) but not arithmetic, and on a CPU a circuit run alone takes a faster path
         (mixing, normalising and projecting a few tokens at a time in cache): there only tiny passes
         stack (d_model x tokens <= 2^15; on GPT-2 small over 16 x 16 tokens, 8 circuits stacked took
-        2.0-2.5x as long as one by one).  Under a memory budget, no more than fit in it."""
+        2.0-2.5x as long as one by one).  No more than fit in the memory budget (without one, in half
+        the free memory)."""
         return self._per_pass(2**15)
 
     @property
@@ -166,7 +191,7 @@ class Evaluator:
         batch = min(self.batch_size, len(self.data))
         work = self.engine.D * batch * self.data.clean.shape[1]
         n = 16 if self.model.device.type != "cpu" or work <= cpu_work else 1
-        while n > 1 and self.memory_budget_mb is not None and self.pass_mb(batch, n) > self.memory_budget_mb:
+        while n > 1 and self.pass_mb(batch, n) > self._limit_mb:
             n //= 2
         return n
 
