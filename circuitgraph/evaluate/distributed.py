@@ -95,6 +95,16 @@ def all_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def all_min(value: float) -> float:
+    """The smallest of one number over ranks (through the CPU backend), so that choices made from it,
+    such as the batch, agree on every rank."""
+    if not active():
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return float(t)
+
+
 def all_sum_array(x: np.ndarray) -> np.ndarray:
     """:func:`all_sum` for a NumPy array (per-example values)."""
     if not active():
@@ -102,5 +112,5 @@ def all_sum_array(x: np.ndarray) -> np.ndarray:
     return all_sum(torch.from_numpy(np.ascontiguousarray(x))).numpy()
 
 
-__all__ = ["active", "all_sum", "all_sum_array", "close", "device_for", "init", "is_main", "launched", "rank", "shard",
+__all__ = ["active", "all_min", "all_sum", "all_sum_array", "close", "device_for", "init", "is_main", "launched", "rank", "shard",
            "world_size"]

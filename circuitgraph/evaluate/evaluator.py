@@ -157,6 +157,8 @@ class Evaluator:
         # without a budget, a share of what the device has free, so that a large model's default batch
         # shrinks to fit rather than failing out of memory (the results are the same either way)
         self._limit_mb = memory_budget_mb if memory_budget_mb is not None else AUTO_BUDGET_SHARE * free_mb(model.device)
+        if self.distributed:  # every rank must cut the same batches and passes
+            self._limit_mb = dist.all_min(self._limit_mb)
         if memory_budget_mb is not None:
             self.batch_size = self._batch_within(memory_budget_mb, batch_size)
         else:
