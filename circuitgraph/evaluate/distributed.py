@@ -112,5 +112,5 @@ def all_sum_array(x: np.ndarray) -> np.ndarray:
     return all_sum(torch.from_numpy(np.ascontiguousarray(x))).numpy()
 
 
-__all__ = ["active", "all_min", "all_sum", "all_sum_array", "close", "device_for", "init", "is_main", "launched", "rank", "shard",
-           "world_size"]
+__all__ = ["active", "all_min", "all_sum", "all_sum_array", "close", "device_for", "init", "is_main", "launched", "rank",
+           "shard", "world_size"]

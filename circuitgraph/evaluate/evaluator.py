@@ -161,8 +161,10 @@ class Evaluator:
             self._limit_mb = dist.all_min(self._limit_mb)
         if memory_budget_mb is not None:
             self.batch_size = self._batch_within(memory_budget_mb, batch_size)
+        elif math.isfinite(self._limit_mb):
+            self.batch_size = max(1, min(batch_size, int(self._limit_mb // self.pass_mb(1))))
         else:
-            self.batch_size = max(1, min(batch_size, int(self._limit_mb // self.pass_mb(1)))) if math.isfinite(self._limit_mb) else batch_size
+            self.batch_size = batch_size
         self._mean = self._mean_outputs(reference if reference is not None else data) if ablation == "mean" else None
         self._cache: dict[int, tuple] = {}
         cached = self.pass_mb(len(data), circuits=0)  # every batch's ablated run
@@ -500,7 +502,6 @@ class Evaluator:
             out[name] = (float(drop(full, row, clean, base)), bootstrap_se(drop, full, row, clean, base))
         return out
 
-
     @torch.no_grad()
     def _resumed_values(self, circuit: ResolvedCircuit, removals: list, chunk: int | None, desc: str) -> np.ndarray:
         """Per-example metric ``[R, N]`` of the circuit without each removal (a list of its edges).
@@ -518,21 +519,25 @@ class Evaluator:
         mask = circuit.mask()
         plan = e.compile(mask[None].to(dev))
         chunk = chunk or self.circuits_per_pass
-        out = np.zeros((len(removals), len(self.data)), dtype=np.float64)
-        jobs = [(layer, s) for layer in sorted(by_layer) for s in range(self.n_batches)]
-        for layer, s in tqdm(jobs, desc=desc, leave=False, disable=not self.progress or len(jobs) < 2):
-            a, b = self._spans()[s]
-            part, abl, clean_logits = self._batch(s, a, b)
-            clean, last = part.clean.to(dev), part.last.to(dev)
-            state = e.patched_run(clean, abl, plan, stop_layer=layer)
-            todo = by_layer[layer]
+        trials = {}  # layer -> [(removal indices, their plan)]
+        for layer, todo in by_layer.items():
+            trials[layer] = []
             for c in range(0, len(todo), chunk):
                 idx = todo[c:c + chunk]
                 masks = mask[None].repeat(len(idx), 1, 1)
                 for j, i in enumerate(idx):
                     for src, dst in removals[i]:
                         masks[j, src, dst] = False
-                logits = e.patched_run(clean, abl, e.compile(masks.to(dev)), logit_positions=last, start=state)
+                trials[layer].append((idx, e.compile(masks.to(dev))))
+        out = np.zeros((len(removals), len(self.data)), dtype=np.float64)
+        jobs = [(layer, s) for layer in sorted(trials) for s in range(self.n_batches)]
+        for layer, s in tqdm(jobs, desc=desc, leave=False, disable=not self.progress or len(jobs) < 2):
+            a, b = self._spans()[s]
+            part, abl, clean_logits = self._batch(s, a, b)
+            clean, last = part.clean.to(dev), part.last.to(dev)
+            state = e.patched_run(clean, abl, plan, stop_layer=layer)
+            for idx, trial_plan in trials[layer]:
+                logits = e.patched_run(clean, abl, trial_plan, logit_positions=last, start=state)
                 out[idx, a:b] = self._values(logits, part, clean_logits.expand(len(idx), -1, -1)).numpy()
         return self.reduce(out)
 
