@@ -58,6 +58,8 @@ def test_a_model_accelerate_offloaded_is_refused(model_dir):
     with pytest.raises(ModelLoadError, match="model 'toy' does not fit on the devices: accelerate offloaded part of it to "
                                              "cpu and disk, which the engine cannot run"):
         _refuse_offload(m.hf, "toy")
+    with pytest.raises(ModelLoadError, match="model 'mine' does not fit on the devices"):  # a model handed over as it is
+        CircuitModel(m.hf, name="mine")
 
 
 def test_device_auto_needs_gpus_and_no_launcher(monkeypatch, capsys):

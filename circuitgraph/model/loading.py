@@ -60,6 +60,7 @@ class CircuitModel:
 
     def __init__(self, hf_model, tokenizer=None, name: str = "model", check_exact: bool = True):
         describe_config(hf_model.config)  # raises UnsupportedArchitecture with the reason
+        _refuse_offload(hf_model, name)
         self.hf = hf_model.eval()
         self.tokenizer = tokenizer
         self.name = name
@@ -169,8 +170,6 @@ def load_model(name: str | os.PathLike, device: str | torch.device = "cpu", dtyp
         tokenizer = AutoTokenizer.from_pretrained(where)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"model '{name}': could not load its tokenizer ({str(e).splitlines()[0]})") from None
-    if device_map is not None:
-        _refuse_offload(hf, str(name))
     return CircuitModel(hf if device_map is not None else hf.to(device), tokenizer, name=str(name), check_exact=check_exact)
 
 
