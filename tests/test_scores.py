@@ -254,6 +254,19 @@ def test_memory_sizes_read_with_or_without_a_unit():
         [512, 512, 512, 8192, pytest.approx(1e9 / 2**20), 2]
 
 
+def test_on_a_cpu_only_tiny_passes_stack_circuits(setup, monkeypatch):
+    """A circuit run alone takes the CPU's chunked one-circuit path, so full runs stack only when d_model x
+    tokens <= 2^15; resumed trials (exact edge effects) up to 2^21."""
+    model, data, _ = setup
+    ev = Evaluator(model, data, batch_size=7, progress=False)
+    tokens = 7 * data.clean.shape[1]
+    assert model.engine.D * tokens <= 2**15 and ev.circuits_per_pass == ev.trials_per_pass == 16
+    monkeypatch.setattr(model.engine, "D", 2**16 // tokens)  # a wider model: past 2^15, within 2^21
+    assert ev.circuits_per_pass == 1 and ev.trials_per_pass == 16
+    monkeypatch.setattr(model.engine, "D", 2**22 // tokens)
+    assert ev.circuits_per_pass == ev.trials_per_pass == 1
+
+
 def test_without_a_budget_passes_fit_in_half_the_free_memory(setup, monkeypatch):
     """No --memory-budget: the batch shrinks to what half the device's free memory holds (a large model's
     default batch would otherwise fail out of memory), never below one example; the scores are the same."""
