@@ -5,10 +5,12 @@ its removal changes (one at a time, as now, or stacked).
 
 Random-init GPT-2-small shape, MIB's published IOI circuit (756 edges, every position), batch 16 x 16,
 CPU, 2 threads, one process; the ways alternate over rounds.  The edges are a sample spread over
-the layers (``--edges``), since the full set takes the old way about 6 minutes per round.  Writes
+the layers (``--edges``), since the full set takes the old way about 6 minutes per round.  Then the
+same for path-patching sweeps into ``logits`` and ``a6.h0<q>``: each sender's circuit from the embedding
+against the clean run resumed at the receiver's layer.  About 10 minutes.  Writes
 benchmarks/results/bench_effects.{json,md}.
 
-    python benchmarks/bench_effects.py [--edges 48] [--rounds 3]
+    python benchmarks/bench_effects.py [--edges 48] [--rounds 3] [--pp-rounds 2]
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--edges", type=int, default=48)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--pp-rounds", type=int, default=2, help="rounds of the path-patching sweeps")
     args = ap.parse_args()
     import numpy as np
     import torch
@@ -60,8 +63,8 @@ def main():
     ways = {
         "from the embedding, 16 stacked (before)": lambda: ev.metric_values([circuit.without(r) for r in removals], chunk=stacked_before),
         "from the embedding, one by one": lambda: ev.metric_values([circuit.without(r) for r in removals], chunk=1),
-        "resumed from the circuit's run, 16 stacked": lambda: ev._resumed_values(circuit, removals, 16, ""),
-        "resumed from the circuit's run (now)": lambda: ev._resumed_values(circuit, removals, None, ""),
+        "resumed from the circuit's run, 16 stacked": lambda: ev.values_without(circuit.mask(), removals, 16),
+        "resumed from the circuit's run (now)": lambda: ev.values_without(circuit.mask(), removals),
     }
     values = {k: fn() for k, fn in ways.items()}  # one untimed pass each, and the check that they agree
     ref = values["from the embedding, one by one"]
@@ -76,6 +79,7 @@ def main():
     now = med["resumed from the circuit's run (now)"]
     layers = sorted({NodeRef.parse(G.destinations[r[0][1]]).block_layer(G.n_layers) for r in removals})
     res = {"edges": args.edges, "rounds": args.rounds, "batch": [B, P], "circuits_per_pass": ev.circuits_per_pass, "largest_metric_difference": diff, "median_s": med}
+    res["path_patching"] = path_patching(ev, args.pp_rounds)
     dest = ROOT / "benchmarks" / "results"
     (dest / "bench_effects.json").write_text(json.dumps(res, indent=2) + "\n")
     lines = [f"Edge effects of {args.edges} edges of MIB's IOI circuit (destinations in layers {layers[0]}-{layers[-1]}), "
@@ -85,8 +89,42 @@ def main():
         lines.append(f"| {k} | {s:.2f} | {s / args.edges:.3f} | {s / now:.2f} |")
     lines += ["", f"The ways' per-example metrics agree to {diff:.1e}. Runs now go {ev.circuits_per_pass} "
               f"at a time (`circuits_per_pass`), resumed or not."]
+    lines += ["", f"Path-patching sweeps (every sender upstream of the receiver, alone), median of {args.pp_rounds} "
+              "alternating rounds: before, each sender's circuit (the full graph without its edges into the receiver) ran "
+              "from the embedding, 16 stacked; now each resumes from the clean run paused at the receiver's layer, "
+              "`trials_per_pass` at a time.", "",
+              "| receiver | senders | before s | now s | before / now | largest difference |", "|---|---|---|---|---|---|"]
+    for rec, r in res["path_patching"].items():
+        lines.append(f"| {rec} | {r['senders']} | {r['before_s']:.2f} | {r['now_s']:.2f} | {r['before_s'] / r['now_s']:.1f} | "
+                     f"{r['largest_metric_difference']:.1e} |")
     (dest / "bench_effects.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def path_patching(ev, rounds: int) -> dict:
+    """Sweep timings, the old way (full runs, 16 stacked) against the product's, per receiver."""
+    import numpy as np
+
+    from circuitgraph.evaluate.path_patching import _patched_values
+
+    G, out = ev.graph, {}
+    for rec in ("logits", "a6.h0<q>"):
+        d = G.destination_index[rec]
+        src = [s for s in range(len(G.sources)) if bool(G.legal[s, d])]
+        masks = G.legal[None].repeat(len(src), 1, 1)
+        for i, s in enumerate(src):
+            masks[i, s, d] = False
+        ways = {"before": lambda: ev.mask_values(masks, chunk=16), "now": lambda: _patched_values(ev, [[s] for s in src], [d], None)}
+        vals = {k: fn() for k, fn in ways.items()}
+        times = {k: [] for k in ways}
+        for _ in range(rounds):
+            for k, fn in ways.items():
+                t = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - t)
+        out[rec] = {"senders": len(src), "before_s": statistics.median(times["before"]), "now_s": statistics.median(times["now"]),
+                    "largest_metric_difference": float(np.abs(vals["before"] - vals["now"]).max())}
+    return out
 
 
 if __name__ == "__main__":

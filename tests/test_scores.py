@@ -124,7 +124,7 @@ def test_effects_resumed_from_the_circuits_own_run_equal_full_runs(setup, ablati
     circuit = ev.resolve(CircuitSpec.from_dict(everywhere))
     assert not circuit.position_names and len(circuit.edges) == 15
     removals = [[k] for k in circuit.edges] + [list(circuit.edges)[:3]]
-    resumed = ev._resumed_values(circuit, removals, chunk=2, desc="")
+    resumed = ev.values_without(circuit.mask(), removals, chunk=2)
     full = ev.metric_values([circuit.without(r) for r in removals], chunk=1)
     assert ev.n_batches == 2 and resumed.shape == full.shape
     assert np.abs(resumed - full).max() < 1e-5

@@ -494,7 +494,7 @@ class Evaluator:
         if circuit.position_names:  # position-restricted circuits run one at a time from the embedding
             reduced = self.metric_values([circuit.without(r) for r in removals], chunk=chunk, desc=desc)
         else:
-            reduced = self._resumed_values(circuit, removals, chunk, desc)
+            reduced = self.values_without(circuit.mask(), removals, chunk, desc)
         clean, base = self.clean_values, self.base_values
         drop = lambda f, r, c, b: normalised(f, c, b) - normalised(r, c, b)
         out = {}
@@ -503,20 +503,21 @@ class Evaluator:
         return out
 
     @torch.no_grad()
-    def _resumed_values(self, circuit: ResolvedCircuit, removals: list, chunk: int | None, desc: str) -> np.ndarray:
-        """Per-example metric ``[R, N]`` of the circuit without each removal (a list of its edges).
+    def values_without(self, mask: torch.Tensor, removals: list, chunk: int | None = None,
+                       desc: str | None = None) -> np.ndarray:
+        """Per-example metric ``[R, N]`` of the circuit ``mask`` (bool ``[n_sources, n_destinations]``, every
+        position) without each removal (a list of its ``(source, destination)`` edges).
 
         Nothing before the first layer a removal changes can differ from the circuit's own run, so
         each removal resumes from that run paused there (one paused run per layer and batch),
-        :attr:`circuits_per_pass` at a time (on GPT-2 small over 16 x 16 tokens, resumed removals from
-        MIB's IOI circuit ran 1.19x faster one by one than 16 stacked, unlike exact edge effects'
-        near-complete circuits: see :attr:`trials_per_pass`)."""
+        ``chunk`` at a time (default :attr:`circuits_per_pass`: on GPT-2 small over 16 x 16 tokens,
+        resumed removals from MIB's IOI circuit ran 1.19x faster one by one than 16 stacked; nearly
+        complete circuits, as in path patching, stack better: see :attr:`trials_per_pass`)."""
         G, e, dev = self.graph, self.engine, self.model.device
         dst_layer = [NodeRef.parse(d).block_layer(G.n_layers) for d in G.destinations]
         by_layer: dict[int, list[int]] = {}
         for i, r in enumerate(removals):
             by_layer.setdefault(min(dst_layer[d] for _, d in r), []).append(i)
-        mask = circuit.mask()
         plan = e.compile(mask[None].to(dev))
         chunk = chunk or self.circuits_per_pass
         trials = {}  # layer -> [(removal indices, their plan)]
@@ -531,7 +532,7 @@ class Evaluator:
                 trials[layer].append((idx, e.compile(masks.to(dev))))
         out = np.zeros((len(removals), len(self.data)), dtype=np.float64)
         jobs = [(layer, s) for layer in sorted(trials) for s in range(self.n_batches)]
-        for layer, s in tqdm(jobs, desc=desc, leave=False, disable=not self.progress or len(jobs) < 2):
+        for layer, s in tqdm(jobs, desc=desc or "patched runs", leave=False, disable=not self.progress or len(jobs) < 2):
             a, b = self._spans()[s]
             part, abl, clean_logits = self._batch(s, a, b)
             clean, last = part.clean.to(dev), part.last.to(dev)

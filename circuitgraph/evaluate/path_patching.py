@@ -130,12 +130,9 @@ def _evaluator(model, data, metric, batch_size, evaluator, memory_budget_mb=None
 def _patched_values(ev: Evaluator, sender_sets: list[list[int]], dst: list[int], positions: list[str] | None) -> np.ndarray:
     """Per-example metric ``[n_sets, N]`` with each set's sender->receiver edges patched."""
     legal = ev.graph.legal
-    if not positions:
-        masks = legal.clone()[None].repeat(len(sender_sets), 1, 1)
-        for i, ss in enumerate(sender_sets):
-            for s in ss:
-                masks[i, s, dst] = False
-        return ev.mask_values(masks)
+    if not positions:  # the full graph's (the clean) run, resumed at the receivers' layer for each set
+        removals = [[(s, d) for s in ss for d in dst if legal[s, d]] for ss in sender_sets]
+        return ev.values_without(legal, removals, chunk=ev.trials_per_pass)
     # the complement of "these edges at these positions" keeps them everywhere else: position-restricted
     circuits = [ResolvedCircuit(ev.graph, {(s, d): list(positions) for s in ss for d in dst if legal[s, d]})
                 for ss in sender_sets]
