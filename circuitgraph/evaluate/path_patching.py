@@ -4,8 +4,10 @@ Patching the path from a set of senders to a set of receivers, everything else f
 circuit: *every edge except the sender->receiver edges*, under corrupted ablation.  The receivers
 then read the senders' corrupted outputs, every other input (theirs and everyone else's) stays
 clean, and the change propagates freely downstream of the receivers -- exactly Wang et al.'s
-three-step procedure, in one patched run.  A sweep over many senders stacks their circuits on
-the engine's batch axis.
+three-step procedure, in one patched run.  Nothing before the receivers' layer differs from the
+clean run, so each sender set resumes from the clean run paused there
+(:meth:`~circuitgraph.evaluate.evaluator.Evaluator.values_without`), several stacked on the
+engine's batch axis.
 
 Effects are normalised as ``(M(patched) - M(clean)) / (M(clean) - M(corrupted))``: 0 = no effect,
 -1 = the path carries the whole corruption effect (a value below -1 overshoots it; a positive
