@@ -179,8 +179,8 @@ class Evaluator:
         """How many circuits share one patched pass.  Stacking circuits saves per-operation overhead
         (small models, GPUs) but not arithmetic, and on a CPU a circuit run alone takes a faster path
         (mixing, normalising and projecting a few tokens at a time in cache): there only tiny passes
-        stack (d_model x tokens <= 2^15; on GPT-2 small over 16 x 16 tokens, 8 circuits stacked took
-        2.0-2.5x as long as one by one).  No more than fit in the memory budget (without one, in half
+        stack (d_model x tokens <= 2^15; on GPT-2 small over 16 x 16 tokens, 16 stacked circuits took
+        1.46x as long as one by one in ``benchmarks/bench_effects.py``, and 8 random ones 2.0-2.5x).  No more than fit in the memory budget (without one, in half
         the free memory)."""
         return self._per_pass(2**15)
 
@@ -511,7 +511,7 @@ class Evaluator:
         Nothing before the first layer a removal changes can differ from the circuit's own run, so
         each removal resumes from that run paused there (one paused run per layer and batch),
         ``chunk`` at a time (default :attr:`circuits_per_pass`: on GPT-2 small over 16 x 16 tokens,
-        resumed removals from MIB's IOI circuit ran 1.19x faster one by one than 16 stacked; nearly
+        resumed removals from MIB's IOI circuit ran 1.14-1.19x faster one by one than 16 stacked; nearly
         complete circuits, as in path patching, stack better: see :attr:`trials_per_pass`)."""
         G, e, dev = self.graph, self.engine, self.model.device
         dst_layer = [NodeRef.parse(d).block_layer(G.n_layers) for d in G.destinations]
