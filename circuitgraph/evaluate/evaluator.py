@@ -180,14 +180,14 @@ class Evaluator:
         (small models, GPUs) but not arithmetic, and on a CPU a circuit run alone takes a faster path
         (mixing, normalising and projecting a few tokens at a time in cache): there only tiny passes
         stack (d_model x tokens <= 2^15; on GPT-2 small over 16 x 16 tokens, 16 stacked circuits took
-        1.46x as long as one by one in ``benchmarks/bench_effects.py``, and 8 random ones 2.0-2.5x).  No more than fit in the memory budget (without one, in half
-        the free memory)."""
+        1.46x as long as one by one in ``benchmarks/bench_effects.py``, and 8 random ones 2.0-2.5x).
+        No more than fit in the memory budget (without one, in half the free memory)."""
         return self._per_pass(2**15)
 
     @property
     def trials_per_pass(self) -> int:
-        """:attr:`circuits_per_pass` for runs resumed from a prefix state (exact edge effects), which
-        are short and take the stacked path either way: on a CPU, passes up to d_model x tokens = 2^21
+        """:attr:`circuits_per_pass` for nearly complete circuits resumed from a prefix state (exact edge
+        effects, path patching), which are short and take the stacked path either way: on a CPU, passes up to d_model x tokens = 2^21
         stack (GPT-2 small over 16 x 16: 8 stacked trials took 0.5-0.8x as long as one by one)."""
         return self._per_pass(2**21)
 
