@@ -504,41 +504,48 @@ class Evaluator:
 
     @torch.no_grad()
     def values_without(self, mask: torch.Tensor, removals: list, chunk: int | None = None,
-                       desc: str | None = None) -> np.ndarray:
+                       desc: str | None = None, positions: list[str] | None = None) -> np.ndarray:
         """Per-example metric ``[R, N]`` of the circuit ``mask`` (bool ``[n_sources, n_destinations]``, every
-        position) without each removal (a list of its ``(source, destination)`` edges).
+        position) without each removal (a list of its ``(source, destination)`` edges; with ``positions``,
+        removed at those named positions only, as path patching does).
 
         Nothing before the first layer a removal changes can differ from the circuit's own run, so
         each removal resumes from that run paused there (one paused run per layer and batch),
         ``chunk`` at a time (default :attr:`circuits_per_pass`: on GPT-2 small over 16 x 16 tokens,
         resumed removals from MIB's IOI circuit ran 1.14-1.19x faster one by one than 16 stacked; nearly
-        complete circuits, as in path patching, stack better: see :attr:`trials_per_pass`)."""
+        complete circuits, as in path patching, stack better: see :attr:`trials_per_pass`).  Removals
+        at positions run one at a time (their plans hold per-example position masks)."""
         G, e, dev = self.graph, self.engine, self.model.device
         dst_layer = [NodeRef.parse(d).block_layer(G.n_layers) for d in G.destinations]
         by_layer: dict[int, list[int]] = {}
         for i, r in enumerate(removals):
             by_layer.setdefault(min(dst_layer[d] for _, d in r), []).append(i)
         plan = e.compile(mask[None].to(dev))
-        chunk = chunk or self.circuits_per_pass
-        trials = {}  # layer -> [(removal indices, their plan)]
-        for layer, todo in by_layer.items():
-            trials[layer] = []
-            for c in range(0, len(todo), chunk):
-                idx = todo[c:c + chunk]
-                masks = mask[None].repeat(len(idx), 1, 1)
-                for j, i in enumerate(idx):
-                    for src, dst in removals[i]:
-                        masks[j, src, dst] = False
-                trials[layer].append((idx, e.compile(masks.to(dev))))
+        chunk = 1 if positions else chunk or self.circuits_per_pass
+
+        def without(idx: list[int]) -> torch.Tensor:
+            masks = mask[None].repeat(len(idx), 1, 1)
+            for j, i in enumerate(idx):
+                for src, dst in removals[i]:
+                    masks[j, src, dst] = False
+            return masks.to(dev)
+
+        chunks = {layer: [todo[c:c + chunk] for c in range(0, len(todo), chunk)] for layer, todo in by_layer.items()}
+        plans = {} if positions else {tuple(idx): e.compile(without(idx)) for cs in chunks.values() for idx in cs}
         out = np.zeros((len(removals), len(self.data)), dtype=np.float64)
-        jobs = [(layer, s) for layer in sorted(trials) for s in range(self.n_batches)]
+        jobs = [(layer, s) for layer in sorted(chunks) for s in range(self.n_batches)]
         for layer, s in tqdm(jobs, desc=desc or "patched runs", leave=False, disable=not self.progress or len(jobs) < 2):
             a, b = self._spans()[s]
             part, abl, clean_logits = self._batch(s, a, b)
             clean, last = part.clean.to(dev), part.last.to(dev)
             state = e.patched_run(clean, abl, plan, stop_layer=layer)
-            for idx, trial_plan in trials[layer]:
-                logits = e.patched_run(clean, abl, trial_plan, logit_positions=last, start=state)
+            kept_at = None if not positions else ~part.position_mask(list(positions)).to(dev)  # where removed edges stay
+            for idx in chunks[layer]:
+                if positions:
+                    trial = e.compile(without(idx), {edge: kept_at for edge in removals[idx[0]]}, *clean.shape)
+                else:
+                    trial = plans[tuple(idx)]
+                logits = e.patched_run(clean, abl, trial, logit_positions=last, start=state)
                 out[idx, a:b] = self._values(logits, part, clean_logits.expand(len(idx), -1, -1)).numpy()
         return self.reduce(out)
 

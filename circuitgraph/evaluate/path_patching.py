@@ -32,7 +32,6 @@ from circuitgraph.data.dataset import TaskData
 from circuitgraph.graph import GraphError, NodeRef
 from circuitgraph.model.loading import CircuitModel
 from circuitgraph.evaluate.evaluator import Evaluator, bootstrap_se, normalised, zero_gap
-from circuitgraph.spec.circuit_spec import ResolvedCircuit
 
 NORMALISATION = "(M(patched) - M(clean)) / (M(clean) - M(corrupted)); 0 = no effect, -1 = the full corruption effect"
 
@@ -130,15 +129,11 @@ def _evaluator(model, data, metric, batch_size, evaluator, memory_budget_mb=None
 
 
 def _patched_values(ev: Evaluator, sender_sets: list[list[int]], dst: list[int], positions: list[str] | None) -> np.ndarray:
-    """Per-example metric ``[n_sets, N]`` with each set's sender->receiver edges patched."""
+    """Per-example metric ``[n_sets, N]`` with each set's sender->receiver edges patched (at ``positions``
+    only, when given): the full graph's (the clean) run, resumed at the receivers' layer for each set."""
     legal = ev.graph.legal
-    if not positions:  # the full graph's (the clean) run, resumed at the receivers' layer for each set
-        removals = [[(s, d) for s in ss for d in dst if legal[s, d]] for ss in sender_sets]
-        return ev.values_without(legal, removals, chunk=ev.trials_per_pass)
-    # the complement of "these edges at these positions" keeps them everywhere else: position-restricted
-    circuits = [ResolvedCircuit(ev.graph, {(s, d): list(positions) for s in ss for d in dst if legal[s, d]})
-                for ss in sender_sets]
-    return ev.metric_values([ev.resolve(c) for c in circuits], complement=True)
+    removals = [[(s, d) for s in ss for d in dst if legal[s, d]] for ss in sender_sets]
+    return ev.values_without(legal, removals, chunk=ev.trials_per_pass, positions=positions)
 
 
 def path_patch(model: CircuitModel, data: TaskData, senders, receivers, metric: str = "logit_diff",
