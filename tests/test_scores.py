@@ -113,18 +113,22 @@ def test_edge_effects_match_two_evaluations(setup):
     assert set(nodes) == {"a0.h1", "a0.h2", "a1.h0", "a1.h3", "m1"}
 
 
-@pytest.mark.parametrize("ablation", ["corrupted", "mean", "zero"])
-def test_effects_resumed_from_the_circuits_own_run_equal_full_runs(setup, ablation):
+@pytest.mark.parametrize("ablation,positional", [("corrupted", False), ("mean", False), ("zero", False),
+                                                 ("corrupted", True), ("mean", True)])
+def test_effects_resumed_from_the_circuits_own_run_equal_full_runs(setup, ablation, positional):
     """Each removal resumes from the circuit's run paused at the first layer it changes: the same
-    numbers as running every reduced circuit from the embedding (over two batches of examples)."""
+    numbers as running every reduced circuit from the embedding (over two batches of examples), for
+    circuits at every position and for position-restricted ones."""
     model, data, _ = setup
     ev = Evaluator(model, data, batch_size=5, ablation=ablation, progress=False)
-    everywhere = json.loads(json.dumps(SPEC))  # the spec at every position
-    del everywhere["groups"]["early"]["positions"], everywhere["edges"][1]["positions"]
-    circuit = ev.resolve(CircuitSpec.from_dict(everywhere))
-    assert not circuit.position_names and len(circuit.edges) == 15
+    spec = json.loads(json.dumps(SPEC))
+    if not positional:  # the spec at every position
+        del spec["groups"]["early"]["positions"], spec["edges"][1]["positions"]
+    circuit = ev.resolve(CircuitSpec.from_dict(spec))
+    assert bool(circuit.position_names) == positional and len(circuit.edges) == 15
     removals = [[k] for k in circuit.edges] + [list(circuit.edges)[:3]]
-    resumed = ev.values_without(circuit.mask(), removals, chunk=2)
+    resumed = ev.values_without(circuit.mask(), removals, chunk=2,
+                                position_edges={k: v for k, v in circuit.edges.items() if v is not None})
     full = ev.metric_values([circuit.without(r) for r in removals], chunk=1)
     assert ev.n_batches == 2 and resumed.shape == full.shape
     assert np.abs(resumed - full).max() < 1e-5

@@ -491,10 +491,8 @@ class Evaluator:
         if self.undefined_reason:
             warnings.warn(f"effects are undefined (NaN): {self.undefined_reason}", CircuitWarning, stacklevel=3)
         full = self.metric_values([circuit])[0]
-        if circuit.position_names:  # position-restricted circuits run one at a time from the embedding
-            reduced = self.metric_values([circuit.without(r) for r in removals], chunk=chunk, desc=desc)
-        else:
-            reduced = self.values_without(circuit.mask(), removals, chunk, desc)
+        reduced = self.values_without(circuit.mask(), removals, chunk, desc,
+                                      position_edges={k: v for k, v in circuit.edges.items() if v is not None})
         clean, base = self.clean_values, self.base_values
         drop = lambda f, r, c, b: normalised(f, c, b) - normalised(r, c, b)
         out = {}
@@ -503,25 +501,27 @@ class Evaluator:
         return out
 
     @torch.no_grad()
-    def values_without(self, mask: torch.Tensor, removals: list, chunk: int | None = None,
-                       desc: str | None = None, positions: list[str] | None = None) -> np.ndarray:
-        """Per-example metric ``[R, N]`` of the circuit ``mask`` (bool ``[n_sources, n_destinations]``, every
-        position) without each removal (a list of its ``(source, destination)`` edges; with ``positions``,
-        removed at those named positions only, as path patching does).
+    def values_without(self, mask: torch.Tensor, removals: list, chunk: int | None = None, desc: str | None = None,
+                       positions: list[str] | None = None, position_edges: dict | None = None) -> np.ndarray:
+        """Per-example metric ``[R, N]`` of a circuit without each removal (a list of its ``(source,
+        destination)`` edges; with ``positions``, removed at those named positions only, as path
+        patching does).  The circuit is ``mask`` (bool ``[n_sources, n_destinations]``, edges at every
+        position) plus ``position_edges`` (``{edge: position names}``, edges at those positions only).
 
         Nothing before the first layer a removal changes can differ from the circuit's own run, so
         each removal resumes from that run paused there (one paused run per layer and batch),
         ``chunk`` at a time (default :attr:`circuits_per_pass`: on GPT-2 small over 16 x 16 tokens,
         resumed removals from MIB's IOI circuit ran 1.14-1.19x faster one by one than 16 stacked; nearly
-        complete circuits, as in path patching, stack better: see :attr:`trials_per_pass`).  Removals
-        at positions run one at a time (their plans hold per-example position masks)."""
+        complete circuits, as in path patching, stack better: see :attr:`trials_per_pass`).  With
+        positions the removals run one at a time, their plans built per batch from its positions."""
         G, e, dev = self.graph, self.engine, self.model.device
         dst_layer = [NodeRef.parse(d).block_layer(G.n_layers) for d in G.destinations]
         by_layer: dict[int, list[int]] = {}
         for i, r in enumerate(removals):
             by_layer.setdefault(min(dst_layer[d] for _, d in r), []).append(i)
-        plan = e.compile(mask[None].to(dev))
-        chunk = 1 if positions else chunk or self.circuits_per_pass
+        position_edges = position_edges or {}
+        positional = bool(positions) or bool(position_edges)
+        chunk = 1 if positional else chunk or self.circuits_per_pass
 
         def without(idx: list[int]) -> torch.Tensor:
             masks = mask[None].repeat(len(idx), 1, 1)
@@ -531,18 +531,24 @@ class Evaluator:
             return masks.to(dev)
 
         chunks = {layer: [todo[c:c + chunk] for c in range(0, len(todo), chunk)] for layer, todo in by_layer.items()}
-        plans = {} if positions else {tuple(idx): e.compile(without(idx)) for cs in chunks.values() for idx in cs}
+        plans = {} if positional else {tuple(idx): e.compile(without(idx)) for cs in chunks.values() for idx in cs}
+        plain = None if position_edges else e.compile(mask[None].to(dev))
         out = np.zeros((len(removals), len(self.data)), dtype=np.float64)
         jobs = [(layer, s) for layer in sorted(chunks) for s in range(self.n_batches)]
         for layer, s in tqdm(jobs, desc=desc or "patched runs", leave=False, disable=not self.progress or len(jobs) < 2):
             a, b = self._spans()[s]
             part, abl, clean_logits = self._batch(s, a, b)
             clean, last = part.clean.to(dev), part.last.to(dev)
-            state = e.patched_run(clean, abl, plan, stop_layer=layer)
-            kept_at = None if not positions else ~part.position_mask(list(positions)).to(dev)  # where removed edges stay
+            at = {edge: part.position_mask(list(names)).to(dev) for edge, names in position_edges.items()}
+            base = plain or e.compile(mask[None].to(dev), at, *clean.shape)
+            state = e.patched_run(clean, abl, base, stop_layer=layer)
+            kept_at = ~part.position_mask(list(positions)).to(dev) if positions else None  # where removed edges stay
             for idx in chunks[layer]:
-                if positions:
-                    trial = e.compile(without(idx), {edge: kept_at for edge in removals[idx[0]]}, *clean.shape)
+                if positional:
+                    removed = set(removals[idx[0]])
+                    pos = {edge: pm for edge, pm in at.items() if edge not in removed}
+                    pos.update({edge: kept_at for edge in removed} if positions else {})
+                    trial = e.compile(without(idx), pos or None, *clean.shape)
                 else:
                     trial = plans[tuple(idx)]
                 logits = e.patched_run(clean, abl, trial, logit_positions=last, start=state)
