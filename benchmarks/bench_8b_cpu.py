@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -37,18 +38,20 @@ def peak_growth(fn) -> float:
     return _status_mb("VmHWM") - base
 
 
-def interleaved_times(fns: dict, rounds: int) -> dict:
+def interleaved_times(fns: dict, rounds: int, warm: bool = True) -> dict:
     """Median seconds of each function over ``rounds`` rounds that call them in turn, so a slow spell of
-    the machine touches every run alike and the ratios between them hold (one pass each first, untimed)."""
-    for fn in fns.values():
-        fn()
+    the machine touches every run alike and the ratios between them hold (with ``warm``, one pass each
+    first, untimed)."""
+    if warm:
+        for fn in fns.values():
+            fn()
     times = {k: [] for k in fns}
     for _ in range(rounds):
         for k, fn in fns.items():
             t = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t)
-    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def predict(n_tokens: int, qwen: dict) -> dict:

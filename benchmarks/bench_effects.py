@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_8b_cpu import interleaved_times  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MIB = ROOT.parent / "shared" / "data" / "mib" / "ioi-eap-ig.json"
@@ -69,13 +70,7 @@ def main():
     values = {k: fn() for k, fn in ways.items()}  # one untimed pass each, and the check that they agree
     ref = values["from the embedding, one by one"]
     diff = max(float(np.abs(v - ref).max()) for v in values.values())
-    times = {k: [] for k in ways}
-    for _ in range(args.rounds):
-        for k, fn in ways.items():
-            t = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = interleaved_times(ways, args.rounds, warm=False)
     now = med["resumed from the circuit's run (now)"]
     layers = sorted({NodeRef.parse(G.destinations[r[0][1]]).block_layer(G.n_layers) for r in removals})
     res = {"edges": args.edges, "rounds": args.rounds, "batch": [B, P], "circuits_per_pass": ev.circuits_per_pass, "largest_metric_difference": diff, "median_s": med}
@@ -115,14 +110,9 @@ def path_patching(ev, rounds: int) -> dict:
         for i, s in enumerate(src):
             masks[i, s, d] = False
         ways = {"before": lambda: ev.mask_values(masks, chunk=16), "now": lambda: _patched_values(ev, [[s] for s in src], [d], None)}
-        vals = {k: fn() for k, fn in ways.items()}
-        times = {k: [] for k in ways}
-        for _ in range(rounds):
-            for k, fn in ways.items():
-                t = time.perf_counter()
-                fn()
-                times[k].append(time.perf_counter() - t)
-        out[rec] = {"senders": len(src), "before_s": statistics.median(times["before"]), "now_s": statistics.median(times["now"]),
+        vals = {k: fn() for k, fn in ways.items()}  # the untimed pass
+        med = interleaved_times(ways, rounds, warm=False)
+        out[rec] = {"senders": len(src), "before_s": med["before"], "now_s": med["now"],
                     "largest_metric_difference": float(np.abs(vals["before"] - vals["now"]).max())}
     return out
 
