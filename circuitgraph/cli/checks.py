@@ -9,6 +9,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from circuitgraph.evaluate.distributed import launched
+
 
 class CLIError(Exception):
     """A command-line input that cannot work; the message names the flag or file."""
@@ -34,21 +36,23 @@ def non_negative_int(text: str) -> int:
     return _int_at_least(text, 0, "an integer >= 0")
 
 
-def finite_float(text: str) -> float:
-    """argparse type: a finite number (no nan, no inf)."""
+def finite_float(text: str, shown: str | None = None) -> float:
+    """argparse type: a finite number (no nan, no inf); refusals quote ``shown`` (default: ``text``)."""
+    shown = text if shown is None else shown
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a number, got {shown!r}") from None
     if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {shown!r}")
     return value
 
 
-def _float_where(text: str, ok, what: str) -> float:
-    value = finite_float(text)
+def _float_where(text: str, ok, what: str, shown: str | None = None) -> float:
+    shown = text if shown is None else shown
+    value = finite_float(text, shown)
     if not ok(value):
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {shown!r}")
     return value
 
 
@@ -73,16 +77,13 @@ def memory_mib(text: str) -> float:
     number = text.strip().rstrip("bBiIkKmMgGtT ")
     unit = text.strip()[len(number):].strip().lower()
     try:
-        value = float(number)
+        float(number)
+        readable = not unit or unit in SIZE_UNITS
     except ValueError:
-        value = None
-    if value is None or (unit and unit not in SIZE_UNITS):
+        readable = False
+    if not readable:
         raise argparse.ArgumentTypeError(f"expected a size such as 512, 512MiB or 8GB, got {text!r}")
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return value * SIZE_UNITS[unit or "mib"]
+    return _float_where(number, lambda v: v > 0, "a number > 0", shown=text) * SIZE_UNITS[unit or "mib"]
 
 
 def fraction(text: str) -> float:
@@ -98,7 +99,7 @@ def check_device(name: str) -> str:
     if name == "auto":
         if not torch.cuda.is_available():
             raise CLIError("--device 'auto' shards the model over the visible GPUs, and there are none; use --device cpu")
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if launched():
             raise CLIError("--device 'auto' shards one model over every GPU, while under torchrun each rank holds "
                            "the whole model on its own GPU; use --device cuda")
         return name
