@@ -533,14 +533,17 @@ class Evaluator:
         chunks = {layer: [todo[c:c + chunk] for c in range(0, len(todo), chunk)] for layer, todo in by_layer.items()}
         plans = {} if positional else {tuple(idx): e.compile(without(idx)) for cs in chunks.values() for idx in cs}
         plain = None if position_edges else e.compile(mask[None].to(dev))
+        bases = {}  # batch -> (its position masks of the circuit's edges, the circuit's plan)
         out = np.zeros((len(removals), len(self.data)), dtype=np.float64)
         jobs = [(layer, s) for layer in sorted(chunks) for s in range(self.n_batches)]
         for layer, s in tqdm(jobs, desc=desc or "patched runs", leave=False, disable=not self.progress or len(jobs) < 2):
             a, b = self._spans()[s]
             part, abl, clean_logits = self._batch(s, a, b)
             clean, last = part.clean.to(dev), part.last.to(dev)
-            at = {edge: part.position_mask(list(names)).to(dev) for edge, names in position_edges.items()}
-            base = plain or e.compile(mask[None].to(dev), at, *clean.shape)
+            if s not in bases:
+                at = {edge: part.position_mask(list(names)).to(dev) for edge, names in position_edges.items()}
+                bases[s] = at, plain if plain is not None else e.compile(mask[None].to(dev), at, *clean.shape)
+            at, base = bases[s]
             state = e.patched_run(clean, abl, base, stop_layer=layer)
             kept_at = ~part.position_mask(list(positions)).to(dev) if positions else None  # where removed edges stay
             for idx in chunks[layer]:
