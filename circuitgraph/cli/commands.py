@@ -230,9 +230,11 @@ def _extra_commands() -> list:
     from circuitgraph.cli.demo import register_cli as demo
     from circuitgraph.cli.explore import register_cli as explore
     from circuitgraph.cli.path_patch import register_cli as path_patch
+    from circuitgraph.cli.curve import register_cli as curve
+    from circuitgraph.cli.mib_export import register_cli as mib_export
     from circuitgraph.cli.render import register_cli as render
 
-    return [render, path_patch, demo, explore]
+    return [render, path_patch, demo, explore, curve, mib_export]
 
 
 _EXTRA_COMMANDS: list = _extra_commands()
