@@ -8,7 +8,6 @@ import torch
 from circuitgraph.data.dataset import tokenize, Example
 from circuitgraph.discovery import acdc, attribute, exact_scores, faithfulness_curve, roc_auc
 from circuitgraph.discovery.acdc import damage
-from circuitgraph.discovery.curves import FaithfulnessCurve
 from circuitgraph.model.loading import CircuitModel
 from circuitgraph.evaluate.evaluator import Evaluator
 from conftest import CONFIGS, make_tokenizer, randomize_norms, signal_rows
@@ -191,9 +190,9 @@ def test_faithfulness_curve_and_auc(setup):
     ev = Evaluator(model, data, progress=False)
     ex = exact_scores(ev, progress=False)
     curve = faithfulness_curve(ev, ex, fractions=(0.05, 0.2, 0.5, 1.0))
-    assert curve.faithfulness[-1] == pytest.approx(1.0, abs=1e-9)
-    synthetic = FaithfulnessCurve(np.array([0.0, 0.5, 1.0]), np.array([0, 1, 2]), np.array([0.0, 1.0, 1.0]))
-    assert synthetic.cpr == pytest.approx(0.75) and synthetic.cmd == pytest.approx(0.25)
+    # six rows: clean and ablated differ within noise, so every ratio is reported undefined, not printed
+    assert ev.undefined_reason and curve.undefined_reason == ev.undefined_reason
+    assert curve.cpr is None and curve.cmd is None and curve.to_dict()["signed"]["points"][-1]["faithfulness"] is None
     reference = ex.top_n(20)
     auc, fpr, tpr = roc_auc(ex, reference)
     assert auc == pytest.approx(1.0) and tpr[-1] == 1.0 and fpr[-1] == 1.0

@@ -1,39 +1,134 @@
-"""How good a ranking of edges is: faithfulness curves with MIB's CPR and CMD, and ROC/AUC
-against a reference circuit."""
+"""How good a ranking of edges is: faithfulness curves with CPR and CMD as MIB computes them,
+and ROC/AUC against a reference circuit.
+
+MIB's circuit track (``MIB_circuit_track/evaluation.py::evaluate_area_under_curve`` with the
+EAP-IG ``Graph.apply_topn`` / ``prune`` it calls, and ``scripts/print_results.py``) fixes:
+
+* sizes ``int(f * n_edges)`` (floor; 0 edges is the ablated model) at the fractions
+  ``MIB_FRACTIONS``;
+* two rankings: CPR comes from the *signed* one, CMD from the *absolute* one.  MIB's scores are
+  attributions of the loss (minus the metric), ours estimate the change of the metric when an
+  edge is ablated, so MIB's descending signed order is our ascending one: the edges whose
+  removal lowers the metric most come first;
+* every top-n circuit is pruned before it is evaluated (:func:`mib_prune`), and the edge count
+  MIB records is taken after ``apply_topn``'s single pruning pass (:func:`mib_prune` with
+  ``passes=1``), while ``evaluate_graph`` prunes again until nothing changes;
+* CPR is the trapezoid area under f over the nominal fractions, CMD the area under |1 - f|.
+
+``benchmarks/bench_mib_parity.py`` runs the same scores through MIB's own function.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from circuitgraph.evaluate.evaluator import Evaluator
 from circuitgraph.discovery.edge_scores import EdgeScores
+from circuitgraph.evaluate.evaluator import Evaluator, bootstrap_se, normalised
+from circuitgraph.graph.computational_graph import Graph
 
 MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+RULES = ("mib", "unpruned-rounded")
+RANKINGS = ("signed", "absolute")
+
+
+def mib_sizes(fractions, n_edges: int) -> list[int]:
+    """MIB's circuit sizes: ``int(f * n_edges)``, the same float product and floor as its loop."""
+    return [int(f * n_edges) for f in fractions]
+
+
+def _source_of_destination(graph: Graph) -> torch.Tensor:
+    """``[n_sources, n_destinations]``: source s is the node that destination d feeds (EAP-IG's forward_to_backward)."""
+    out = torch.zeros(graph.legal.shape, dtype=torch.bool)
+    for d, name in enumerate(graph.destinations[:-1]):
+        out[graph.source_index[graph.node_of(name)], d] = True
+    return out
+
+
+def mib_prune(graph: Graph, mask: torch.Tensor, passes: int | None = None) -> torch.Tensor:
+    """EAP-IG's ``Graph.prune``: keep the nodes with an outgoing and an incoming edge (``input`` counts
+    as having one), drop edges whose source or destination node is gone, and repeat until nothing
+    changes (``passes=None``) or ``passes`` times.  ``logits`` is always present."""
+    f2b = _source_of_destination(graph).float()
+    mask = mask.clone()
+    done = 0
+    nodes = None
+    while passes is None or done < passes:
+        has_out = mask.any(1)
+        has_in = (f2b @ mask.any(0).float()) > 0
+        has_in[0] = True
+        new_nodes = has_out & has_in
+        if nodes is not None and bool((new_nodes == nodes).all()):
+            break
+        nodes = new_nodes
+        alive_dst = (nodes.float() @ f2b) > 0
+        alive_dst[-1] = True
+        mask &= nodes[:, None] & alive_dst[None, :]
+        done += 1
+    return mask
+
+
+def ranked_top_n(scores: EdgeScores, n: int, ranking: str) -> torch.Tensor:
+    """The ``n`` first edges of a ranking (``n = 0``: no edge).  ``signed`` puts the most negative of
+    our scores first, i.e. MIB's descending order of loss attributions; ``absolute`` sorts |score|."""
+    if n == 0:
+        return torch.zeros_like(scores.graph.legal)
+    vals = scores.scores.abs() if ranking == "absolute" else -scores.scores
+    flat = torch.nan_to_num(vals, nan=-float("inf")).flatten()
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    mask[flat.topk(min(n, scores.graph.n_edges)).indices] = True
+    return mask.view_as(scores.scores)
 
 
 @dataclass
 class FaithfulnessCurve:
+    """One ranking's curve: per fraction the edges requested, counted and evaluated, and faithfulness ± s.e.
+
+    ``n_edges_counted`` is what MIB records (``weighted_edge_count`` after ``apply_topn``'s one pruning
+    pass); ``n_edges`` is the circuit actually evaluated (pruned until nothing changes)."""
+
     fractions: np.ndarray
     n_edges: np.ndarray
     faithfulness: np.ndarray
     method: str = ""
+    ranking: str = "absolute"
+    rules: str = "mib"
+    n_requested: np.ndarray | None = None
+    n_edges_counted: np.ndarray | None = None
+    faithfulness_se: np.ndarray | None = None
+    undefined_reason: str | None = None
 
     @property
-    def cpr(self) -> float:
-        """Area under the faithfulness curve over the edge fraction (higher is better)."""
-        return float(np.trapezoid(self.faithfulness, self.fractions))
+    def area_under(self) -> float | None:
+        """Trapezoid area under f over the fractions (MIB's ``area_under``); None when f is undefined."""
+        return None if self.undefined_reason else float(np.trapezoid(self.faithfulness, self.fractions))
 
     @property
-    def cmd(self) -> float:
-        """Area between the curve and 1 (lower is better)."""
-        return float(np.trapezoid(np.abs(1 - self.faithfulness), self.fractions))
+    def area_from_1(self) -> float | None:
+        """Trapezoid area under |1 - f| (MIB's ``area_from_1``); None when f is undefined."""
+        return None if self.undefined_reason else float(np.trapezoid(np.abs(1 - self.faithfulness), self.fractions))
+
+    # one curve's own areas, for callers that draw a single ranking
+    cpr = area_under
+    cmd = area_from_1
+
+    def points(self) -> list[dict]:
+        cols = {"fraction": self.fractions, "edges_requested": self.n_requested, "edges_counted": self.n_edges_counted,
+                "edges_evaluated": self.n_edges, "faithfulness": self.faithfulness, "faithfulness_se": self.faithfulness_se}
+        out = []
+        for i in range(len(self.fractions)):
+            row = {}
+            for k, v in cols.items():
+                x = None if v is None else v[i].item()
+                row[k] = None if (x is None or (isinstance(x, float) and not np.isfinite(x))) else x
+            out.append(row)
+        return out
 
     def to_dict(self) -> dict:
-        return {"method": self.method, "fractions": self.fractions.tolist(), "n_edges": self.n_edges.tolist(),
-                "faithfulness": self.faithfulness.tolist(), "cpr": self.cpr, "cmd": self.cmd}
+        return {"method": self.method, "ranking": self.ranking, "rules": self.rules, "area_under": self.area_under,
+                "area_from_1": self.area_from_1, "undefined_reason": self.undefined_reason, "points": self.points()}
 
     def plot(self, path=None, ax=None, label=None):
         import matplotlib
@@ -44,10 +139,15 @@ class FaithfulnessCurve:
         own = ax is None
         if own:
             fig, ax = plt.subplots(figsize=(5, 3.5))
-        ax.plot(self.fractions * 100, self.faithfulness, marker="o", label=label or f"{self.method} (CPR {self.cpr:.2f}, CMD {self.cmd:.2f})")
+        x = self.fractions * 100
+        line, = ax.plot(x, self.faithfulness, marker="o", label=label or f"{self.method} {self.ranking}")
+        if self.faithfulness_se is not None:
+            se = np.nan_to_num(self.faithfulness_se)
+            ax.fill_between(x, self.faithfulness - se, self.faithfulness + se, color=line.get_color(), alpha=0.2, lw=0)
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.axhline(0.0, color="grey", lw=0.5)
         ax.set_xscale("log")
-        ax.set_xlabel("edges in circuit (%)")
+        ax.set_xlabel("edges requested (% of the model's)")
         ax.set_ylabel("faithfulness")
         ax.legend(fontsize=8)
         if own:
@@ -58,14 +158,106 @@ class FaithfulnessCurve:
         return ax
 
 
-def faithfulness_curve(ev: Evaluator, scores: EdgeScores, fractions=MIB_FRACTIONS, selection: str = "top_n") -> FaithfulnessCurve:
-    """Faithfulness of the top-scoring edges at each circuit size (all sizes in batched runs)."""
-    total = scores.graph.n_edges
-    sizes = np.array([max(1, int(round(f * total))) for f in fractions])
-    select = scores.greedy if selection == "greedy" else scores.top_n
-    masks = torch.stack([select(int(n)) for n in sizes])
-    faith = ev.normalise(ev.mask_values(masks, desc="faithfulness curve"))
-    return FaithfulnessCurve(np.array(fractions, dtype=float), sizes, np.asarray(faith, dtype=float), scores.method)
+@dataclass
+class CurvePair:
+    """Both rankings' curves.  Under MIB's rules ``cpr`` comes from the signed one and ``cmd`` from the
+    absolute one (``print_results.py`` keeps the ``abs-False`` runs for CPR, ``abs-True`` for CMD); under
+    ``unpruned-rounded`` both come from the absolute one, as circuitgraph computed them before."""
+
+    signed: FaithfulnessCurve
+    absolute: FaithfulnessCurve
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def cpr(self) -> float | None:
+        return (self.signed if self.signed.rules == "mib" else self.absolute).area_under
+
+    @property
+    def cmd(self) -> float | None:
+        return self.absolute.area_from_1
+
+    @property
+    def undefined_reason(self) -> str | None:
+        return self.signed.undefined_reason
+
+    def to_dict(self) -> dict:
+        return {"cpr": self.cpr, "cmd": self.cmd, "rules": self.signed.rules, "method": self.signed.method,
+                "undefined_reason": self.undefined_reason, **self.meta,
+                "signed": self.signed.to_dict(), "absolute": self.absolute.to_dict()}
+
+    def plot(self, path=None, title: str | None = None):
+        """Both curves on one axis (signed: CPR's curve, absolute: CMD's)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        fmt = lambda v: "undefined" if v is None else f"{v:.3f}"
+        mib = self.signed.rules == "mib"
+        self.signed.plot(ax=ax, label=f"signed ranking" + (f" (CPR {fmt(self.cpr)})" if mib else ""))
+        self.absolute.plot(ax=ax, label=f"|score| ranking (" + ("" if mib else f"CPR {fmt(self.cpr)}, ") + f"CMD {fmt(self.cmd)})")
+        ax.set_title(title or f"{self.signed.method} faithfulness curves ({self.signed.rules} rules)", fontsize=9)
+        fig.tight_layout()
+        if path:
+            fig.savefig(path, dpi=150)
+        plt.close(fig)
+        return fig
+
+
+def faithfulness_curve(ev: Evaluator, scores: EdgeScores, fractions=MIB_FRACTIONS, rules: str = "mib",
+                       selection: str = "top_n") -> CurvePair:
+    """Faithfulness of the top-ranked edges at each size, under both rankings (all circuits in batched runs).
+
+    ``rules="mib"`` (default) reproduces MIB's circuit track (module docstring).  ``rules="unpruned-rounded"``
+    is circuitgraph's earlier convention: sizes ``max(1, round(f * n))``, no pruning.  ``selection="greedy"``
+    grows each circuit from the logits instead (ours, not MIB's ``apply_greedy``)."""
+    if rules not in RULES:
+        raise ValueError(f"rules must be one of {', '.join(RULES)}, got {rules!r}")
+    if selection not in ("top_n", "greedy"):
+        raise ValueError(f"selection must be 'top_n' or 'greedy', got {selection!r}")
+    graph, total = scores.graph, scores.graph.n_edges
+    fractions = np.array(fractions, dtype=float)
+    if rules == "mib":
+        requested = mib_sizes(fractions.tolist(), total)
+    else:
+        requested = [max(1, int(round(f * total))) for f in fractions]
+
+    def select(n: int, ranking: str) -> torch.Tensor:
+        if selection == "greedy":
+            return scores.greedy(n, absolute=ranking == "absolute") if n else torch.zeros_like(graph.legal)
+        if rules != "mib" and ranking == "absolute":
+            return scores.top_n(n)
+        return ranked_top_n(scores, n, ranking)
+
+    chosen = {r: [select(n, r) for n in requested] for r in RANKINGS}
+    counted = {r: [int(m.sum()) for m in chosen[r]] for r in RANKINGS}
+    if rules == "mib":
+        counted = {r: [int(mib_prune(graph, m, passes=1).sum()) for m in chosen[r]] for r in RANKINGS}
+        chosen = {r: [mib_prune(graph, m) for m in chosen[r]] for r in RANKINGS}
+    values = _metric_values(ev, [m for r in RANKINGS for m in chosen[r]])
+    clean, base = ev.clean_values, ev.base_values
+    undefined = ev.undefined_reason
+    curves = {}
+    for k, r in enumerate(RANKINGS):
+        v = values[k * len(requested):(k + 1) * len(requested)]
+        faith = np.asarray(normalised(v, clean[None], base[None]), dtype=float)
+        se = np.array([bootstrap_se(normalised, row, clean, base) for row in v]) if not undefined else None
+        curves[r] = FaithfulnessCurve(fractions, np.array([int(m.sum()) for m in chosen[r]]),
+                                      np.full(len(requested), np.nan) if undefined else faith, scores.method, r, rules,
+                                      np.array(requested), np.array(counted[r]), se, undefined)
+    return CurvePair(curves["signed"], curves["absolute"], {"n_edges_total": total, "n_examples": len(ev.data),
+                                                            "metric": ev.metric_name, "ablation": ev.ablation_kind})
+
+
+def _metric_values(ev: Evaluator, masks: list[torch.Tensor]) -> np.ndarray:
+    """Per-example metric ``[C, N]`` of each circuit, each distinct circuit run once; an empty one is the ablated run."""
+    keys = [m.numpy().tobytes() for m in masks]
+    distinct = {k: m for k, m in zip(keys, masks) if bool(m.any())}
+    order = list(distinct)
+    run = ev.mask_values(torch.stack([distinct[k] for k in order]), desc="faithfulness curves") if order else None
+    by_key = {k: run[i] for i, k in enumerate(order)}
+    return np.stack([by_key.get(k, ev.base_values) for k in keys])
 
 
 def roc_auc(scores: EdgeScores, reference: torch.Tensor) -> tuple[float, np.ndarray, np.ndarray]:
