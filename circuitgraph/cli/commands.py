@@ -99,6 +99,10 @@ def cmd_discover(args) -> int:
     if args.threshold is not None and args.top_n is not None:
         raise CLIError("give --threshold or --top-n, not both")
     check_output(args.output)
+    if args.curve:
+        from circuitgraph.cli.curve import FIGURE_SUFFIXES
+
+        check_output(args.curve, "--curve", suffixes=FIGURE_SUFFIXES + (".json",))
     model, data = load_model_and_data(args)
     metric = args.metric or ("kl" if args.method == "acdc" else "logit_diff")
     with warnings.catch_warnings():
@@ -114,21 +118,37 @@ def cmd_discover(args) -> int:
         result = ev.evaluate(spec)
         if result.faithfulness is not None:
             spec.metadata["faithfulness"] = result.faithfulness  # figures of this spec show it in their title
+        curve = None
+        if args.curve:
+            from circuitgraph.discovery.curves import faithfulness_curve
+
+            curve = faithfulness_curve(ev, scores)
     if not dist.is_main():
         return 0
+    if curve is not None:
+        from circuitgraph.cli.curve import write_curve
+
+        curve.meta.update(model=args.model, method=args.method)
+        write_curve(curve, args.curve, title=f"{args.method} on {args.model}")
     if args.format == "mib":
         Path(args.output).write_text(json.dumps(spec.to_mib(model.graph)) + "\n")
     else:
         spec.to_json(args.output)
     summary = {"method": args.method, "selection": how, "n_edges": len(spec.edges), "n_edges_total": model.graph.n_edges,
                "seconds": round(scores.meta["seconds"], 3), "faithfulness": result.faithfulness,
-               "faithfulness_undefined": result.undefined_reason, "output": str(args.output)}
+               "faithfulness_undefined": result.undefined_reason, "output": str(args.output),
+               "model": model.name, "quantization": model.quantization}
+    if curve is not None:
+        summary.update(cpr=curve.cpr, cmd=curve.cmd, curve=str(args.curve))
     if args.json:
         print(json.dumps(summary, allow_nan=False))
         return 0
     faith = f"faithfulness {result.faithfulness:.3f}" if result.faithfulness is not None else "faithfulness undefined"
     print(f"{args.method}: {summary['n_edges']} of {summary['n_edges_total']} edges ({how}); {faith}; "
           f"{summary['seconds']:.1f}s; wrote {args.output}")
+    if curve is not None:
+        fmt = lambda v: "undefined" if v is None else f"{v:.3f}"
+        print(f"faithfulness curves (MIB's rules): CPR {fmt(curve.cpr)}, CMD {fmt(curve.cmd)}; wrote {args.curve}")
     if result.undefined_reason:
         _note(f"faithfulness is undefined: {result.undefined_reason}")
     return 0
@@ -209,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", choices=METRICS, help="default: kl for acdc, else logit_diff")
     p.add_argument("--ablation", choices=["corrupted", "mean", "zero"], default="corrupted")
     p.add_argument("--format", choices=["spec", "mib"], default="spec")
+    p.add_argument("--curve", default=None, metavar="FILE",
+                   help="also write the faithfulness curves under MIB's rules (CPR, CMD): a figure (.png, .pdf, .svg) or "
+                        "JSON (.json), as `circuitgraph curve` does")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("-o", "--output", required=True, type=Path)
     p.set_defaults(func=cmd_discover)

