@@ -151,3 +151,63 @@ def test_earlier_convention_is_an_explicit_option(setup):
     assert old.cpr == pytest.approx(old.absolute.area_under)
     with pytest.raises(ValueError, match="rules"):
         faithfulness_curve(ev, sc, rules="nope")
+
+
+@pytest.fixture(scope="module")
+def toy_files(tmp_path_factory):
+    from circuitgraph.cli import main
+
+    d = tmp_path_factory.mktemp("curve")
+    assert main(["make-data", "ioi", "--model", "toy-ioi", "-n", "40", "-o", str(d / "ioi.jsonl")]) == 0
+    assert main(["discover", "--model", "toy-ioi", "--data", str(d / "ioi.jsonl"), "--method", "eap", "--top-n", "30",
+                 "-o", str(d / "found.json"), "--curve", str(d / "curve.json"), "--json"]) == 0
+    assert main(["discover", "--model", "toy-ioi", "--data", str(d / "ioi.jsonl"), "--method", "eap", "--top-n", "30",
+                 "-o", str(d / "found_mib.json"), "--format", "mib", "--json"]) == 0
+    return d
+
+
+def test_curve_command_json(toy_files, capsys):
+    import json
+
+    from circuitgraph.cli import main
+
+    d = toy_files
+    capsys.readouterr()
+    assert main(["curve", "--model", "toy-ioi", "--data", str(d / "ioi.jsonl"), "--scores", str(d / "found.json"),
+                 "--json", "-o", str(d / "curve.png")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {"cpr", "cmd", "signed", "absolute"} <= set(out) and out["score_sign"] == "metric"
+    assert [p["edges_requested"] for p in out["absolute"]["points"]] == mib_sizes(MIB := [p["fraction"] for p in out["absolute"]["points"]], 110)
+    assert (d / "curve.png").stat().st_size > 0
+    written = json.loads((d / "curve.json").read_text())  # discover --curve: the same curves
+    assert written["cpr"] == pytest.approx(out["cpr"], abs=1e-9) and written["cmd"] == pytest.approx(out["cmd"], abs=1e-9)
+    # MIB JSON: the sign assumed is said; the loss sign flips the signed ranking, not the |score| one
+    assert main(["curve", "--model", "toy-ioi", "--data", str(d / "ioi.jsonl"), "--scores", str(d / "found_mib.json"), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "changes of the metric" in captured.err and json.loads(captured.out)["cpr"] == pytest.approx(out["cpr"], abs=1e-9)
+    assert main(["curve", "--model", "toy-ioi", "--data", str(d / "ioi.jsonl"), "--scores", str(d / "found_mib.json"),
+                 "--score-sign", "loss", "--json"]) == 0
+    flipped = json.loads(capsys.readouterr().out)
+    assert flipped["cmd"] == pytest.approx(out["cmd"], abs=1e-9) and flipped["cpr"] != pytest.approx(out["cpr"], abs=1e-6)
+
+
+def test_curve_command_refusals(toy_files, tmp_path, capsys):
+    import json
+
+    from circuitgraph.cli import main
+
+    d = toy_files
+    spec = json.loads((d / "found.json").read_text())
+    spec["edge_scores"].pop(next(iter(spec["edge_scores"])))
+    (tmp_path / "partial.json").write_text(json.dumps(spec))
+    capsys.readouterr()
+    assert main(["curve", "--model", "toy-ioi", "--data", str(d / "ioi.jsonl"), "--scores", str(tmp_path / "partial.json")]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert "Traceback" not in err and len(errors) == 1 and "109 of the model's 110 edges" in errors[0]
+    assert main(["curve", "--model", "toy-ioi", "--data", str(d / "ioi.jsonl"), "--scores", str(d / "found.json"),
+                 "--score-sign", "loss"]) == 2
+    assert "says its scores are 'metric'" in capsys.readouterr().err
+    assert main(["curve", "--model", "toy-ioi", "--data", str(d / "ioi.jsonl"), "--scores", str(d / "found.json"),
+                 "-o", str(tmp_path / "x.txt")]) == 2
+    assert "unsupported file type" in capsys.readouterr().err

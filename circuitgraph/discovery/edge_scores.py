@@ -10,6 +10,10 @@ import torch
 from circuitgraph.graph.computational_graph import Graph
 from circuitgraph.spec.circuit_spec import CircuitSpec, Edge
 
+# "metric": a score is the change of the metric when the edge is ablated (ours); "loss": minus that (MIB's
+# run_attribution.py attributes the loss)
+SCORE_SIGNS = ("metric", "loss")
+
 
 @dataclass
 class EdgeScores:
@@ -96,6 +100,32 @@ class EdgeScores:
                 open_dsts |= set(dst_of_node[src])
         return mask
 
+    @classmethod
+    def from_spec(cls, spec: CircuitSpec, graph: Graph, sign: str = "metric", where: str = "the spec") -> "EdgeScores":
+        """The scores a spec (ours or MIB JSON) carries for every edge of ``graph``.
+
+        ``sign="metric"``: the file holds changes of the metric (ours, and MIB's published circuit files);
+        ``"loss"``: attributions of the loss (minus the metric), as MIB's ``run_attribution.py`` writes; they
+        are negated so that every score here is a change of the metric."""
+        if sign not in SCORE_SIGNS:
+            raise ValueError(f"score sign must be one of {', '.join(SCORE_SIGNS)}, got {sign!r}")
+        values = torch.full(graph.legal.shape, float("nan"), dtype=torch.float64)
+        known = {k: v for k, v in spec.edge_scores.items() if v is not None}
+        if unknown := [e for e in known if e not in graph.edge_index]:
+            raise ValueError(f"{where} scores edge '{unknown[0]}' (and {len(unknown) - 1} more) that this model does not have; "
+                             f"is it for another model?")
+        missing = [e for e in graph.edges if e not in known]
+        if missing:
+            raise ValueError(f"{where} has scores for {len(graph.edges) - len(missing)} of the model's {len(graph.edges)} edges "
+                             f"(none for '{missing[0]}'); a ranking needs every edge's score (write it with discover)")
+        for name, v in known.items():
+            if not isinstance(v, (int, float)) or v != v:
+                raise ValueError(f"{where}: the score of edge '{name}' is {v!r}; expected a number")
+            values[graph.edge_index[name]] = float(v)
+        if sign == "loss":
+            values = -values
+        return cls(graph, values, str(spec.metadata.get("method", "scores")))
+
     def to_spec(self, mask: torch.Tensor, prune: bool = False, **meta) -> CircuitSpec:
         """A circuit spec of the selected edges; every edge's score is kept in ``edge_scores``."""
         if prune:
@@ -105,7 +135,7 @@ class EdgeScores:
         chosen = [e for e in g.edges if mask[g.edge_index[e]]]
         spec = CircuitSpec(edges=[Edge(edge=e, score=_finite(values[e])) for e in chosen],
                            edge_scores={e: _finite(v) for e, v in values.items()},
-                           metadata={"method": self.method, **self.meta, **meta})
+                           metadata={"method": self.method, "score_sign": "metric", **self.meta, **meta})
         return spec
 
 
