@@ -4,6 +4,7 @@ accepts; ``circuitgraph mib-data``: an MIB task dataset as our JSONL rows, check
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 from circuitgraph.cli.checks import CLIError, check_output, check_output_dir, positive_int
@@ -113,6 +114,9 @@ def cmd_mib_data(args) -> int:
 
     check_output(args.output)
     task = mib_task(args.task)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # said once, below: this pass only checks the file before the model loads
+        mib_rows_where(args.input, task, args.counterfactual, args.split, n=args.n)
     model = load_model(args.model)
     pairs = mib_rows_where(args.input, task, args.counterfactual, args.split, tokenizer=model, n=args.n)
     examples = [_example(row, where) for where, row in pairs]

@@ -189,8 +189,9 @@ def _first_token(tokenizer, word: str, where: str, role: str) -> str:
         return word
     first = ids[0]
     piece = tokenizer.decode([first])
-    candidates = [piece] + ([" " + piece] if word.startswith(" ") and not piece.startswith(" ") else [])
-    for text in candidates:  # a sentencepiece decode drops the word's leading space
+    # a sentencepiece decode drops the word's leading space: put it back first
+    candidates = ([" " + piece] if word.startswith(" ") and not piece.startswith(" ") else []) + [piece]
+    for text in candidates:
         if tokenizer(text, add_special_tokens=False)["input_ids"] == [first]:
             return text
     raise DataError(f"{where}: MIB scores the first token of the {role} {word!r} (id {first}, {piece!r}), but that token "
