@@ -280,44 +280,55 @@ def _mib(*args) -> dict:
 
 
 @needs_mib
-@pytest.mark.parametrize("task, rows, cf", [
-    ("ioi", [ioi_row(), ioi_row(c="Adam-Eric"), ioi_row("Mary-Jose", "John-Paul", "Adam-Eric"), ioi_row("Sarah", "David", "Kevin")], None),
-    ("ioi", [ioi_row(), ioi_row("Sarah", "David", "Kevin")], "abc_counterfactual"),
-    ("mcqa", [choice_row(1, 2), choice_row(0, 3, cf_labels=["Mary", "John", "Adam", "Eric Kyle"]), choice_row(3, 0)], None),
-    ("arc_challenge", [choice_row(2, 1), choice_row(0, 0)], None),
-    ("arithmetic_addition", [arith_row("Mary", "John"), arith_row("Mary", "John", op="-"), arith_row("Mary", "John", cf=False),
-                             arith_row("Mary-Jose", "John"), arith_row("Adam", "Eric")], None),
-])
-def test_rows_match_mibs_own_loader(tmp_path, toy, task, rows, cf):
-    f = _write(tmp_path / "rows.jsonl", rows)
-    theirs = _mib("dataset", "--task", task, "--file", str(f), "--tokenizer", str(TOY_IOI), *(["--counterfactual", cf] if cf else []))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", CircuitWarning)
-        ours = load_mib_rows(f, task, counterfactual=cf, tokenizer=toy)
-    data = load_dataset(ours, toy)
-    assert [[r["clean"], r["corrupted"]] for r in ours] == [t[:2] for t in theirs["items"]]
-    assert [[int(a), int(w)] for a, w in zip(data.answers[:, 0], data.wrongs[:, 0])] == [t[2] for t in theirs["items"]]
+def test_rows_match_mibs_own_loader(tmp_path, toy):
+    cases = [
+        ("ioi", [ioi_row(), ioi_row(c="Adam-Eric"), ioi_row("Mary-Jose", "John-Paul", "Adam-Eric"), ioi_row("Sarah", "David", "Kevin")], None),
+        ("ioi", [ioi_row(), ioi_row("Sarah", "David", "Kevin")], "abc_counterfactual"),
+        ("mcqa", [choice_row(1, 2), choice_row(0, 3, cf_labels=["Mary", "John", "Adam", "Eric Kyle"]), choice_row(3, 0)], None),
+        ("arc_challenge", [choice_row(2, 1), choice_row(0, 0)], None),
+        ("arithmetic_addition", [arith_row("Mary", "John"), arith_row("Mary", "John", op="-"), arith_row("Mary", "John", cf=False),
+                                 arith_row("Mary-Jose", "John"), arith_row("Adam", "Eric")], None),
+    ]
+    files = [_write(tmp_path / f"rows{i}.jsonl", rows) for i, (_, rows, _) in enumerate(cases)]
+    args = [f"{task}={f}" + (f"@{cf}" if cf else "") for (task, _, cf), f in zip(cases, files)]
+    theirs = _mib("dataset", "--tokenizer", str(TOY_IOI), "--case", *args)["cases"]
+    for (task, _, cf), f, their in zip(cases, files, theirs):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CircuitWarning)
+            ours = load_mib_rows(f, task, counterfactual=cf, tokenizer=toy)
+            data = load_dataset(ours, toy)
+        assert [[r["clean"], r["corrupted"]] for r in ours] == [t[:2] for t in their["items"]], task
+        assert [[int(a), int(w)] for a, w in zip(data.answers[:, 0], data.wrongs[:, 0])] == [t[2] for t in their["items"]], task
 
 
 @needs_mib
 def test_mibs_evaluator_reads_both_layouts(tmp_path, gpt2_scores):
+    from circuitgraph.discovery.curves import mib_prune
+
     g, scores = gpt2_scores
     spec = scored_spec(scores)
     write_submission(spec, tmp_path / "sub", "ioi", "gpt2", method="m")
     write_submission(spec, tmp_path / "sub2", "ioi", "gpt2", method="m", layout="circuits")
     data = _write(tmp_path / "ioi.jsonl", [ioi_row(), ioi_row("Sarah", "David", "Kevin"), ioi_row("Emily", "Jacob", "Paul"),
                                            ioi_row("Rachel", "Kyle", "Sean", place="school", obj="kiss")])
-    common = ["--tokenizer", str(TOY_IOI), "--data", f"ioi={data}"]
-    imp = _mib("evaluate", str(tmp_path / "sub" / "m"), *common)
-    circ = _mib("evaluate", str(tmp_path / "sub2" / "m"), *common)
-    runs = {(c["path_info"], r["absolute"]): r for c in imp["configs"] + circ["configs"] for r in c["runs"]}
+    result = _mib("evaluate", str(tmp_path / "sub" / "m"), str(tmp_path / "sub2" / "m"), "--tokenizer", str(TOY_IOI),
+                  "--data", f"ioi={data}")
+    runs = {(c["path_info"], r["absolute"]): r for c in result["configs"] for r in c["runs"]}
     assert set(runs) == {("ioi_gpt2", True), ("ioi_gpt2", False), ("abs-True/ioi_gpt2", True), ("abs-False/ioi_gpt2", False)}
     assert all("error" not in r for r in runs.values()), runs
+    ours = torch.tensor([scores[e] for e in g.edges])
+    where = torch.tensor([g.edge_index[e] for e in g.edges])
     for absolute, folder in ((False, "abs-False/ioi_gpt2"), (True, "abs-True/ioi_gpt2")):
         mine, theirs = runs[(folder, absolute)], runs[("ioi_gpt2", absolute)]
-        # our nine circuits are the circuits MIB's evaluator itself takes from our scores
-        assert mine["weighted_edge_counts"] == theirs["weighted_edge_counts"]
+        # MIB evaluates the same circuits from our nine files as from our scores ...
         assert mine["faithfulnesses"] == pytest.approx(theirs["faithfulnesses"], abs=1e-5)
-        assert mine["weighted_edge_counts"][:-1] == [json.loads(p.read_text())["metadata"]["edges_after_pruning"]
-                                                    for p in sorted((tmp_path / "sub2" / "m" / folder).iterdir(),
-                                                                    key=lambda p: json.loads(p.read_text())["metadata"]["fraction"])]
+        assert theirs["faithfulnesses"][-1] == pytest.approx(1.0, abs=1e-4)
+        files = sorted((tmp_path / "sub2" / "m" / folder).iterdir(), key=lambda p: json.loads(p.read_text())["metadata"]["fraction"])
+        assert mine["weighted_edge_counts"] == [json.loads(p.read_text())["metadata"]["edges_after_pruning"] for p in files] + [g.n_edges]
+        # ... but counts a top-n circuit after one pruning pass (apply_topn), while ours are pruned to the end
+        key = ours.abs() if absolute else -ours
+        for f, count in zip(FRACTIONS, theirs["weighted_edge_counts"]):
+            top = torch.zeros(g.legal.shape, dtype=torch.bool)
+            idx = torch.topk(key, int(f * g.n_edges)).indices
+            top[where[idx, 0], where[idx, 1]] = True
+            assert count == int(mib_prune(g, top, passes=1).sum())
