@@ -166,6 +166,12 @@ def test_mib_data_command(tmp_path, capsys, toy):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "its rows have: abc_counterfactual, s2_io_flip_counterfactual" in err
     assert not (tmp_path / "x.jsonl").exists()
+    longer = ioi_row()
+    longer["s2_io_flip_counterfactual"]["prompt"] += " the"
+    _write(f, [ioi_row(), longer])
+    assert main(["mib-data", "--task", "ioi", "--input", str(f), "--model", "toy-ioi", "-o", str(tmp_path / "y.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "ioi.jsonl:2: clean is 14 tokens but corrupted is 15" in err and not (tmp_path / "y.jsonl").exists()
 
 
 # ----- B: submissions ------------------------------------------------------------------------
@@ -224,6 +230,9 @@ def test_circuits_at_mibs_sizes(tmp_path, gpt2_scores):
                 mask[g.edge_index[e]] = True
             assert torch.equal(mib_prune(g, mask), mask)
             assert all(v["in_graph"] and v["score"] == -scores[e] for e, v in data["edges"].items())
+    # one ranking alone goes straight into the task folder, which MIB then reports for both rankings
+    write_submission(scored_spec(scores), tmp_path, "ioi", "gpt2", method="one", layout="circuits", ranking="absolute")
+    assert len(list((tmp_path / "one" / "ioi_gpt2").iterdir())) == 9
 
 
 def test_kl_scores_keep_their_sign(tmp_path, gpt2_scores):
