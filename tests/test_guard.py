@@ -83,3 +83,70 @@ def test_load_with_a_device_map(model_dir):
     x = torch.randint(3, 40, (2, 5))
     with torch.no_grad():
         assert (m.engine.run(x)[0] - m.hf(x).logits).abs().max() < 1e-4
+
+
+# ----- reduced precision: judged against an fp32 forward of the same weights ------------------------
+def test_upcast_on_use_is_an_fp32_forward_that_leaves_the_weights_alone():
+    """The fp32 reference the guard uses: the bf16 weights in fp32 arithmetic, with no lasting change."""
+    import copy
+
+    from circuitgraph.model.guard import upcast_on_use
+
+    hf = mistral().to(torch.bfloat16)
+    before = [(p.data_ptr(), p.dtype) for p in hf.parameters()]
+    x = torch.randint(3, 40, (2, 8))
+    with torch.no_grad():
+        with upcast_on_use(hf):
+            got = hf(x).logits
+        want = copy.deepcopy(hf).float()(x).logits
+    assert got.dtype == torch.float32 and (got - want).abs().max() < 1e-5
+    assert [(p.data_ptr(), p.dtype) for p in hf.parameters()] == before  # the engine shares these tensors
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reduced_precision_guard_still_catches_an_unmodelled_feature(monkeypatch, dtype):
+    """Judged against fp32, a dropped sliding window is tens of times HF's own rounding error: refused."""
+    monkeypatch.setattr(llama_family, "layer_window", lambda config, attn, layer: None)
+    tok = make_tokenizer()
+    model = CircuitModel(mistral().to(dtype), tok, name="window-ignored")
+    d = data(tok)
+    with pytest.raises(ExactnessError, match=rf"model 'window-ignored': the patching engine's {str(dtype)[6:]} logits differ "
+                                             r"from an fp32 forward of the same weights by [\d.]+, the model's own"):
+        check_exact(model, d.clean, d.last)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reduced_precision_guard_passes_a_correct_engine_past_the_old_tolerance(monkeypatch, dtype):
+    """When engine and HF round apart by more than the tolerance (real checkpoints: Gemma-3 in bf16), the
+    fp32 judgement accepts a correct engine; forced here with a tolerance no rounding meets."""
+    import circuitgraph.model.guard as guard
+
+    monkeypatch.setitem(guard.TOLERANCE, dtype, 1e-9)
+    tok = make_tokenizer()
+    model = CircuitModel(mistral().to(dtype), tok)
+    d = data(tok)
+    assert check_exact(model, d.clean, d.last) > 0  # judged, passed, and reports the difference from HF's forward
+
+
+def test_float16_overflow_has_its_own_message():
+    """HF's own float16 forward overflows (activations past 65504): say which dtype to use, not 'a feature'."""
+    from transformers import AutoModelForCausalLM
+
+    from circuitgraph.model.guard import OverflowInForward
+    from conftest import CONFIGS
+
+    torch.manual_seed(0)
+    cfg = CONFIGS["llama"]()
+    cfg._attn_implementation = "eager"
+    hf = randomize_norms(AutoModelForCausalLM.from_config(cfg).eval())
+    with torch.no_grad():
+        hf.model.layers[0].mlp.down_proj.weight.mul_(1e5)  # weights still fit float16; the activations do not
+    tok = make_tokenizer()
+    d = data(tok)
+    with torch.no_grad():
+        assert hf(d.clean).logits.isfinite().all()  # fine in float32
+    model = CircuitModel(hf.to(torch.float16), tok, name="loud")
+    with pytest.raises(OverflowInForward, match=r"^model 'loud': the model's own float16 forward gives inf/NaN logits on "
+                                                r"prompts of length \d+; its activations exceed float16's range \(65504\); "
+                                                r"load it in bfloat16 or float32 \(--dtype bfloat16\)$"):
+        Evaluator(model, d, progress=False)
