@@ -7,7 +7,8 @@ import torch
 
 from circuitgraph.data.dataset import Example, tokenize
 from circuitgraph.discovery import attribute, faithfulness_curve
-from circuitgraph.discovery.curves import FaithfulnessCurve, mib_prune, mib_sizes, ranked_top_n
+from circuitgraph.discovery.curves import FaithfulnessCurve, mib_sizes, ranked_top_n
+from circuitgraph.discovery.edge_scores import mib_prune, prune_dangling
 from circuitgraph.discovery.edge_scores import EdgeScores
 from circuitgraph.evaluate.evaluator import Evaluator
 from circuitgraph.graph.computational_graph import Graph
@@ -59,6 +60,29 @@ def test_prune_equals_eap_ig_prune(seed, n):
         got = mib_prune(graph, mask, passes=1 if one_pass else None)
         got_names = {f"{graph.sources[s]}->{graph.destinations[d]}" for s, d in torch.nonzero(got).tolist()}
         assert got_names == eap_ig_prune(names, one_pass)
+
+
+def reachable_edges(graph, mask) -> torch.Tensor:
+    """Edges on some input -> logits path of the selected edges (networkx reachability)."""
+    import networkx as nx
+
+    g = nx.DiGraph()
+    pairs = torch.nonzero(mask).tolist()
+    g.add_edges_from((graph.sources[s], graph.node_of(graph.destinations[d])) for s, d in pairs)
+    out = torch.zeros_like(mask)
+    if "input" in g and "logits" in g:
+        live = (nx.descendants(g, "input") | {"input"}) & (nx.ancestors(g, "logits") | {"logits"})
+        for s, d in pairs:
+            out[s, d] = graph.sources[s] in live and graph.node_of(graph.destinations[d]) in live
+    return out
+
+
+@pytest.mark.parametrize("seed,n", [(0, 8), (1, 20), (2, 40), (3, 60), (5, 15), (6, 30)])
+def test_pruning_to_the_end_keeps_the_input_to_logits_paths(seed, n):
+    graph = Graph(n_layers=2, n_heads=4)
+    mask = random_mask(graph, n, seed)
+    assert torch.equal(mib_prune(graph, mask), reachable_edges(graph, mask))
+    assert torch.equal(prune_dangling(graph, mask), reachable_edges(graph, mask))
 
 
 def test_prune_chain_needs_several_passes():

@@ -25,9 +25,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from circuitgraph.discovery.edge_scores import EdgeScores
+from circuitgraph.discovery.edge_scores import EdgeScores, mib_prune
 from circuitgraph.evaluate.evaluator import Evaluator, bootstrap_se, normalised
-from circuitgraph.graph.computational_graph import Graph
 
 MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 RULES = ("mib", "unpruned-rounded")
@@ -37,37 +36,6 @@ RANKINGS = ("signed", "absolute")
 def mib_sizes(fractions, n_edges: int) -> list[int]:
     """MIB's circuit sizes: ``int(f * n_edges)``, the same float product and floor as its loop."""
     return [int(f * n_edges) for f in fractions]
-
-
-def _source_of_destination(graph: Graph) -> torch.Tensor:
-    """``[n_sources, n_destinations]``: source s is the node that destination d feeds (EAP-IG's forward_to_backward)."""
-    out = torch.zeros(graph.legal.shape, dtype=torch.bool)
-    for d, name in enumerate(graph.destinations[:-1]):
-        out[graph.source_index[graph.node_of(name)], d] = True
-    return out
-
-
-def mib_prune(graph: Graph, mask: torch.Tensor, passes: int | None = None) -> torch.Tensor:
-    """EAP-IG's ``Graph.prune``: keep the nodes with an outgoing and an incoming edge (``input`` counts
-    as having one), drop edges whose source or destination node is gone, and repeat until nothing
-    changes (``passes=None``) or ``passes`` times.  ``logits`` is always present."""
-    f2b = _source_of_destination(graph).float()
-    mask = mask.clone()
-    done = 0
-    nodes = None
-    while passes is None or done < passes:
-        has_out = mask.any(1)
-        has_in = (f2b @ mask.any(0).float()) > 0
-        has_in[0] = True
-        new_nodes = has_out & has_in
-        if nodes is not None and bool((new_nodes == nodes).all()):
-            break
-        nodes = new_nodes
-        alive_dst = (nodes.float() @ f2b) > 0
-        alive_dst[-1] = True
-        mask &= nodes[:, None] & alive_dst[None, :]
-        done += 1
-    return mask
 
 
 def ranked_top_n(scores: EdgeScores, n: int, ranking: str) -> torch.Tensor:

@@ -12,6 +12,7 @@ standard error from one example.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import warnings
@@ -366,6 +367,17 @@ class Evaluator:
         plan = self.engine.compile(masks.to(dev), {k: v.to(dev) for k, v in pos_masks.items()} if pos_masks else None,
                                    batch=len(part), length=part.clean.shape[1])
         return self.engine.patched_run(part.clean.to(dev), abl, plan, logit_positions=part.last.to(dev))
+
+    def first_rows(self, n: int) -> "Evaluator":
+        """The same evaluator (ablation, mean outputs, batching) on the first ``n`` examples: a cheap
+        look before a run on them all (itself when ``n`` covers the dataset)."""
+        if n >= len(self.data):
+            return self
+        sub = copy.copy(self)
+        sub.data, sub._cache = self.data.slice(0, n), {}
+        sub.__dict__.pop("_undefined", None)
+        sub.clean_values, sub.base_values = sub._baselines()
+        return sub
 
     # ----- scores --------------------------------------------------------------------------
     def resolve(self, circuit) -> ResolvedCircuit:
