@@ -33,7 +33,9 @@ def load_model_and_data(args, need_data: bool = True):
 
 def add_model_args(p: argparse.ArgumentParser, data: bool = True, budget: bool = False):
     """--model, --data, --prepend-bos, --batch-size, [--memory-budget,] --device, --dtype, --no-exactness-check."""
-    p.add_argument("--model", required=True, help="hub name, local HuggingFace directory or bundled model name")
+    p.add_argument("--model", required=True,
+                   help="hub name, local HuggingFace directory, bundled model name, .gguf file (dequantized once, "
+                        "then cached) or a named model such as smollm2-135m-q4")
     if data:
         p.add_argument("--data", required=True, help="JSONL dataset (clean, corrupted, answer, wrong[, positions])")
         p.add_argument("--prepend-bos", action="store_true", help="put the BOS token first (TransformerLens habit)")
