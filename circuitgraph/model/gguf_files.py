@@ -4,8 +4,10 @@ Reading a GGUF through transformers parses its metadata several times and dequan
 tensor in numpy (half a minute for a 135M-parameter file on two cores).  The result is saved once
 as an ordinary HuggingFace folder (float32 safetensors, which hold every dequantized value
 exactly, plus the tokenizer) under ``<cache>/gguf/<sha256 of the file>``; later loads read that
-folder through the usual path, in whatever dtype is asked for.  The folder appears by one rename
-of a finished temporary folder, so an interrupted conversion never leaves a half-written model.
+folder through the usual path, in whatever dtype is asked for (about a second for that file).
+The folder appears by one rename of a finished temporary folder, so an interrupted conversion
+never leaves a half-written model.  Being float32, the copy takes 4 bytes a weight on disk (and
+the conversion as much in memory): 0.5 GB for 135M weights, 32 GB for an 8B model.
 """
 
 from __future__ import annotations
@@ -134,8 +136,12 @@ def _convert(path: Path, out: Path, name: str) -> None:
         raise ModelLoadError(f"model '{name}': transformers cannot read this GGUF file "
                              f"({next(iter(str(e).splitlines()), type(e).__name__)})") from None
     describe_config(config)  # an architecture the engine cannot patch is refused before dequantizing
-    hf = AutoModelForCausalLM.from_pretrained(**where, config=config, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(**where)
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(**where, config=config, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(**where)
+    except (ValueError, KeyError, TypeError, NotImplementedError, RuntimeError) as e:  # a tensor or tokenizer type it lacks
+        raise ModelLoadError(f"model '{name}': transformers could not convert this GGUF file ({type(e).__name__}: "
+                             f"{next(iter(str(e).splitlines()), '')})") from None
     # the weights are plain float32 now: the saved folder must not ask to be read as GGUF again
     for holder in (hf.config, config):
         if hasattr(holder, "quantization_config"):

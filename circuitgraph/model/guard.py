@@ -57,7 +57,8 @@ def check_exact(model, tokens: torch.Tensor, last: torch.Tensor, engine_logits: 
     rows = torch.arange(len(tokens), device=dev)
     hf_logits = model.hf(tokens).logits[rows, last]
     dtype = hf_logits.dtype
-    _refuse_overflow(model, tokens, dtype, hf_logits, engine_logits)
+    if dtype in REDUCED:
+        _refuse_overflow(model, tokens, dtype, hf_logits, engine_logits)
     e, h = engine_logits.float(), hf_logits.float()
     diff = float((e - h).abs().max())
     scale = max(1.0, float(h.abs().max()))
@@ -76,7 +77,7 @@ _UNMODELLED = ("its config has a feature the engine does not model exactly, so n
 
 
 def _refuse_overflow(model, tokens, dtype, hf_logits, engine_logits) -> None:
-    """inf/NaN logits mean activations past the dtype's range; say which dtype to use instead."""
+    """inf/NaN logits in reduced precision mean activations past the dtype's range; say which dtype to use instead."""
     where = ("the model's own" if not bool(hf_logits.isfinite().all())
              else "the patching engine's" if not bool(engine_logits.isfinite().all()) else None)
     if where is None:
@@ -84,10 +85,8 @@ def _refuse_overflow(model, tokens, dtype, hf_logits, engine_logits) -> None:
     name = _dtype_name(dtype)
     if dtype == torch.float16:
         advice = "its activations exceed float16's range (65504); load it in bfloat16 or float32 (--dtype bfloat16)"
-    elif dtype == torch.bfloat16:
-        advice = "load it in float32 (--dtype float32)"
     else:
-        advice = "the weights or the inputs are broken (no dtype with a larger range to try)"
+        advice = "load it in float32 (--dtype float32)"
     raise OverflowInForward(f"model '{model.name}': {where} {name} forward gives inf/NaN logits on prompts of length "
                             f"{tokens.shape[1]}; {advice}")
 
