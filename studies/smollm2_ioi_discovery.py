@@ -70,6 +70,8 @@ def main(argv=None) -> int:
     ap.add_argument("--exact-edges", type=int, default=150, help="top edges per method whose exact effect is measured")
     ap.add_argument("--methods", default=",".join(label for label, _, _ in METHODS),
                     help="comma-separated subset of: " + ", ".join(label for label, _, _ in METHODS))
+    ap.add_argument("--no-curves", action="store_true", help="skip the faithfulness curves (attribution and selection only)")
+    ap.add_argument("--name", default="smollm2_ioi_discovery", help="results file name (in studies/results/)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -93,14 +95,14 @@ def main(argv=None) -> int:
     wanted = [m.strip() for m in args.methods.split(",")]
     for label, method, kw in [m for m in METHODS if m[0] in wanted]:
         sc = discover(ev, method, steps=args.steps, **kw)
-        t = time.perf_counter()
-        pair = faithfulness_curve(ev, sc)
-        curves[label] = pair
         scores[label] = sc
-        out["methods"][label] = {"attribution_seconds": sc.meta["seconds"], "curve_seconds": time.perf_counter() - t,
-                                 **pair.to_dict()}
-        print(f"{label}: {sc.meta['seconds']:.1f}s; CPR {pair.cpr:.3f}, CMD {pair.cmd:.3f}")
-        _save(out, curves, t0, args.model)  # each method's results as soon as they exist
+        out["methods"][label] = {"attribution_seconds": sc.meta["seconds"]}
+        if not args.no_curves:
+            t = time.perf_counter()
+            curves[label] = pair = faithfulness_curve(ev, sc)
+            out["methods"][label].update(curve_seconds=time.perf_counter() - t, **pair.to_dict())
+            print(f"{label}: {sc.meta['seconds']:.1f}s; CPR {pair.cpr:.3f}, CMD {pair.cmd:.3f}")
+        _save(out, curves, t0, args.model, args.name)  # each method's results as soon as they exist
 
     sc = scores.get("eap-ig (right)") or next(iter(scores.values()))
     held_ev = Evaluator(model, held)
@@ -113,19 +115,19 @@ def main(argv=None) -> int:
                                 "seconds": select_s, "attribution_seconds": sc.meta["seconds"],
                                 "held_out": {"faithfulness": held_score.faithfulness, "faithfulness_se": held_score.faithfulness_se,
                                              "necessity": held_score.necessity, "necessity_se": held_score.necessity_se}}
-    _save(out, curves, t0, args.model)
+    _save(out, curves, t0, args.model, args.name)
     if args.exact_edges:
         _exact(ev, scores, args.exact_edges, out)
-        _save(out, curves, t0, args.model)
+        _save(out, curves, t0, args.model, args.name)
         _scatter(scores, out["exact"]["effects"], RESULTS / "smollm2_ioi_exact.png")
-    print(f"wrote {RESULTS / 'smollm2_ioi_discovery.md'} in {out['seconds']:.0f}s")
+    print(f"wrote {RESULTS / (args.name + '.md')} in {out['seconds']:.0f}s")
     return 0
 
 
-def _save(out: dict, curves: dict, t0: float, model: str) -> None:
+def _save(out: dict, curves: dict, t0: float, model: str, name: str) -> None:
     out["seconds"] = time.perf_counter() - t0
-    (RESULTS / "smollm2_ioi_discovery.json").write_text(json.dumps(out, indent=1, allow_nan=False) + "\n")
-    (RESULTS / "smollm2_ioi_discovery.md").write_text(_markdown(out))
+    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=1, allow_nan=False) + "\n")
+    (RESULTS / f"{name}.md").write_text(_markdown(out))
     if curves:
         _figure(curves, RESULTS / "smollm2_ioi_curves.png", model)
 
@@ -195,11 +197,11 @@ def _markdown(out: dict) -> str:
              "| method | attribution (s) | CPR (signed) | CMD (|score|) | Spearman vs exact |", "|---|---|---|---|---|"]
     for label, m in out["methods"].items():
         rho = out.get("exact", {}).get("spearman", {}).get(label)
-        lines.append(f"| {label} | {m['attribution_seconds']:.1f} | {fmt(m['cpr'])} | {fmt(m['cmd'])} | "
+        lines.append(f"| {label} | {m['attribution_seconds']:.1f} | {fmt(m.get('cpr'))} | {fmt(m.get('cmd'))} | "
                      f"{'not measured' if rho is None else f'{rho:.2f}'} |")
     lines += ["", "Faithfulness per point (edges requested → evaluated after pruning: faithfulness ± s.e.):", ""]
     for label, m in out["methods"].items():
-        for ranking in ("signed", "absolute"):
+        for ranking in [r for r in ("signed", "absolute") if r in m]:
             pts = "; ".join(f"{p['edges_requested']}→{p['edges_evaluated']}: {fmt(p['faithfulness'])}{_se(p)}"
                             for p in m[ranking]["points"])
             lines.append(f"- {label}, {ranking}: {pts}")
