@@ -375,7 +375,10 @@ class Evaluator:
             return self
         sub = copy.copy(self)
         sub.data, sub._cache = self.data.slice(0, n), {}
-        sub.__dict__.pop("_undefined", None)
+        for memo in ("_undefined", "_circuit_memo"):  # per-dataset results: none carry over to the rows
+            sub.__dict__.pop(memo, None)
+        if hasattr(self, "_circuit_memo"):
+            sub._circuit_memo = type(self._circuit_memo)()
         sub.clean_values, sub.base_values = sub._baselines()
         return sub
 
