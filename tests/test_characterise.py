@@ -149,6 +149,21 @@ def test_copying_score_from_eigenvalues_of_the_full_matrix(setup):
     assert float(scores[0, 3]) == pytest.approx(float(ev.real.sum() / ev.abs().sum()), abs=1e-3)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama", "neox"])
+def test_copying_scores_of_every_head_equal_each_heads_own_eigenvalues(family):
+    """All heads' scores come from one vocabulary product per kind of norm: the same numbers as each
+    head's own factored OV circuit (grouped key/value heads, RMS and layer norms, parallel blocks)."""
+    from test_engine import build
+
+    model = build(family, seed=5)
+    scores = copying_scores(model, chunk=7)
+    G = model.graph
+    for l in range(G.n_layers):
+        for h in range(G.n_heads):
+            ev = ov_circuit(model, f"a{l}.h{h}").matrix.eigenvalues
+            assert float(scores[l, h]) == pytest.approx(float(ev.real.sum() / ev.abs().sum()), abs=1e-4), (l, h)
+
+
 def test_full_matrix_refuses_huge_vocabularies(setup):
     model, _ = setup
     with pytest.raises(ValueError, match="keep it factored"):

@@ -272,6 +272,36 @@ def test_resuming_from_a_clean_prefix_state_matches_a_full_run(family):
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_pause_carried_on_from_an_earlier_pause_matches_one_from_the_embedding(family):
+    """Effects pause the circuit's run at each layer a removal starts in, each pause carried on from the
+    last: the state, and the trials resumed from it (one circuit: deltas copied into its buffer; three:
+    read from the state), equal those of a pause run from the embedding."""
+    m = build(family, seed=19)
+    e, G = m.engine, m.graph
+    clean, corrupt = tokens(11)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        _, outs = e.run(corrupt, record=True)
+        abl = e.make_ablation(outs, "corrupted")
+        mask = (torch.rand(len(G.sources), len(G.destinations), generator=g) < 0.4) & G.legal
+        base = e.compile(mask[None])
+        first = e.patched_run(clean, abl, base, stop_layer=0)
+        later = e.patched_run(clean, abl, base, start=first, stop_layer=1)
+        direct = e.patched_run(clean, abl, base, stop_layer=1)
+        assert later.layer == direct.layer == 1 and len(later.deltas) == len(direct.deltas)
+        assert (later.resid - direct.resid).abs().max() < TOL and (later.flat - direct.flat).abs().max() < TOL
+        trials = mask[None].repeat(3, 1, 1)
+        trials[:, :, G.head_dest(1, 0, "q"):] = torch.rand(3, len(G.sources), len(G.destinations) - G.head_dest(1, 0, "q"),
+                                                          generator=g) < 0.4
+        trials &= G.legal
+        for C in (1, 3):
+            plan = e.compile(trials[:C])
+            expected = e.patched_run(clean, abl, plan)
+            for state in (later, direct):
+                assert (e.patched_run(clean, abl, plan, start=state) - expected).abs().max() < TOL
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
 @pytest.mark.parametrize("density", [0.05, 0.5, 0.95])
 def test_last_position_logits_equal_the_full_run_at_those_positions(family, density):
     """The final residual is built only where it is read; that must not change any number."""

@@ -61,6 +61,20 @@ def test_layout_layers_as_ranks():
     assert yp["m1"] == yp["a1.h2"]  # parallel blocks share a rank
 
 
+@pytest.mark.parametrize("parallel", [False, True])
+@pytest.mark.parametrize("n_heads", [1, 2, 3, 4, 8, 9, 12, 15])
+def test_layout_mlps_never_on_a_head_column(n_heads, parallel):
+    """An MLP centred over an odd number of heads would sit on the middle head's column and cover the
+    edges leaving it upwards (SmolLM2's 9 heads: head 4): MLPs have a column of their own."""
+    nodes = layout(Graph(3, n_heads, parallel_attn_mlp=parallel))
+    heads = [n for n in nodes if n["kind"] == "head"]
+    mlps = [n for n in nodes if n["kind"] == "mlp"]
+    assert len(mlps) == 3 and len(heads) == 3 * n_heads
+    for m in mlps:
+        assert min(abs(m["x"] - h["x"]) for h in heads) >= 1, (m, n_heads)  # a whole slot from every head, any rank
+    assert len({(n["x"], n["y"]) for n in nodes}) == len(nodes)  # no two nodes in one place
+
+
 def test_data_comes_from_the_scoring_and_characterisation_functions(toy):
     model, data, spec, found, ev, study, _ = toy
     d = study.data
@@ -281,6 +295,38 @@ def test_groups_collapse_and_expand(loaded, toy):
     loaded.click(box)
     assert set(spec.groups["previous token"].nodes) <= _drawn(loaded)
     assert loaded.errors() == []
+
+
+def test_mlps_drawn_clear_of_every_head(browser, tmp_path):
+    """In the drawn page of an odd head count, no MLP box covers a head's column (edges leave heads upwards
+    from their centres) and every node lies inside its panel."""
+    from transformers import LlamaConfig
+
+    from circuitgraph.model.loading import from_config
+    from conftest import VOCAB, make_tokenizer, random_rows
+
+    cfg = LlamaConfig(num_hidden_layers=3, num_attention_heads=9, num_key_value_heads=3, hidden_size=36, intermediate_size=48,
+                      vocab_size=VOCAB, max_position_embeddings=32, bos_token_id=1, eos_token_id=1,
+                      architectures=["LlamaForCausalLM"])
+    model = from_config(cfg, tokenizer=make_tokenizer())
+    data = tokenize([Example(**r) for r in random_rows(4, length=8)], model.tokenizer)
+    spec = CircuitSpec(edges=["input->a0.h4<q>", "a0.h4->m0", "m0->a1.h4<v>", "a1.h4->m1", "m1->a2.h4<k>", "a2.h4->logits"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        page = Study.collect(model, data, spec, limits=Limits(examples=1, ig_steps=2, neurons=2)).to_html(tmp_path / "odd.html")
+    browser.events.clear()
+    browser.open(page)
+    boxes = browser.js("""(() => { const svg = document.querySelector('#circuit-0').getBoundingClientRect();
+        const box = el => { const r = el.querySelector('.shape').getBoundingClientRect(); return [r.left, r.right, r.top, r.bottom]; };
+        const of = kind => [...document.querySelectorAll('#circuit-0 .node.' + kind)].map(box);
+        return {svg: [svg.left, svg.right, svg.top, svg.bottom], heads: of('head'), mlps: of('mlp')}; })()""")
+    assert len(boxes["heads"]) == 27 and len(boxes["mlps"]) == 3
+    for left, right, top, bottom in boxes["mlps"]:
+        for h in boxes["heads"]:
+            assert not left <= (h[0] + h[1]) / 2 <= right  # no head's column passes under an MLP
+    l0, r0, t0, b0 = boxes["svg"]
+    assert all(l0 <= b[0] and b[1] <= r0 and t0 <= b[2] and b[3] <= b0 for b in boxes["heads"] + boxes["mlps"])
+    assert browser.errors() == []
 
 
 def test_one_circuit_page(browser, toy, tmp_path):

@@ -113,9 +113,10 @@ def test_edge_effects_match_two_evaluations(setup):
     assert set(nodes) == {"a0.h1", "a0.h2", "a1.h0", "a1.h3", "m1"}
 
 
+@pytest.mark.parametrize("chunk", [1, 2])
 @pytest.mark.parametrize("ablation,positional", [("corrupted", False), ("mean", False), ("zero", False),
                                                  ("corrupted", True), ("mean", True)])
-def test_effects_resumed_from_the_circuits_own_run_equal_full_runs(setup, ablation, positional):
+def test_effects_resumed_from_the_circuits_own_run_equal_full_runs(setup, ablation, positional, chunk):
     """Each removal resumes from the circuit's run paused at the first layer it changes: the same
     numbers as running every reduced circuit from the embedding (over two batches of examples), for
     circuits at every position and for position-restricted ones."""
@@ -127,11 +128,35 @@ def test_effects_resumed_from_the_circuits_own_run_equal_full_runs(setup, ablati
     circuit = ev.resolve(CircuitSpec.from_dict(spec))
     assert bool(circuit.position_names) == positional and len(circuit.edges) == 15
     removals = [[k] for k in circuit.edges] + [list(circuit.edges)[:3]]
-    resumed = ev.values_without(circuit.mask(), removals, chunk=2,
+    resumed = ev.values_without(circuit.mask(), removals, chunk=chunk,
                                 position_edges={k: v for k, v in circuit.edges.items() if v is not None})
     full = ev.metric_values([circuit.without(r) for r in removals], chunk=1)
     assert ev.n_batches == 2 and resumed.shape == full.shape
     assert np.abs(resumed - full).max() < 1e-5
+
+
+def test_node_and_edge_effects_together_are_the_separate_ones(setup):
+    """``effects`` shares one set of runs between node and edge effects (and runs a removal repeated, as a
+    node with one edge and that edge, once): the numbers are those of the two methods."""
+    model, data, _ = setup
+    ev = Evaluator(model, data, batch_size=5, progress=False)
+    circuit = ev.resolve(CircuitSpec.from_dict(SPEC))
+    nodes, edges = ev.effects(circuit)
+    for got, expected in ((nodes, ev.node_effects(circuit)), (edges, ev.edge_effects(circuit))):
+        assert list(got) == list(expected)
+        for k, (drop, se) in expected.items():
+            assert got[k][0] == pytest.approx(drop, abs=1e-6) and got[k][1] == pytest.approx(se, abs=1e-6)
+    assert ev.effects(circuit, edges=False) == (nodes, {})
+    k = list(circuit.edges)
+    twice = ev.values_without(circuit.mask(), [[k[0]], [k[1], k[2]], [k[0]], [k[2], k[1]]])
+    assert (twice[0] == twice[2]).all() and (twice[1] == twice[3]).all()
+    once = ev.values_without(circuit.mask(), [[k[0]], [k[1], k[2]]])
+    assert np.abs(twice[:2] - once).max() < 1e-6
+    # the circuit's own run is kept: scoring it again, or its effects, does not run it again
+    calls = []
+    ev.metric_values = lambda *a, **kw: calls.append(kw) or Evaluator.metric_values(ev, *a, **kw)
+    ev.evaluate(circuit), ev.edge_effects(circuit)
+    assert calls == [{"complement": True}]  # only the complement (necessity) was new
 
 
 @pytest.mark.parametrize("metric", ["prob_diff", "kl", "accuracy"])

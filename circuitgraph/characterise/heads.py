@@ -113,24 +113,32 @@ def repeated_tokens(model: CircuitModel, n: int = 16, seq_len: int = 20, seed: i
 def detection_scores(model: CircuitModel, tokens: torch.Tensor, kind: str, lengths: torch.Tensor | None = None,
                      batch_size: int = 32) -> torch.Tensor:
     """``[L, H]`` score of one head type (see module docstring) on ``tokens [B, P]``."""
-    if kind not in DETECTORS:
-        raise ValueError(f"unknown head type '{kind}'; expected one of {', '.join(DETECTORS)}")
+    return detection_scores_of(model, tokens, [kind], lengths, batch_size)[kind]
+
+
+def detection_scores_of(model: CircuitModel, tokens: torch.Tensor, kinds: list[str], lengths: torch.Tensor | None = None,
+                        batch_size: int = 32) -> dict[str, torch.Tensor]:
+    """:func:`detection_scores` of several head types from one forward per batch: ``{kind: [L, H]}``."""
+    for kind in kinds:
+        if kind not in DETECTORS:
+            raise ValueError(f"unknown head type '{kind}'; expected one of {', '.join(DETECTORS)}")
     G = model.graph
-    hit = torch.zeros(G.n_layers, G.n_heads, dtype=torch.float64)
-    rows = 0
+    hit = {k: torch.zeros(G.n_layers, G.n_heads, dtype=torch.float64) for k in kinds}
+    rows = dict.fromkeys(kinds, 0)
     for a in range(0, len(tokens), batch_size):
         toks = tokens[a:a + batch_size]
         pats = all_patterns(model, toks)  # [L, B, H, P, P]
         for b in range(len(toks)):
             P = int(lengths[a + b]) if lengths is not None else toks.shape[1]
-            det = DETECTORS[kind](toks[b:b + 1, :P].cpu()).float()  # [P, P]
-            has = det.sum(-1) > 0
-            if not has.any():
-                continue
-            mass = (pats[:, b, :, :P, :P] * det).sum(-1)  # [L, H, P]
-            hit += mass[..., has].sum(-1).double()
-            rows += int(has.sum())
-    return (hit / max(rows, 1)).float()
+            for kind in kinds:
+                det = DETECTORS[kind](toks[b:b + 1, :P].cpu()).float()  # [P, P]
+                has = det.sum(-1) > 0
+                if not has.any():
+                    continue
+                mass = (pats[:, b, :, :P, :P] * det).sum(-1)  # [L, H, P]
+                hit[kind] += mass[..., has].sum(-1).double()
+                rows[kind] += int(has.sum())
+    return {k: (hit[k] / max(rows[k], 1)).float() for k in kinds}
 
 
 @dataclass
@@ -158,7 +166,7 @@ def head_scores(model: CircuitModel, data=None, n_random: int = 16, seq_len: int
     from circuitgraph.characterise.qkov import copying_scores
 
     rep = repeated_tokens(model, n_random, seq_len, seed)
-    scores = {k: detection_scores(model, rep, k) for k in DETECTORS}
+    scores = detection_scores_of(model, rep, list(DETECTORS))  # one forward for every head type
     scores["copying"] = copying_scores(model)
     notes = {k: "attention mass on the pattern's targets, over query positions with a target, on repeated random tokens"
              for k in DETECTORS}
@@ -185,5 +193,5 @@ def plot_head_scores(scores: HeadScores, path, kinds: list[str] | None = None):
     return save(fig, path)
 
 
-__all__ = ["AttentionPatterns", "HeadScores", "all_patterns", "attention_patterns", "detection_scores", "head_scores",
+__all__ = ["AttentionPatterns", "HeadScores", "all_patterns", "attention_patterns", "detection_scores", "detection_scores_of", "head_scores",
            "plot_attention", "plot_head_scores", "repeated_tokens"]

@@ -40,27 +40,53 @@ class NeuronActivity:
 @torch.no_grad()
 def neuron_activations(model: CircuitModel, data: TaskData, node, position: str = "last") -> torch.Tensor:
     """Hidden activations ``[rows, d_mlp]``: one row per example (``last`` / a named position) or per valid token (``all``)."""
+    return neuron_activations_of(model, data, [node], position)[_name(node)]
+
+
+@torch.no_grad()
+def neuron_activations_of(model: CircuitModel, data: TaskData, nodes: list, position: str = "last") -> dict[str, torch.Tensor]:
+    """:func:`neuron_activations` of several MLPs from one forward: ``{"m<L>": [rows, d_mlp]}``."""
     model.check_padding(data)
-    layer = _layer(model, node)
-    name = f"blocks.{layer}.mlp.hook_post"
-    _, cache = model.run_with_cache(data.clean.to(model.device), names_filter=lambda n: n == name)
-    act = cache[name].float().cpu()  # [N, P, d_mlp]
+    names = {_name(n): f"blocks.{_layer(model, n)}.mlp.hook_post" for n in nodes}
     N, P = data.clean.shape
     if position == "all":
-        return act[torch.arange(P)[None] < data.lengths[:, None]]
-    idx = data.last if position == "last" else data.positions[position]
-    ok = idx >= 0
-    return act[torch.arange(N)[ok], idx[ok]]
+        rows = torch.arange(P)[None] < data.lengths[:, None]
+        pick = lambda act: act[rows.to(act.device)]
+    else:
+        idx = data.last if position == "last" else data.positions[position]
+        ok = idx >= 0
+        at = (torch.arange(N)[ok], idx[ok])
+        pick = lambda act: act[at[0].to(act.device), at[1].to(act.device)]  # only the rows asked for are kept
+    kept: dict[str, torch.Tensor] = {}
+
+    def keep(act, hook):
+        kept[hook.name] = pick(act).float().cpu()
+
+    model.run_with_hooks(data.clean, [(name, keep) for name in dict.fromkeys(names.values())],
+                         logit_positions=data.last.to(model.device))  # the logits are not used: unembed one position per row
+    return {node: kept[name] for node, name in names.items()}
+
+
+def _name(node) -> str:
+    return node if isinstance(node, str) else f"m{node}"
 
 
 def top_neurons(model: CircuitModel, data: TaskData, node, k: int = 10, position: str = "last") -> NeuronActivity:
     """The ``k`` neurons of an MLP with the highest mean activation."""
-    model.check_padding(data)
-    act = neuron_activations(model, data, node, position)
+    return top_from(neuron_activations(model, data, node, position), _name(node), k, position)
+
+
+def top_neurons_of(model: CircuitModel, data: TaskData, nodes: list, k: int = 10, position: str = "last") -> dict[str, NeuronActivity]:
+    """:func:`top_neurons` of several MLPs from one forward."""
+    acts = neuron_activations_of(model, data, nodes, position)
+    return {node: top_from(act, node, k, position) for node, act in acts.items()}
+
+
+def top_from(act: torch.Tensor, node: str, k: int = 10, position: str = "last") -> NeuronActivity:
+    """The ``k`` most active neurons (highest mean) of activations ``[rows, d_mlp]`` (:func:`neuron_activations`)."""
     mean = act.mean(0)
     top = mean.topk(min(k, len(mean))).indices
-    name = node if isinstance(node, str) else f"m{node}"
-    return NeuronActivity(name, position, top, mean[top], act.max(0).values[top], mean)
+    return NeuronActivity(node, position, top, mean[top], act.max(0).values[top], mean)
 
 
 @dataclass
@@ -133,4 +159,5 @@ def plot_neurons(activity: NeuronActivity, path, effects: NeuronEffects | None =
     return save(fig, path)
 
 
-__all__ = ["NeuronActivity", "NeuronEffects", "neuron_ablation", "neuron_activations", "plot_neurons", "top_neurons"]
+__all__ = ["NeuronActivity", "NeuronEffects", "neuron_ablation", "neuron_activations", "neuron_activations_of", "plot_neurons",
+           "top_from", "top_neurons", "top_neurons_of"]

@@ -145,14 +145,32 @@ def full_matrix(circuit: HeadCircuit, limit: int = FULL_VOCAB_LIMIT) -> torch.Te
 
 
 @torch.no_grad()
-def copying_scores(model: CircuitModel, fold_ln: bool = True) -> torch.Tensor:
-    """``[n_layers, n_heads]`` OV copying score (module docstring), from the low-rank factors."""
-    G = model.graph
+def copying_scores(model: CircuitModel, fold_ln: bool = True, chunk: int = 4096) -> torch.Tensor:
+    """``[n_layers, n_heads]`` OV copying score (module docstring), from the low-rank factors.
+
+    The eigenvalues are those of ``ov_circuit(...).matrix.BA = W_O' U'^T E' W_V``, with the
+    vocabulary-sized product ``U^T E'`` ([d_model, d_model]) formed once per kind of input norm (the
+    layer's norm gain scales its columns) instead of once per head: ``chunk`` vocabulary rows at a time
+    in the weights' precision, the chunks summed and the rest computed in float64."""
+    G, w = model.graph, model.weights
+    E, U = embedding(model), w.W_U
+    products: dict[bool, torch.Tensor] = {}
     out = torch.zeros(G.n_layers, G.n_heads)
     for l in range(G.n_layers):
-        for h in range(G.n_heads):
-            ev = ov_circuit(model, f"a{l}.h{h}", fold_ln).matrix.eigenvalues
-            out[l, h] = float(ev.real.sum() / ev.abs().sum().clamp(min=1e-12))
+        lw = w.layers[l]
+        norm = lw.ln1 if fold_ln else None
+        centre = norm is not None and norm.kind == "layer"
+        if centre not in products:
+            K = torch.zeros(U.shape[1], E.shape[1], dtype=torch.float64, device=U.device)
+            for r in range(0, U.shape[0], chunk):  # each chunk in the weights' precision, summed in float64
+                e = E[r:r + chunk].to(U.device)
+                K += (U[r:r + chunk].T @ (e - e.mean(-1, keepdim=True) if centre else e)).double()
+            products[centre] = K
+        UE = products[centre] * norm.weight.double() if norm is not None else products[centre]  # U^T E'
+        W_O = _fold(lw.W_O, w.ln_final, fold_ln).double()  # [H, d_head, D], every head at once
+        W_V = lw.attn.W_V.double().to(W_O.device).repeat_interleave(lw.attn.group, 0)  # [H, D, d_head]
+        ev = torch.linalg.eigvals(W_O @ UE.to(W_O.device) @ W_V)  # [H, d_head]
+        out[l] = (ev.real.sum(-1) / ev.abs().sum(-1).clamp(min=1e-12)).float().cpu()
     return out
 
 

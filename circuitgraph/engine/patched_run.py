@@ -303,7 +303,8 @@ class PatchedRun:
         rows = lead + plan.n_rows
         # token-major: each token's rows contiguous, the operand :meth:`_mix_rows` multiplies token by token
         cpu_full = emb.device.type == "cpu" and emb.dtype in FULL
-        self.token_major = plan.token_major and cpu_full and self.start is None
+        copy_start = self.start is not None and (C == 1 or any(bp.positional for bp in plan.blocks))
+        self.token_major = plan.token_major and cpu_full and (self.start is None or copy_start)
         if self.token_major:
             self.lead = e.workspace("deltas", (C, B, P, rows, D), emb).permute(0, 3, 1, 2, 4)
         else:
@@ -315,7 +316,7 @@ class PatchedRun:
         else:
             st = self.start
             resid, first = (st.resid.repeat(C, 1, 1) if C > 1 else st.resid), st.layer
-            if any(bp.positional for bp in plan.blocks):  # the simple way: copy the state into the buffer
+            if copy_start:  # the simple way: copy the state into the buffer
                 for block in range(1 + 2 * first):
                     rows = plan.needed[block]
                     if len(rows):
@@ -364,8 +365,8 @@ class PatchedRun:
                                   else dict(on_attn=store_heads)))
             self._record(2 + 2 * layer, out.mlp[None])
             resid = out.resid.to(emb.device)
-        if self.stop_layer is not None:
-            return PrefixState(self.stop_layer, resid, self.full)
+        if self.stop_layer is not None:  # resumed: the blocks before ``start`` are the start's
+            return PrefixState(self.stop_layer, resid, (list(self.start.deltas) if self.start is not None else []) + self.full)
         return self._logits(resid)
 
     def _positions(self) -> torch.Tensor:

@@ -13,9 +13,11 @@ standard error from one example.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import warnings
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,6 +35,7 @@ from circuitgraph.model.loading import CircuitModel
 from circuitgraph.spec.circuit_spec import CircuitSpec, ResolvedCircuit, SpecError
 
 ABLATIONS = ("corrupted", "mean", "zero")
+MEMO_CIRCUITS = 8  # circuits whose per-example values an Evaluator keeps (circuit_values)
 
 
 @dataclass
@@ -170,6 +173,7 @@ class Evaluator:
             self.batch_size = batch_size
         self._mean = self._mean_outputs(reference if reference is not None else data) if ablation == "mean" else None
         self._cache: dict[int, tuple] = {}
+        self._circuit_memo: OrderedDict = OrderedDict()  # circuit_values of the last few circuits
         cached = self.pass_mb(len(data), circuits=0)  # every batch's ablated run
         # kept beside one pass of the circuits
         cache_budget_mb = min(cache_budget_mb, self._limit_mb - self.pass_mb(self.batch_size, self.circuits_per_pass)
@@ -347,6 +351,22 @@ class Evaluator:
             out[c:c + len(m), a:b] = self._values(logits, part, clean_logits.expand(len(m), -1, -1)).numpy()
         return self.reduce(out)
 
+    def circuit_values(self, circuit: ResolvedCircuit, complement: bool = False) -> np.ndarray:
+        """Per-example metric ``[N]`` of one circuit (or its complement), as :meth:`metric_values` gives it.
+
+        The last :data:`MEMO_CIRCUITS` circuits' values are kept, so a circuit's score, its node and edge
+        effects and its per-example view (``circuitgraph explore``) run it once."""
+        h = hashlib.sha1(circuit.mask().numpy().tobytes())
+        h.update(repr(sorted((k, tuple(v)) for k, v in circuit.edges.items() if v is not None)).encode())
+        key = (h.hexdigest(), complement)
+        if key in self._circuit_memo:
+            self._circuit_memo.move_to_end(key)
+        else:
+            self._circuit_memo[key] = self.metric_values([circuit], complement=complement)[0]
+            while len(self._circuit_memo) > MEMO_CIRCUITS:
+                self._circuit_memo.popitem(last=False)
+        return self._circuit_memo[key].copy()
+
     def normalise(self, values: np.ndarray) -> np.ndarray:
         """Per-circuit normalised score ``(M - M_ablated) / (M_clean - M_ablated)`` of ``[C, N]`` metric values."""
         return normalised(values, self.clean_values[None], self.base_values[None])
@@ -456,8 +476,8 @@ class Evaluator:
         and ablated metrics equal within noise) both ratios are ``None`` and ``undefined_reason``
         says why; with one example the standard errors are ``None``."""
         circuit, notes = self._resolve(circuit)
-        m_circ = self.metric_values([circuit])[0]
-        m_comp = self.metric_values([circuit], complement=True)[0]
+        m_circ = self.circuit_values(circuit)
+        m_comp = self.circuit_values(circuit, complement=True)
         clean, base = self.clean_values, self.base_values
         undefined = self.undefined_reason
         one = len(self.data) < 2
@@ -497,26 +517,44 @@ class Evaluator:
     def node_effects(self, circuit: CircuitSpec | ResolvedCircuit, chunk: int | None = None) -> dict[str, tuple[float, float]]:
         """Drop in faithfulness when every edge into or out of a node is removed."""
         circuit = self.resolve(circuit)
+        by_node = self._node_removals(circuit)
+        return self._drops(circuit, list(by_node.values()), list(by_node), chunk, "node effects")
+
+    def effects(self, circuit: CircuitSpec | ResolvedCircuit, edges: bool = True,
+                chunk: int | None = None) -> tuple[dict[str, tuple[float, float]], dict[str, tuple[float, float]]]:
+        """``(node_effects, edge_effects)`` of one circuit (``edge_effects`` empty with ``edges=False``): the
+        same numbers as the two methods give, from one set of runs (the circuit's own run, paused once per
+        layer and batch, serves both)."""
+        circuit = self.resolve(circuit)
+        by_node = self._node_removals(circuit)
+        removals, names = list(by_node.values()), list(by_node)
+        if edges:
+            removals += [[k] for k in circuit.edges]
+            names += circuit.edge_names
+        drops = self._drops(circuit, removals, names, chunk, "node and edge effects", keyed=False)
+        n = len(by_node)
+        return dict(zip(names[:n], drops[:n])), dict(zip(names[n:], drops[n:]))
+
+    def _node_removals(self, circuit: ResolvedCircuit) -> dict[str, list]:
+        """Every node of the circuit but input and logits, with the circuit's edges into or out of it."""
         g = self.graph
         by_node: dict[str, list] = {}
         for s, d in circuit.edges:
             for node in (g.sources[s], g.node_of(g.destinations[d])):
                 if node not in ("input", "logits"):
                     by_node.setdefault(node, []).append((s, d))
-        return self._drops(circuit, list(by_node.values()), list(by_node), chunk, "node effects")
+        return by_node
 
-    def _drops(self, circuit, removals, names, chunk, desc):
+    def _drops(self, circuit, removals, names, chunk, desc, keyed: bool = True):
         if self.undefined_reason:
             warnings.warn(f"effects are undefined (NaN): {self.undefined_reason}", CircuitWarning, stacklevel=3)
-        full = self.metric_values([circuit])[0]
+        full = self.circuit_values(circuit)
         reduced = self.values_without(circuit.mask(), removals, chunk, desc,
                                       position_edges={k: v for k, v in circuit.edges.items() if v is not None})
         clean, base = self.clean_values, self.base_values
         drop = lambda f, r, c, b: normalised(f, c, b) - normalised(r, c, b)
-        out = {}
-        for name, row in zip(names, reduced):
-            out[name] = (float(drop(full, row, clean, base)), bootstrap_se(drop, full, row, clean, base))
-        return out
+        out = [(float(drop(full, row, clean, base)), bootstrap_se(drop, full, row, clean, base)) for row in reduced]
+        return dict(zip(names, out)) if keyed else out
 
     @torch.no_grad()
     def values_without(self, mask: torch.Tensor, removals: list, chunk: int | None = None, desc: str | None = None,
@@ -527,11 +565,19 @@ class Evaluator:
         position) plus ``position_edges`` (``{edge: position names}``, edges at those positions only).
 
         Nothing before the first layer a removal changes can differ from the circuit's own run, so
-        each removal resumes from that run paused there (one paused run per layer and batch),
+        each removal resumes from that run paused there (paused at each such layer in turn, once per batch),
         ``chunk`` at a time (default :attr:`circuits_per_pass`: on GPT-2 small over 16 x 16 tokens,
         resumed removals from MIB's IOI circuit ran 1.14-1.19x faster one by one than 16 stacked; nearly
         complete circuits, as in path patching, stack better: see :attr:`trials_per_pass`).  With
-        positions the removals run one at a time, their plans built per batch from its positions."""
+        positions the removals run one at a time, their plans built per batch from its positions.  Removals
+        of the same edges (a node with one edge, and that edge) run once."""
+        first = {}  # a removal's edges -> the first removal of them
+        same = [first.setdefault(frozenset(map(tuple, r)), i) for i, r in enumerate(removals)]
+        if len(first) < len(removals):
+            unique = list(first.values())
+            vals = self.values_without(mask, [removals[i] for i in unique], chunk, desc, positions, position_edges)
+            row = {i: j for j, i in enumerate(unique)}
+            return vals[[row[i] for i in same]]
         G, e, dev = self.graph, self.engine, self.model.device
         dst_layer = [NodeRef.parse(d).block_layer(G.n_layers) for d in G.destinations]
         by_layer: dict[int, list[int]] = {}
@@ -553,16 +599,19 @@ class Evaluator:
         plain = None if position_edges else e.compile(mask[None].to(dev))
         bases = {}  # batch -> (its position masks of the circuit's edges, the circuit's plan)
         out = np.zeros((len(removals), len(self.data)), dtype=np.float64)
-        jobs = [(layer, s) for layer in sorted(chunks) for s in range(self.n_batches)]
-        for layer, s in tqdm(jobs, desc=desc or "patched runs", leave=False, disable=not self.progress or len(jobs) < 2):
+        jobs = [(s, layer) for s in range(self.n_batches) for layer in sorted(chunks)]  # a batch's layers in order
+        state = None
+        for s, layer in tqdm(jobs, desc=desc or "patched runs", leave=False, disable=not self.progress or len(jobs) < 2):
             a, b = self._spans()[s]
             part, abl, clean_logits = self._batch(s, a, b)
             clean, last = part.clean.to(dev), part.last.to(dev)
             if s not in bases:
                 at = {edge: part.position_mask(list(names)).to(dev) for edge, names in position_edges.items()}
                 bases[s] = at, plain if plain is not None else e.compile(mask[None].to(dev), at, *clean.shape)
+                state = None
             at, base = bases[s]
-            state = e.patched_run(clean, abl, base, stop_layer=layer)
+            # the circuit's run paused at this layer: the batch's previous pause carried on from where it stopped
+            state = e.patched_run(clean, abl, base, start=state, stop_layer=layer)
             kept_at = ~part.position_mask(list(positions)).to(dev) if positions else None  # where removed edges stay
             for idx in chunks[layer]:
                 if positional:

@@ -64,7 +64,7 @@
 
   // ----- geometry -----------------------------------------------------------------------------------
   const G = D.graph;
-  const cols = G.n_heads + (G.parallel ? 1 : 0);
+  const cols = d3.max(D.nodes, n => n.x) + 1;  // the heads' slots and the MLPs' own column (see layout.py)
   const maxY = d3.max(D.nodes, n => n.y);
   function geometry(width) {
     const slot = Math.max(46, Math.min(110, (width - 70) / cols));

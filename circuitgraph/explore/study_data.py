@@ -18,6 +18,7 @@ import torch
 
 from circuitgraph.data.dataset import TaskData
 from circuitgraph.explore.layout import layout, node_kind
+from circuitgraph.graph import NodeRef
 from circuitgraph.model.loading import CircuitModel
 from circuitgraph.spec.circuit_spec import CircuitSpec
 
@@ -64,6 +65,7 @@ def collect(model: CircuitModel, data: TaskData, circuits: list[CircuitSpec], ev
 
     ``edge_effects`` (one entry per circuit, None where not known) passes on what
     :meth:`Evaluator.edge_effects` already returned for a circuit, so it is not measured twice."""
+    from circuitgraph.characterise.neurons import top_from
     from circuitgraph.evaluate.evaluator import Evaluator
 
     if not circuits:
@@ -98,8 +100,9 @@ def collect(model: CircuitModel, data: TaskData, circuits: list[CircuitSpec], ev
                       key=lambda n: int(n[1:]))
         if G.n_layers * G.n_heads <= limits.pattern_heads:  # a small model: every MLP, like every head
             mlps = [f"m{l}" for l in range(G.n_layers)]
-        out["neurons"] = {m: _neurons(model, data, m, limits.neurons) for m in mlps}
-        out["examples"] = _examples(model, ev, sub, resolved, heads, mlps, per_example_dla, limits)
+        acts = _neuron_activations(model, data, mlps)
+        out["neurons"] = {m: _top(top_from(acts[m], m, limits.neurons)) for m in mlps}
+        out["examples"] = _examples(model, ev, sub, resolved, heads, acts, per_example_dla, limits)
     out["limits"] = {**asdict(limits), "edges_embedded": len(out["edges"]), "edges_scored": n_scored,
                      "pattern_heads_embedded": heads, "neuron_mlps_embedded": mlps}
     return out
@@ -128,9 +131,10 @@ def _score(score) -> dict:
 def _circuits(ev, circuits, resolved, limits, known):
     out, effects = [], []
     for i, (spec, res) in enumerate(zip(circuits, resolved)):
-        nodes = ev.node_effects(res)
         measured = known[i] is not None or len(res) <= limits.effect_edges
-        edges = known[i] if known[i] is not None else ev.edge_effects(res) if measured else {}
+        # node and edge effects from one set of runs (the circuit's run paused once per layer serves both)
+        nodes, edges = ev.effects(res, edges=measured and known[i] is None)
+        edges = known[i] if known[i] is not None else edges
         effects.append(edges)
         out.append({"name": spec.name or f"circuit {i + 1}", "description": spec.description, "source": spec.source,
                     "n_edges": len(res), "score": _score(ev.evaluate(res)),
@@ -191,10 +195,12 @@ def _dla(model, data):
     return {"nodes": nodes, "input": _r(res.input), "bias": _r(res.bias), "logit_diff": _r(res.logit_diff)}, res
 
 
-def _neurons(model, data, mlp, k) -> list:
-    from circuitgraph.characterise.neurons import top_neurons
+def _neuron_activations(model, data, mlps) -> dict:
+    """Each MLP's hidden activations at the last position of every example ``{m: [N, d_mlp]}``, from one
+    forward: the dataset's top neurons and each example's (its own row) both come from them."""
+    from circuitgraph.characterise.neurons import neuron_activations_of
 
-    return _top(top_neurons(model, data, mlp, k=k))
+    return neuron_activations_of(model, data, mlps) if mlps else {}
 
 
 def _top(act) -> list:
@@ -202,11 +208,12 @@ def _top(act) -> list:
     return [[int(n), _r(m), _r(x)] for n, m, x in zip(act.neurons.tolist(), act.mean.tolist(), act.max.tolist())]
 
 
-def _examples(model, ev, sub: TaskData, resolved, heads, mlps, dla, limits) -> list[dict]:
-    from circuitgraph.characterise.heads import attention_patterns
+def _examples(model, ev, sub: TaskData, resolved, heads, acts, dla, limits) -> list[dict]:
+    """The first rows' views; ``acts``: :func:`_neuron_activations` of the whole dataset (its first rows are ``sub``)."""
+    from circuitgraph.characterise.heads import all_patterns
     from circuitgraph.characterise.integrated_gradients import integrated_gradients
     from circuitgraph.characterise.logit_lens import logit_lens
-    from circuitgraph.characterise.neurons import top_neurons
+    from circuitgraph.characterise.neurons import top_from
     from circuitgraph.characterise.plots import token_labels
 
     tok = model.tokenizer
@@ -214,14 +221,17 @@ def _examples(model, ev, sub: TaskData, resolved, heads, mlps, dla, limits) -> l
     ig = integrated_gradients(model, sub, metric=ev.metric_name, n_steps=limits.ig_steps)
     lens = logit_lens(model, sub, keep_logits=True)
     probs = lens.logits.float().softmax(-1)  # [S, n, vocab]
-    circuit_values = ev.metric_values(resolved)[:, :n] if resolved else []
+    circuit_values = [ev.circuit_values(r)[:n] for r in resolved]  # the runs that scored the circuits
+    # every example's patterns from one forward of the rows (padding changes none: attention is causal or, as the
+    # Evaluator checked, every row has one length)
+    pats = all_patterns(model, sub.clean) if heads else None  # [L, n, H, P, P]
+    at = [(ref.layer, ref.head) for ref in map(NodeRef.parse, heads)]
     out = []
     for i in range(n):
         P = int(sub.lengths[i])
         ids = sub.clean[i, :P]
         differs = (sub.clean[i, :P] != sub.corrupted[i, :P]).tolist()
         ex = sub.examples[i] if i < len(sub.examples) else None
-        pats = attention_patterns(model, ids, heads) if heads else None
         wrong = sub.wrongs[i][sub.wrongs[i] >= 0]
         answer = sub.answers[i][sub.answers[i] >= 0]
         out.append({
@@ -230,10 +240,10 @@ def _examples(model, ev, sub: TaskData, resolved, heads, mlps, dla, limits) -> l
             "answer": tok.decode(answer.tolist()) if tok else answer.tolist(),
             "wrong": tok.decode(wrong.tolist()) if tok else wrong.tolist(),
             "tokens": token_labels(tok, ids.tolist()), "differs": differs,
-            "patterns": {h: [row[:q + 1] for q, row in enumerate(_rows(p[:P, :P], 3))]  # causal: keys <= query only
-                         for h, p in zip(pats.heads, pats.patterns)} if pats else {},
+            "patterns": {h: [row[:q + 1] for q, row in enumerate(_rows(pats[l, i, hh, :P, :P], 3))]  # causal: keys <= query only
+                         for h, (l, hh) in zip(heads, at)} if heads else {},
             "dla": {s: _r(v) for s, v in zip(dla.sources, dla.per_example[i].tolist())},
-            "neurons": {m: _top(top_neurons(model, sub.slice(i, i + 1), m, k=limits.neurons)) for m in mlps},
+            "neurons": {m: _top(top_from(a[i:i + 1], m, limits.neurons)) for m, a in acts.items()},
             "ig": {"attributions": [_r(v) for v in ig.attributions[i, :P].tolist()],
                    "completeness_error": _r(ig.completeness_error[i]), "metric": ig.metric, "steps": ig.n_steps,
                    "delta": _r(ig.metric_clean[i] - ig.metric_corrupted[i])},
