@@ -362,4 +362,4 @@ def test_fused_tanh_gelu_differs_from_hf_formula_by_rounding_only():
 
     x = torch.linspace(-30, 30, 600_001)
     diff = (torch.nn.functional.gelu(x, approximate="tanh") - NewGELUActivation()(x)).abs().max()
-    assert diff <= 5e-7, diff  # the README states 4.8e-7
+    assert diff <= 5e-7, diff  # docs/engine.md states 4.8e-7

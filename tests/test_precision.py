@@ -14,7 +14,7 @@ EAP scores, Pearson with fp32              >= 0.999         >= 0.9999
 
 bf16 keeps 8 significant bits, so these are about 2-3x its rounding of a logit of the size
 these models produce; a larger model accumulates more roundings per layer, so they are not a
-promise for an 8B model (see the README's precision note).
+promise for an 8B model (see docs/precision.md).
 """
 
 import copy
