@@ -17,6 +17,9 @@ from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, field_
 from circuitgraph.errors import CircuitWarning
 
 
+REST = "rest"  # the position name of every token a row does not name (a spec's "rest" span; no dataset may name it)
+
+
 class DataError(ValueError):
     """A dataset line that is malformed or does not fit the tokenizer (the message names the line)."""
 
@@ -74,8 +77,8 @@ class TaskData:
 
     def check_positions(self, names, user: str = "the circuit") -> None:
         """Every example must name each position in ``names``; the error names the first that does not
-        (an example without it would silently be patched nowhere)."""
-        for name in sorted(set(names)):
+        (an example without it would silently be patched nowhere).  ``rest`` is every row's own."""
+        for name in sorted(set(names) - {REST}):
             if name not in self.positions:
                 raise DataError(f"position '{name}' is not named in the dataset (it names: {', '.join(sorted(self.positions)) or 'none'})")
             missing = torch.nonzero(self.positions[name] < 0).flatten().tolist()
@@ -91,16 +94,33 @@ class TaskData:
                         self.positions, self.examples, self.prepend_bos, self.source)
 
     def position_mask(self, names: list[str]) -> torch.Tensor:
-        """Bool ``[N, P]``: true at the named positions of each example."""
+        """Bool ``[N, P]``: true at the named positions of each example (``rest``: at those it names none of)."""
         N, P = self.clean.shape
         mask = torch.zeros(N, P, dtype=torch.bool)
-        for name in names:
+        if REST in names:
+            mask = ~self.position_mask(list(self.positions))
+        for name in set(names) - {REST}:
             if name not in self.positions:
                 raise DataError(f"position '{name}' is not named in the dataset (it names: {', '.join(sorted(self.positions)) or 'none'})")
             idx = self.positions[name]
             ok = idx >= 0
             mask[torch.nonzero(ok).squeeze(1), idx[ok]] = True
         return mask
+
+    def span_index(self, names: list[str]) -> torch.Tensor:
+        """Long ``[N, P]``: the index in ``names`` of the position each token is, ``len(names)`` (``rest``)
+        where it is none.  Every row must name every position, each at its own token."""
+        self.check_positions(names, "by-position scoring")
+        out = torch.full(self.clean.shape, len(names), dtype=torch.long)
+        rows = torch.arange(len(self))
+        for j, name in enumerate(names):
+            at = self.positions[name]
+            if (clash := out[rows, at] < len(names)).any():
+                i = int(torch.nonzero(clash)[0])
+                raise DataError(f"{self.where(i)}: positions '{names[int(out[i, at[i]])]}' and '{name}' are the same token; "
+                                f"by-position scores need each token in one position")
+            out[rows, at] = j
+        return out
 
     @property
     def same_length(self) -> bool:
@@ -242,6 +262,10 @@ def tokenize(examples: list[Example], tokenizer, prepend_bos: bool = False, sour
     examples = read_rows(examples, source)
     clean, corrupt, answers, wrongs, lengths = [], [], [], [], []
     names = sorted({k for ex in examples for k in ex.positions})
+    if REST in names:
+        i = next(i for i, ex in enumerate(examples) if REST in ex.positions)
+        raise DataError(f"{examples[i]._where or f'{source}:{i + 1}'}: position name '{REST}' is reserved (every token a row "
+                        f"does not name); call it something else")
     positions = {k: [] for k in names}
     unknown: dict[str, str] = {}
     n_special = shift = len(_ids(tokenizer, "", prepend_bos))  # leading BOS, ours or the tokenizer's

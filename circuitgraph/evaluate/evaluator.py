@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from circuitgraph.data.dataset import DataError, TaskData, load_dataset, model_limits
+from circuitgraph.data.dataset import REST, DataError, TaskData, load_dataset, model_limits
 from circuitgraph.engine import Ablation
 from circuitgraph.errors import CircuitWarning
 from circuitgraph.evaluate import distributed as dist
@@ -431,6 +431,10 @@ class Evaluator:
                 raise SpecError(f"the spec selects no edge of the model (it holds {spec.contents()})")
             if (other := _other_model(spec.model, self.model.name)) is not None:
                 notes.append(f"the spec is for model '{spec.model}' but is evaluated on '{other}'")
+            named = [p for p in spec.metadata.get("spans") or [] if p != REST]
+            if REST in circuit.position_names and named and set(named) != set(self.data.positions):
+                notes.append(f"the spec's '{REST}' positions were every token but {', '.join(named)}; this dataset names "
+                             f"{', '.join(sorted(self.data.positions)) or 'none'}, so here they are every token but those")
             if not _connects(circuit):
                 notes.append(f"the circuit has no path from input to logits (it holds {spec.contents()}), so it carries "
                              f"no signal from the prompt to the answer; is the spec a fragment?")
