@@ -69,6 +69,9 @@ class CircuitSpec(BaseModel):
     connections: list[Connection] = Field(default_factory=list)
     edges: list[Edge] = Field(default_factory=list)
     edge_scores: dict[str, float | None] = Field(default_factory=dict, description="scores of edges, in or out of the circuit")
+    position_scores: dict[str, dict[str, float | None]] = Field(
+        default_factory=dict, description="by-position scores: edge -> position span -> score ('rest': every position the "
+                                          "dataset does not name); edge_scores holds their sums")
     node_scores: dict[str, float] = Field(default_factory=dict)
     metadata: dict[str, Any] = Field(default_factory=dict)
 
@@ -233,7 +236,7 @@ class CircuitSpec(BaseModel):
                 raise SpecError(f"{where}: no edge of the model goes from '{c.src}' to '{c.dst}' (edges only go to later layers)")
         for e in self.edges:
             add(*graph.check_edge(e.edge), e.positions)
-        for name in self.edge_scores:
+        for name in (*self.edge_scores, *self.position_scores):
             graph.check_edge(name)
         return ResolvedCircuit(graph, {k: (None if v is None else sorted(v)) for k, v in edges.items()})
 
