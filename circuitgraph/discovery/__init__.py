@@ -13,27 +13,31 @@ from circuitgraph.evaluate.evaluator import Evaluator
 from circuitgraph.discovery.acdc import acdc, exact_scores
 from circuitgraph.discovery.eap import IG_POINTS, KEEP_DELTAS, attribute, ig_alphas
 from circuitgraph.discovery.curves import MIB_FRACTIONS, FaithfulnessCurve, faithfulness_curve, roc_auc
-from circuitgraph.discovery.edge_scores import EdgeScores, prune_dangling
+from circuitgraph.discovery.edge_scores import EdgeScores, prune_dangling, spans_of
 from circuitgraph.discovery.selection import DEFAULT_LEVEL, Selection, SelectionError, smallest_faithful
 
 METHODS = ("acdc", "eap", "eap-ig", "eap-ig-activations", "exact")
 
 
 def discover(ev: Evaluator, method: str, *, steps: int = 5, tau: float = 0.01, progress: bool = True,
-             ig_points: str = "right", keep_deltas: float | None = None) -> EdgeScores:
+             ig_points: str = "right", keep_deltas: float | None = None, by_position: bool = False) -> EdgeScores:
     """Score every edge with ``method`` (see :data:`METHODS`); ``ig_points`` places EAP-IG's steps
     (see :func:`~circuitgraph.discovery.eap.ig_alphas`) and ``keep_deltas`` trades EAP's memory for time
     (see :func:`~circuitgraph.discovery.eap.attribute`).  Under ``torch.distributed`` the ranks share
-    the examples and all return the same scores; only rank 0 shows progress."""
+    the examples and all return the same scores; only rank 0 shows progress.  ``by_position`` scores edge x
+    span units (see :class:`EdgeScores`); ACDC, which decides membership edge by edge, has no such form."""
     t = time.perf_counter()
     progress = progress and (not ev.distributed or dist.is_main())
+    if method == "acdc" and by_position:
+        raise ValueError("ACDC keeps or removes whole edges and has no by-position form; use --method eap, eap-ig, "
+                         "eap-ig-activations or exact with --by-position")
     if method == "acdc":
         out = acdc(ev, tau, progress=progress)
     elif method == "exact":
-        out = exact_scores(ev, progress=progress)
+        out = exact_scores(ev, progress=progress, by_position=by_position)
     elif method in ("eap", "eap-ig", "eap-ig-activations"):
         out = attribute(ev, method, steps=steps, progress=progress, ig_points=ig_points,
-                        keep_deltas=KEEP_DELTAS if keep_deltas is None else keep_deltas)
+                        keep_deltas=KEEP_DELTAS if keep_deltas is None else keep_deltas, by_position=by_position)
     else:
         raise ValueError(f"unknown discovery method '{method}'; expected one of {', '.join(METHODS)}")
     out.meta["seconds"] = time.perf_counter() - t
@@ -42,4 +46,4 @@ def discover(ev: Evaluator, method: str, *, steps: int = 5, tau: float = 0.01, p
 
 __all__ = ["DEFAULT_LEVEL", "IG_POINTS", "KEEP_DELTAS", "METHODS", "MIB_FRACTIONS", "EdgeScores", "FaithfulnessCurve", "Selection",
            "SelectionError", "acdc", "attribute", "discover", "exact_scores", "faithfulness_curve", "ig_alphas",
-           "prune_dangling", "roc_auc", "smallest_faithful"]
+           "prune_dangling", "roc_auc", "smallest_faithful", "spans_of"]

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from circuitgraph.evaluate.evaluator import Evaluator
 from circuitgraph.graph import NodeRef
-from circuitgraph.discovery.edge_scores import EdgeScores
+from circuitgraph.discovery.edge_scores import EdgeScores, spans_of
 
 HIGHER_IS_BETTER = {"logit_diff": True, "prob_diff": True, "accuracy": True, "kl": False}
 
@@ -128,9 +128,20 @@ def acdc(ev: Evaluator, tau: float, batch: int | None = None, progress: bool = T
                       in_circuit=current)
 
 
-def exact_scores(ev: Evaluator, batch: int | None = None, progress: bool = True) -> EdgeScores:
-    """Each edge's true effect: M(clean run with only that edge ablated) - M(clean), batched."""
+def exact_scores(ev: Evaluator, batch: int | None = None, progress: bool = True, by_position: bool = False) -> EdgeScores:
+    """Each edge's true effect: M(clean run with only that edge ablated) - M(clean), batched.  By position,
+    each edge x span's: the edge ablated at that span's tokens only (one patched run per unit and batch)."""
     G = ev.graph
+    if by_position:
+        spans, pairs = spans_of(ev.data), torch.nonzero(G.legal).tolist()
+        scores = torch.zeros(len(G.sources), len(G.destinations), len(spans), dtype=torch.float64)
+        clean = float(ev.clean_values.mean())
+        for j, span in enumerate(tqdm(spans, desc="exact edge x position effects", leave=False, disable=not progress)):
+            vals = ev.values_without(G.legal, [[tuple(sd)] for sd in pairs], positions=[span])
+            for (s, d), v in zip(pairs, vals):
+                scores[s, d, j] = v.mean() - clean
+        return EdgeScores(G, scores, "exact", {"metric": ev.metric_name, "ablation": ev.ablation_kind,
+                                               "n_trials": len(pairs) * len(spans)}, spans=spans)
     batch = batch or ev.trials_per_pass
     runner = _TrialRunner(ev)
     pairs = torch.nonzero(G.legal)

@@ -39,14 +39,14 @@ def mib_sizes(fractions, n_edges: int) -> list[int]:
 
 
 def ranked_top_n(scores: EdgeScores, n: int, ranking: str) -> torch.Tensor:
-    """The ``n`` first edges of a ranking (``n = 0``: no edge).  ``signed`` puts the most negative of
+    """The ``n`` first edges (or edge x span units) of a ranking (``n = 0``: no edge).  ``signed`` puts the most negative of
     our scores first, i.e. MIB's descending order of loss attributions; ``absolute`` sorts |score|."""
     if n == 0:
         return torch.zeros_like(scores.graph.legal)
     vals = scores.scores.abs() if ranking == "absolute" else -scores.scores
     flat = torch.nan_to_num(vals, nan=-float("inf")).flatten()
     mask = torch.zeros_like(flat, dtype=torch.bool)
-    mask[flat.topk(min(n, scores.graph.n_edges)).indices] = True
+    mask[flat.topk(min(n, scores.n_units)).indices] = True
     return mask.view_as(scores.scores)
 
 
@@ -179,12 +179,13 @@ def faithfulness_curve(ev: Evaluator, scores: EdgeScores, fractions=MIB_FRACTION
 
     ``rules="mib"`` (default) reproduces MIB's circuit track (module docstring).  ``rules="unpruned-rounded"``
     is circuitgraph's earlier convention: sizes ``max(1, round(f * n))``, no pruning.  ``selection="greedy"``
-    grows each circuit from the logits instead (ours, not MIB's ``apply_greedy``)."""
+    grows each circuit from the logits instead (ours, not MIB's ``apply_greedy``).  By-position scores rank
+    edge x span units: sizes are fractions of all units, and each circuit is evaluated with its positions."""
     if rules not in RULES:
         raise ValueError(f"rules must be one of {', '.join(RULES)}, got {rules!r}")
     if selection not in ("top_n", "greedy"):
         raise ValueError(f"selection must be 'top_n' or 'greedy', got {selection!r}")
-    graph, total = scores.graph, scores.graph.n_edges
+    graph, total = scores.graph, scores.n_units
     fractions = np.array(fractions, dtype=float)
     if rules == "mib":
         requested = mib_sizes(fractions.tolist(), total)
@@ -193,7 +194,7 @@ def faithfulness_curve(ev: Evaluator, scores: EdgeScores, fractions=MIB_FRACTION
 
     def select(n: int, ranking: str) -> torch.Tensor:
         if selection == "greedy":
-            return scores.greedy(n, absolute=ranking == "absolute") if n else torch.zeros_like(graph.legal)
+            return scores.greedy(n, absolute=ranking == "absolute") if n else torch.zeros_like(scores.scores, dtype=torch.bool)
         if rules != "mib" and ranking == "absolute":
             return scores.top_n(n)
         return ranked_top_n(scores, n, ranking)
@@ -203,7 +204,7 @@ def faithfulness_curve(ev: Evaluator, scores: EdgeScores, fractions=MIB_FRACTION
     if rules == "mib":
         counted = {r: [int(mib_prune(graph, m, passes=1).sum()) for m in chosen[r]] for r in RANKINGS}
         chosen = {r: [mib_prune(graph, m) for m in chosen[r]] for r in RANKINGS}
-    values = _metric_values(ev, [m for r in RANKINGS for m in chosen[r]])
+    values = selection_values(ev, scores, [m for r in RANKINGS for m in chosen[r]])
     clean, base = ev.clean_values, ev.base_values
     undefined = ev.undefined_reason
     curves = {}
@@ -218,18 +219,25 @@ def faithfulness_curve(ev: Evaluator, scores: EdgeScores, fractions=MIB_FRACTION
                                                             "metric": ev.metric_name, "ablation": ev.ablation_kind})
 
 
-def _metric_values(ev: Evaluator, masks: list[torch.Tensor]) -> np.ndarray:
-    """Per-example metric ``[C, N]`` of each circuit, each distinct circuit run once; an empty one is the ablated run."""
+def selection_values(ev: Evaluator, scores: EdgeScores, masks: list[torch.Tensor], desc: str = "faithfulness curves") -> np.ndarray:
+    """Per-example metric ``[C, N]`` of each selection of ``scores``, each distinct circuit run once; an empty
+    one is the ablated run.  By position the circuits carry their spans' positions, which every row must name."""
     keys = [m.numpy().tobytes() for m in masks]
     distinct = {k: m for k, m in zip(keys, masks) if bool(m.any())}
     order = list(distinct)
-    run = ev.mask_values(torch.stack([distinct[k] for k in order]), desc="faithfulness curves") if order else None
+    if scores.spans is not None and order:
+        ev.data.check_positions(scores.spans, "the by-position scores")
+        run = ev.metric_values([scores.circuit(distinct[k]) for k in order], desc=desc)
+    else:
+        run = ev.mask_values(torch.stack([distinct[k] for k in order]), desc=desc) if order else None
     by_key = {k: run[i] for i, k in enumerate(order)}
     return np.stack([by_key.get(k, ev.base_values) for k in keys])
 
 
 def roc_auc(scores: EdgeScores, reference: torch.Tensor) -> tuple[float, np.ndarray, np.ndarray]:
     """ROC AUC of |score| at recovering the reference circuit's edges (bool mask), with the curve."""
+    if scores.spans is not None:
+        raise ValueError("roc_auc compares edges with a reference circuit; give it scores.summed() of by-position scores")
     legal = scores.graph.legal
     y = reference[legal].numpy().astype(bool)
     s = scores.scores.abs()[legal].numpy()

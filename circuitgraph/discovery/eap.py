@@ -9,7 +9,8 @@ and fold them into the scores a chunk of tokens at a time, so neither per-port c
 residual nor a layer's full gradients are ever held.  The later layers' heads' noising deltas are
 rebuilt when folded rather than kept (``keep_deltas``).  EAP-IG averages
 the gradients over ``steps`` points between the ablated and the clean run; :func:`ig_alphas` says
-where (ours by default, or the EAP-IG repository's).
+where (ours by default, or the EAP-IG repository's).  By position, the same products are summed per
+span of tokens (each named position, and the rest) instead of over all of them.
 
 Scores are summed in float64 (each destination's products in fp32) whatever the model's dtype,
 and over ranks under ``torch.distributed`` (each rank attributes its share of the examples).
@@ -23,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from circuitgraph.evaluate.evaluator import Evaluator
-from circuitgraph.discovery.edge_scores import EdgeScores
+from circuitgraph.discovery.edge_scores import EdgeScores, spans_of
 
 KEEP_DELTAS = 0.5  # see attribute(); measured in benchmarks/bench_memory.py
 FOLD_CHUNK_BYTES = 32 << 20  # a CPU folds a layer's gradients this many bytes at a time (measured: 8 MiB 1.2x, 64 MiB 1.1x slower)
@@ -121,8 +122,10 @@ class _ScoreFolder:
     layer) are gathered and folded together, so each stored delta is read and each recomputed one
     built once per layer, and no layer's gradients outlive their fold."""
 
-    def __init__(self, engine, scores: torch.Tensor, deltas: _Deltas):
+    def __init__(self, engine, scores: torch.Tensor, deltas: _Deltas, span: torch.Tensor | None = None):
         self.e, self.scores, self.deltas = engine, scores, deltas
+        self.span = span  # by position: each token's span [B, P] (the last span: every other token)
+        self.span_chunks: dict[int, list] = {}
         self.weight = 1.0
         self.pending: list[tuple[int, list, object]] = []  # (first destination, columns, gradient or a thunk)
         self.group: int | None = None
@@ -150,19 +153,50 @@ class _ScoreFolder:
         budget = FOLD_CHUNK_BYTES if d.rows.device.type == "cpu" else 16 * FOLD_CHUNK_BYTES
         tokens = max(1, budget // (len(cols) * D * 4))
         U = torch.empty(len(cols) * min(tokens, d.B * d.P) * D, dtype=torch.float32, device=d.rows.device)
-        for b, p in _token_chunks(d.B, d.P, tokens):
+        spans = self.span is not None
+        if spans:  # per span but the last: [span, source, destination]
+            named = [torch.zeros(self.scores.shape[2] - 1, k, n, dtype=torch.float64, device=d.rows.device)
+                     for (_, k, _, _), n in zip(pieces, n_sel)]
+        for c, (b, p) in enumerate(_token_chunks(d.B, d.P, tokens)):
             n_tok = (b.stop - b.start) * (p.stop - p.start)
             Uc = U[:len(cols) * n_tok * D].view(len(cols), -1)
             at = 0
             for _, cs, grad in pending:  # each destination's gradient at these tokens, straight into its rows
                 Uc[at:at + len(cs)].view(len(cs), b.stop - b.start, p.stop - p.start, D).copy_(grad((b, p)))
                 at += len(cs)
-            for piece, n, a in zip(pieces, n_sel, acc):
+            if spans:  # the named spans' tokens are taken out, so the full product below is the last span's
+                idx, counts = self._span_chunks(tokens)[c]
+                Un = Uc.view(len(cols), n_tok, D)[:, idx]
+                Uc.view(len(cols), n_tok, D)[:, idx] = 0
+            for j, (piece, n, a) in enumerate(zip(pieces, n_sel, acc)):
                 if n:
-                    a += (d.values(piece, (b, p)) @ Uc[:n].T).double()
-        for (src, k, _, _), n, a in zip(pieces, n_sel, acc):
+                    v = d.values(piece, (b, p))
+                    a += (v @ Uc[:n].T).double()
+                    if spans and len(idx):
+                        vn, first = v.reshape(len(v), n_tok, D)[:, idx], 0
+                        for s, m in enumerate(counts):
+                            if m:
+                                named[j][s] += (vn[:, first:first + m].reshape(len(v), -1)
+                                                @ Un[:n, first:first + m].reshape(n, -1).T).double()
+                            first += m
+        for j, ((src, k, _, _), n, a) in enumerate(zip(pieces, n_sel, acc)):
             if n:
+                if spans:
+                    a = torch.cat([named[j].permute(1, 2, 0), a[..., None]], -1)
                 self.scores[src:src + k, cols[:n]] += a.cpu() * self.weight
+
+    def _span_chunks(self, tokens: int) -> list[tuple[torch.Tensor, list[int]]]:
+        """Per token chunk: its tokens of the named spans grouped by span (on the device), and how many
+        each span has; made once per chunk size, so the fold never waits for the device."""
+        if tokens not in self.span_chunks:
+            d, out = self.deltas, []
+            for b, p in _token_chunks(d.B, d.P, tokens):
+                sp = self.span[b, p].reshape(-1)
+                counts = torch.bincount(sp, minlength=self.scores.shape[2]).tolist()
+                idx = torch.argsort(sp, stable=True)[:sum(counts[:-1])]
+                out.append((idx.to(d.rows.device), counts[:-1]))
+            self.span_chunks[tokens] = out
+        return self.span_chunks[tokens]
 
     def watch_heads(self, layer: int, x: torch.Tensor):
         G, H = self.e.graph, self.e.H
@@ -250,12 +284,15 @@ def ig_alphas(steps: int, points: str = "right") -> list[float]:
 
 
 def attribute(evaluator: Evaluator, method: str = "eap", steps: int = 5, progress: bool = True,
-              ig_points: str = "right", keep_deltas: float = KEEP_DELTAS) -> EdgeScores:
+              ig_points: str = "right", keep_deltas: float = KEEP_DELTAS, by_position: bool = False) -> EdgeScores:
     """Score every edge with ``eap``, ``eap-ig`` (IG over the input embeddings) or
     ``eap-ig-activations`` (IG over each source block's output, one block at a time, as in MIB);
     ``ig_points`` picks the IG step points (see :func:`ig_alphas`).  ``keep_deltas`` is the fraction
     of layers, from the first, whose heads' noising deltas stay in memory; the others are recomputed
-    when folded (1: fastest, 0: leanest; the scores are the same).  IG over activations keeps all."""
+    when folded (1: fastest, 0: leanest; the scores are the same).  IG over activations keeps all.
+
+    ``by_position``: one score per edge and span -- each position the dataset names, and ``rest`` (every
+    other token) -- the same products summed per span instead of over all tokens (:func:`spans_of`)."""
     if not 0 <= keep_deltas <= 1:
         raise ValueError(f"keep_deltas must be between 0 and 1, got {keep_deltas}")
     if method not in ("eap", "eap-ig", "eap-ig-activations"):
@@ -264,7 +301,8 @@ def attribute(evaluator: Evaluator, method: str = "eap", steps: int = 5, progres
     ev, engine = evaluator, evaluator.engine
     keep_below = math.ceil(keep_deltas * len(engine.w.layers))
     G = engine.graph
-    scores = torch.zeros(len(G.sources), len(G.destinations), dtype=torch.float64)
+    spans = spans_of(ev.data) if by_position else None
+    scores = torch.zeros(len(G.sources), len(G.destinations), *([len(spans)] if spans else []), dtype=torch.float64)
     n_points = 1 if method == "eap" else steps
     n_backward = 0
     bar = tqdm(total=ev.n_batches * (n_points if method != "eap-ig-activations" else n_points * len(engine.src_blocks)),
@@ -276,12 +314,13 @@ def attribute(evaluator: Evaluator, method: str = "eap", steps: int = 5, progres
         ablated = abl.outputs  # None: zero ablation
         fill = None
         shape = torch.Size((*toks.shape, engine.D))
+        span = part.span_index(spans[:-1]) if spans else None
         if method == "eap":  # the attribution forward is the clean run: it fills the deltas itself
             fill = deltas = _Deltas(engine, shape, dev, ablated, keep_below)
-            fold = _ScoreFolder(engine, scores, deltas)
+            fold = _ScoreFolder(engine, scores, deltas, span)
         elif method == "eap-ig":  # the IG points are not the clean run: a clean forward without gradients fills them
             deltas = _Deltas(engine, shape, dev, ablated, keep_below)
-            fold = _ScoreFolder(engine, scores, deltas)
+            fold = _ScoreFolder(engine, scores, deltas, span)
             with torch.no_grad():
                 _lean_forward(engine, toks, last, fold, fill=deltas)
                 clean_emb = engine.w.embed(toks)
@@ -294,7 +333,7 @@ def attribute(evaluator: Evaluator, method: str = "eap", steps: int = 5, progres
                 for b in range(len(clean_out)):  # released block by block, so the two are never held twice
                     out, clean_out[b] = clean_out[b], None
                     deltas(out)
-            fold = _ScoreFolder(engine, scores, deltas)
+            fold = _ScoreFolder(engine, scores, deltas, span)
         n_avg = n_points if method != "eap-ig-activations" else n_points * len(engine.src_blocks)
         fold.weight = 1.0 / n_avg
 
@@ -324,7 +363,7 @@ def attribute(evaluator: Evaluator, method: str = "eap", steps: int = 5, progres
             "n_examples": len(ev.data)}
     if method != "eap":
         meta["ig_points"] = ig_points
-    return EdgeScores(G, scores, method, meta)
+    return EdgeScores(G, scores, method, meta, spans=spans)
 
 
 def _block_outputs(engine, clean_out, ablated):

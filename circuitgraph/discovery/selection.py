@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from circuitgraph.discovery.curves import RANKINGS, ranked_top_n
+from circuitgraph.discovery.curves import RANKINGS, ranked_top_n, selection_values
 from circuitgraph.discovery.edge_scores import EdgeScores, mib_prune
 from circuitgraph.evaluate.evaluator import Evaluator
 
@@ -51,7 +51,7 @@ def smallest_faithful(ev: Evaluator, scores: EdgeScores, level: float = DEFAULT_
         raise SelectionError(f"no default circuit size can be chosen: {ev.undefined_reason}; give --top-n or --threshold")
     if ranking not in RANKINGS:
         raise ValueError(f"ranking must be one of {', '.join(RANKINGS)}, got {ranking!r}")
-    graph, total = scores.graph, scores.graph.n_edges
+    graph, total = scores.graph, scores.n_units
 
     def circuit(n: int) -> torch.Tensor:
         chosen = scores.greedy(n, absolute=ranking == "absolute") if greedy else ranked_top_n(scores, n, ranking)
@@ -60,7 +60,7 @@ def smallest_faithful(ev: Evaluator, scores: EdgeScores, level: float = DEFAULT_
     def faithfulness(on: Evaluator, n: int, cache: dict) -> float:
         if n not in cache:
             mask = circuit(n)
-            value = on.normalise(on.mask_values(mask[None], desc="choosing the circuit size"))[0] if mask.any() else 0.0
+            value = on.normalise(selection_values(on, scores, [mask], "choosing the circuit size"))[0] if mask.any() else 0.0
             cache[n] = float(value) if math.isfinite(value) else -math.inf
         return cache[n]
 
@@ -87,7 +87,8 @@ def smallest_faithful(ev: Evaluator, scores: EdgeScores, level: float = DEFAULT_
     where = (f"bisection on the first {len(look.data)} examples, confirmed on all {len(ev.data)}" if look is not ev
              else f"bisection on all {len(ev.data)} examples")
     tried = len(seen) + (0 if confirmed is seen else len(confirmed))
-    how = (f"{kind} {hi}, pruned to {int(mask.sum())} edges: the smallest size found reaching faithfulness >= {level:g} "
+    units = "edge x position units" if scores.spans else "edges"
+    how = (f"{kind} {hi}, pruned to {int(mask.sum())} {units}: the smallest size found reaching faithfulness >= {level:g} "
            f"({where}; top {lo} misses it; {tried} sizes tried; faithfulness {f:.3f})")
     return Selection(mask, int(mask.sum()), f, how, hi, lo)
 
