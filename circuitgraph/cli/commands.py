@@ -77,7 +77,8 @@ def _select(args, ev, scores, total: int):
         mask, how = scores.threshold(args.threshold), f"|score| >= {args.threshold:g}"
     elif args.top_n is not None:
         if args.top_n > total:
-            raise CLIError(f"--top-n {args.top_n} is more than the model's {total} edges")
+            raise CLIError(f"--top-n {args.top_n} is more than the model's {total} "
+                           f"{'edge x position units' if scores.spans else 'edges'}")
         n = args.top_n
         mask, how = (scores.greedy(n) if args.greedy else scores.top_n(n)), f"{'greedy ' if args.greedy else ''}top {n}"
     else:
@@ -98,6 +99,11 @@ def cmd_discover(args) -> int:
 
     if args.threshold is not None and args.top_n is not None:
         raise CLIError("give --threshold or --top-n, not both")
+    for bad, why in ((args.method == "acdc", "ACDC keeps or removes whole edges; use --method eap, eap-ig, eap-ig-activations or exact"),
+                     (args.greedy, "--greedy grows whole edges; select by --top-n or --threshold"),
+                     (args.format == "mib", "MIB's circuit JSON (--format mib) has no positions; use --format spec")):
+        if args.by_position and bad:
+            raise CLIError(f"--by-position: {why}")
     check_output(args.output)
     if args.curve:
         from circuitgraph.cli.curve import FIGURE_SUFFIXES
@@ -105,13 +111,20 @@ def cmd_discover(args) -> int:
         check_output(args.curve, "--curve", suffixes=FIGURE_SUFFIXES + (".json",))
     model, data = load_model_and_data(args)
     metric = args.metric or ("kl" if args.method == "acdc" else "logit_diff")
+    if args.by_position:
+        from circuitgraph.discovery import spans_of
+
+        try:
+            spans_of(data)
+        except ValueError as e:
+            raise CLIError(f"--by-position: {e}") from None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ev = Evaluator(model, data, metric=metric, ablation=args.ablation, batch_size=args.batch_size,
                        progress=not args.json, memory_budget_mb=args.memory_budget)
         scores = discover(ev, args.method, steps=args.steps, tau=args.tau, progress=not args.json,
-                          ig_points=args.ig_points, keep_deltas=args.keep_deltas)
-        mask, how = _select(args, ev, scores, model.graph.n_edges)
+                          ig_points=args.ig_points, keep_deltas=args.keep_deltas, by_position=args.by_position)
+        mask, how = _select(args, ev, scores, scores.n_units)
         spec = scores.to_spec(mask, model=args.model, selection=how)
         spec.name = f"{args.method} circuit"
         spec.model = args.model
@@ -138,6 +151,9 @@ def cmd_discover(args) -> int:
                "seconds": round(scores.meta["seconds"], 3), "faithfulness": result.faithfulness,
                "faithfulness_undefined": result.undefined_reason, "output": str(args.output),
                "model": model.name, "quantization": model.quantization}
+    if scores.spans:
+        units = [{"edge": e, "span": s, "score": v} for e, s, v in scores.units(mask)]
+        summary.update(spans=scores.spans, n_units=len(units), n_units_total=scores.n_units, units=units)
     if curve is not None:
         summary.update(cpr=curve.cpr, cmd=curve.cmd, curve=str(args.curve))
     if args.json:
@@ -232,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--curve", default=None, metavar="FILE",
                    help="also write the faithfulness curves under MIB's rules (CPR, CMD): a figure (.png, .pdf, .svg) or "
                         "JSON (.json), as `circuitgraph curve` does")
+    p.add_argument("--by-position", action="store_true",
+                   help="score each edge at each position the dataset names and at every other token ('rest'); "
+                        "selection counts edge x position units and the spec's edges carry positions")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("-o", "--output", required=True, type=Path)
     p.set_defaults(func=cmd_discover)
