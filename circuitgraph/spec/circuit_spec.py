@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -19,6 +19,7 @@ from circuitgraph.graph import PORTS, Graph, GraphError, NodeRef
 
 FORMAT = "circuitgraph/1"
 Port = Literal["q", "k", "v"]
+Fraction = Annotated[float, Field(ge=0, le=1)]
 
 
 class SpecError(ValueError):
@@ -72,6 +73,11 @@ class CircuitSpec(BaseModel):
     position_scores: dict[str, dict[str, float | None]] = Field(
         default_factory=dict, description="by-position scores: edge -> position span -> score ('rest': every position the "
                                           "dataset does not name); edge_scores holds their sums")
+    edge_frequency: dict[str, Fraction] = Field(
+        default_factory=dict, description="bootstrap inclusion frequencies: edge -> fraction of the resamples whose circuit "
+                                          "held it (at any position); an edge not listed was in none (metadata.bootstrap says how)")
+    position_frequency: dict[str, dict[str, Fraction]] = Field(
+        default_factory=dict, description="by-position bootstrap inclusion frequencies: edge -> position span -> fraction")
     node_scores: dict[str, float] = Field(default_factory=dict)
     metadata: dict[str, Any] = Field(default_factory=dict)
 
@@ -236,7 +242,7 @@ class CircuitSpec(BaseModel):
                 raise SpecError(f"{where}: no edge of the model goes from '{c.src}' to '{c.dst}' (edges only go to later layers)")
         for e in self.edges:
             add(*graph.check_edge(e.edge), e.positions)
-        for name in (*self.edge_scores, *self.position_scores):
+        for name in (*self.edge_scores, *self.position_scores, *self.edge_frequency, *self.position_frequency):
             graph.check_edge(name)
         return ResolvedCircuit(graph, {k: (None if v is None else sorted(v)) for k, v in edges.items()})
 
