@@ -150,3 +150,73 @@ def test_float16_overflow_has_its_own_message():
                                                 r"prompts of length \d+; its activations exceed float16's range \(65504\); "
                                                 r"load it in bfloat16 or float32 \(--dtype bfloat16\)$"):
         Evaluator(model, d, progress=False)
+
+
+# ----- float64: the engine rounds where the model does ---------------------------------------------
+ROPE_FAMILIES = [f for f in CONFIGS if f not in ("gpt2", "tracr", "tracr-causal")]  # all with rotary positions
+
+
+def build64(family, attn="eager"):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = CONFIGS[family]()
+    cfg._attn_implementation = attn
+    return randomize_norms(AutoModelForCausalLM.from_config(cfg).eval(), 0, biases=True).double()
+
+
+@pytest.mark.parametrize("family", ROPE_FAMILIES)
+def test_float64_rope_families_pass_the_guard(family):
+    """HF's eager attention takes its softmax in float32 even in a float64 model (2.5e-7 to 8e-7 of a logit on
+    these models, against a tolerance of about 2.5e-8); the engine rounds there too, so the two agree exactly."""
+    tok = make_tokenizer()
+    model = CircuitModel(build64(family), tok, name=family)
+    d = data(tok)
+    assert check_exact(model, d.clean, d.last) <= 1e-12
+    Evaluator(model, d, progress=False)
+
+
+@pytest.mark.parametrize("family,attn", [("llama", "sdpa"), ("gpt2", "eager"), ("llama", "eager")])
+def test_float64_softmax_follows_the_models_own_attention(family, attn):
+    """HF's sdpa attention, and GPT-2's eager one, keep the softmax in float64: so does the engine, on its
+    fused path and on the one that returns attention patterns."""
+    model = CircuitModel(build64(family, attn), make_tokenizer())
+    assert model.weights.layers[0].attn.softmax_fp32 == (attn == "eager" and family != "gpt2")
+    d = data(model.tokenizer)
+    assert check_exact(model, d.clean, d.last) <= 1e-12
+    if attn == "eager":
+        with torch.no_grad():
+            want = model.hf(d.clean, output_attentions=True).attentions
+            _, cache = model.engine.run_with_cache(d.clean, lambda n: n.endswith("hook_pattern"))
+        for layer, w in enumerate(want):
+            assert (cache[f"blocks.{layer}.attn.hook_pattern"] - w).abs().max() <= 1e-15
+
+
+@pytest.mark.parametrize("family,wrong", [("llama", "theta"), ("gemma3", "theta"), ("phi3", "theta"),
+                                          ("llama-linear-rope", "dropped scaling")])
+def test_float64_guard_still_catches_a_wrong_rope(family, wrong):
+    """An engine whose rotary table is off (theta 10100 for 10000: 6e-5 to 3e-3 of a logit; the linear
+    scaling factor 2 dropped: 2.5) is refused in float64 as before."""
+    import copy
+    import math
+
+    from circuitgraph.model.weights import Rotary
+
+    class Unscaled(Rotary):
+        def __call__(self, positions, like):
+            return super().__call__(positions * 2, like)
+
+    tok = make_tokenizer()
+    model = CircuitModel(build64(family), tok, name="wrong-rope")
+    for lw in model.weights.layers:
+        r = lw.attn.rotary
+        if wrong == "dropped scaling":
+            lw.attn.rotary = Unscaled(r.module, r.layer_type)
+            continue
+        module = copy.deepcopy(r.module)  # the engine's own table, theta 10100: inv_freq = theta ** (-2i / d)
+        for name, buf in list(module.named_buffers()):
+            if name.endswith("inv_freq") and "original" not in name:
+                setattr(module, name, buf ** (math.log(10100) / math.log(10000)))
+        lw.attn.rotary = Rotary(module, r.layer_type)
+    with pytest.raises(ExactnessError, match=r"model 'wrong-rope': the patching engine's clean logits differ .* by \d"):
+        Evaluator(model, data(tok), progress=False)

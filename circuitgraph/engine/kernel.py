@@ -202,7 +202,10 @@ class Kernel:
                 mask = gap >= 0
             if a.window is not None:
                 mask = mask & (gap.abs() < a.window)
-        if a.softcap is None and not pattern:
+        # the softmax runs in float32 (as wide as any dtype below float64); a float64 model keeps float64 unless
+        # its own attention rounds it to float32 (HF eager: about 1e-7 of a logit), and then the engine does too
+        to32 = q.dtype == torch.float64 and a.softmax_fp32
+        if a.softcap is None and not pattern and not to32:
             gqa = k.shape[1] != q.shape[1]
             if mask is None:
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=a.scale, enable_gqa=gqa)
@@ -216,7 +219,7 @@ class Kernel:
             i = torch.arange(P, device=q.device)
             mask = i[:, None] >= i[None, :]
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        probs = scores.softmax(-1, dtype=torch.float32).to(q.dtype)
+        probs = scores.softmax(-1, dtype=torch.float64 if q.dtype == torch.float64 and not to32 else torch.float32).to(q.dtype)
         z = probs @ v
         return (z, probs) if pattern else z
 

@@ -139,6 +139,7 @@ class Attention:
     window: int | None = None  # sliding window: a query sees keys with q - k < window
     causal: bool = True
     softcap: float | None = None  # attention-logit soft-capping (Gemma-2)
+    softmax_fp32: bool = False  # the model takes its attention softmax in float32 whatever its dtype (HF eager)
 
     @property
     def group(self) -> int:

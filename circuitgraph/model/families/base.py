@@ -22,6 +22,9 @@ class Family:
     name: str = ""
     architectures: tuple[str, ...] = ()  # HF class names as in ``config.architectures``
     model_types: tuple[str, ...] = ()  # ``config.model_type`` values, same order as ``architectures``
+    # HF's eager attention takes its softmax in float32 and casts back (GPT-2's and tracr's stay in the
+    # scores' own dtype); in float64 that rounding is the model's own, about 1e-7 of a logit
+    eager_softmax_fp32: bool = True
 
     def describe(self, config) -> ArchInfo:
         """Shape of a decoder with ``hidden_size``/``num_attention_heads``/``num_key_value_heads`` fields

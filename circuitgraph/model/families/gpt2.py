@@ -13,6 +13,7 @@ class GPT2(Family):
     name = "gpt2"
     architectures = ("GPT2LMHeadModel",)
     model_types = ("gpt2",)
+    eager_softmax_fp32 = False  # its attention's softmax runs in the scores' own dtype
 
     def describe(self, config) -> ArchInfo:
         common_checks(config)

@@ -145,6 +145,7 @@ class Tracr(Family):
     name = "tracr"
     architectures = ("TracrForCausalLM",)
     model_types = (MODEL_TYPE,)
+    eager_softmax_fp32 = False  # its attention's softmax runs in the scores' own dtype
 
     def describe(self, config) -> ArchInfo:
         H = config.num_attention_heads
