@@ -74,8 +74,10 @@ def run_demo(out: Path, n_examples: int = 64, progress: bool = True) -> dict:
                   f"faithfulness {found_score.faithfulness:.3f}; AUC vs the hypothesis {auc:.3f}; CPR {curve.cpr:.3f}, CMD {curve.cmd:.3f}")
     from circuitgraph.explore import Study
 
-    page = Study.collect(model, data, spec, found, evaluator=ev, edge_effects=[effects, None],
-                         title="toy-induction: hypothesis vs EAP-IG").to_html(out / "study.html")
+    from circuitgraph.explore.study_data import Limits
+
+    page = Study.collect(model, data, spec, found, evaluator=ev, edge_effects=[effects, None],  # effects of every row
+                         limits=Limits(effect_rows=len(data)), title="toy-induction: hypothesis vs EAP-IG").to_html(out / "study.html")
     console.print(f"[bold]6. Explorer[/bold] {page}: the circuits, heads and prompts to explore in a browser (offline)")
     summary = {"hypothesis": score.to_dict(), "discovered": {"n_edges": len(found.edges), "faithfulness": found_score.faithfulness,
                "auc_vs_hypothesis": auc, "cpr": curve.cpr, "cmd": curve.cmd}, "seconds": time.perf_counter() - t0}

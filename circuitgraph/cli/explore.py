@@ -18,6 +18,9 @@ def register_cli(subparsers) -> None:
     p.add_argument("--examples", type=positive_int, default=8, help="dataset rows the page's example picker offers (the first ones)")
     p.add_argument("--top-edges", type=non_negative_int, default=1000,
                    help="scored edges outside the circuits to embed, best |score| first")
+    p.add_argument("--effect-rows", type=positive_int, default=16,
+                   help="node and edge effects are measured on this many rows (the first ones): one patched run per "
+                        "removal and row is the page's largest cost")
     p.add_argument("--title", default=None)
     p.set_defaults(func=cmd_explore)
 
@@ -41,10 +44,11 @@ def cmd_explore(args) -> int:
             s.resolve(model.graph)  # a name the model lacks fails before any run
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the scores' own warnings are shown on the page
-        ev = Evaluator(model, data, metric=args.metric, ablation=args.ablation, batch_size=args.batch_size, progress=False,
+        ev = Evaluator(model, data, metric=args.metric, ablation=args.ablation, batch_size=args.batch_size, progress=True,
                        memory_budget_mb=args.memory_budget)
         study = Study.collect(model, data, spec, other, evaluator=ev, title=args.title, model_name=args.model,
-                              limits=Limits(examples=args.examples, top_edges=args.top_edges))
+                              limits=Limits(examples=args.examples, top_edges=args.top_edges,
+                                            effect_rows=args.effect_rows))
     path = study.to_html(args.output)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB); open it in a browser")
     return 0

@@ -381,7 +381,7 @@
     d3.select("#limits").text(`Embedded: the circuits' ${D.edges.filter(e => e.in).length} edges and the ${D.edges.filter(e => !e.in).length} best-scored others ` +
       `(limit ${L.top_edges}) of ${D.graph.n_edges} in the graph; ${D.examples.length} of ${D.n_examples} examples (limit ${L.examples}); ` +
       `attention patterns of ${L.pattern_heads_embedded.length} heads; neurons of ${L.neuron_mlps_embedded.length} MLPs (top ${L.neurons}); ` +
-      `per-edge effects for circuits up to ${L.effect_edges} edges. ` +
+      `per-edge effects for circuits up to ${L.effect_edges} edges; node and edge effects on the first ${L.effect_rows_used} of ${D.n_examples} examples (limit ${L.effect_rows}). ` +
       `Model: ${D.model}${D.quantization ? ` (weights: ${D.quantization})` : ""}. Made by circuitgraph explore.`);
     window.addEventListener("resize", () => drawPanels());
   }
