@@ -70,6 +70,16 @@ class TaskData:
                         {k: v[start:stop] for k, v in self.positions.items()}, self.examples[start:stop], self.prepend_bos,
                         self.source)
 
+    def take(self, idx) -> "TaskData":
+        """Rows ``idx`` in that order, repeats allowed (a bootstrap resample), trimmed to their own longest example."""
+        idx = torch.as_tensor(list(idx), dtype=torch.long)
+        if len(idx) == 0:
+            raise DataError(f"{self.source}: no rows chosen")
+        P = int(self.lengths[idx].max())
+        examples = [self.examples[i] for i in idx.tolist()] if len(self.examples) == len(self) else []
+        return TaskData(self.clean[idx, :P], self.corrupted[idx, :P], self.lengths[idx], self.answers[idx], self.wrongs[idx],
+                        {k: v[idx] for k, v in self.positions.items()}, examples, self.prepend_bos, self.source)
+
     def where(self, i: int) -> str:
         """Where example ``i`` (0-based) came from: ``file.jsonl:7`` or ``rows[6]``."""
         ex = self.examples[i] if i < len(self.examples) else None

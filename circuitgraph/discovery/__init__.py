@@ -1,7 +1,8 @@
 """Automated circuit discovery: ACDC, EAP, EAP-IG (inputs / activations) and exact edge effects.
 
 Every method returns :class:`EdgeScores`; selection (top-n, threshold, greedy) turns them into a
-:class:`~circuitgraph.spec.CircuitSpec` that keeps every score.
+:class:`~circuitgraph.spec.CircuitSpec` that keeps every score; :func:`bootstrap` repeats both on resampled
+rows to say how often each edge is kept.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from circuitgraph.discovery.eap import IG_POINTS, KEEP_DELTAS, attribute, ig_alp
 from circuitgraph.discovery.curves import MIB_FRACTIONS, FaithfulnessCurve, faithfulness_curve, roc_auc
 from circuitgraph.discovery.edge_scores import EdgeScores, prune_dangling, spans_of
 from circuitgraph.discovery.selection import DEFAULT_LEVEL, Selection, SelectionError, smallest_faithful
+from circuitgraph.discovery.stability import STABLE_FRACTION, Stability, bootstrap
 
 METHODS = ("acdc", "eap", "eap-ig", "eap-ig-activations", "exact")
 
@@ -45,5 +47,5 @@ def discover(ev: Evaluator, method: str, *, steps: int = 5, tau: float = 0.01, p
 
 
 __all__ = ["DEFAULT_LEVEL", "IG_POINTS", "KEEP_DELTAS", "METHODS", "MIB_FRACTIONS", "EdgeScores", "FaithfulnessCurve", "Selection",
-           "SelectionError", "acdc", "attribute", "discover", "exact_scores", "faithfulness_curve", "ig_alphas",
+           "SelectionError", "STABLE_FRACTION", "Stability", "acdc", "attribute", "bootstrap", "discover", "exact_scores", "faithfulness_curve", "ig_alphas",
            "prune_dangling", "roc_auc", "smallest_faithful", "spans_of"]

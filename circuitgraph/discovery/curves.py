@@ -67,6 +67,8 @@ class FaithfulnessCurve:
     n_edges_counted: np.ndarray | None = None
     faithfulness_se: np.ndarray | None = None
     undefined_reason: str | None = None
+    band_low: np.ndarray | None = None  # a bootstrap percentile band over resamples (discover --bootstrap)
+    band_high: np.ndarray | None = None
 
     @property
     def area_under(self) -> float | None:
@@ -85,6 +87,8 @@ class FaithfulnessCurve:
     def points(self) -> list[dict]:
         cols = {"fraction": self.fractions, "edges_requested": self.n_requested, "edges_counted": self.n_edges_counted,
                 "edges_evaluated": self.n_edges, "faithfulness": self.faithfulness, "faithfulness_se": self.faithfulness_se}
+        if self.band_low is not None:
+            cols.update(band_low=self.band_low, band_high=self.band_high)
         out = []
         for i in range(len(self.fractions)):
             row = {}
@@ -112,6 +116,9 @@ class FaithfulnessCurve:
         if self.faithfulness_se is not None:
             se = np.nan_to_num(self.faithfulness_se)
             ax.fill_between(x, self.faithfulness - se, self.faithfulness + se, color=line.get_color(), alpha=0.2, lw=0)
+        if self.band_low is not None:
+            for edge in (self.band_low, self.band_high):
+                ax.plot(x, edge, color=line.get_color(), lw=0.8, ls=":")
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
         ax.axhline(0.0, color="grey", lw=0.5)
         ax.set_xscale("log")
@@ -165,6 +172,9 @@ class CurvePair:
         mib = self.signed.rules == "mib"
         self.signed.plot(ax=ax, label=f"signed ranking" + (f" (CPR {fmt(self.cpr)})" if mib else ""))
         self.absolute.plot(ax=ax, label=f"|score| ranking (" + ("" if mib else f"CPR {fmt(self.cpr)}, ") + f"CMD {fmt(self.cmd)})")
+        if (band := self.meta.get("bootstrap_band")) and self.absolute.band_low is not None:
+            ax.plot([], [], color="grey", lw=0.8, ls=":", label=f"{100 * band['level']:g}% band over {band['n_resamples']} bootstrap resamples")
+            ax.legend(fontsize=8)
         ax.set_title(title or f"{self.signed.method} faithfulness curves ({self.signed.rules} rules)", fontsize=9)
         fig.tight_layout()
         if path:

@@ -93,6 +93,30 @@ def smallest_faithful(ev: Evaluator, scores: EdgeScores, level: float = DEFAULT_
     return Selection(mask, int(mask.sum()), f, how, hi, lo)
 
 
+@dataclass(frozen=True)
+class SizeRule:
+    """How a set of scores becomes a circuit once its size is fixed: ``top_n`` (``greedy``: grown from the
+    logits), ``threshold`` (|score| >= value) or ``own`` (the method's own decision: ACDC), then pruned as MIB
+    prunes when ``prune``.  The default selection is ``top_n`` of the size :func:`smallest_faithful` found,
+    pruned; bootstrap resamples apply the full data's rule unchanged, so their circuits differ only by the data."""
+
+    kind: str
+    value: float = 0
+    greedy: bool = False
+    prune: bool = False
+
+    def mask(self, scores: EdgeScores) -> torch.Tensor:
+        if self.kind == "own":
+            mask = scores.in_circuit
+        elif self.kind == "threshold":
+            mask = scores.threshold(self.value)
+        elif self.kind == "top_n":
+            mask = scores.greedy(int(self.value)) if self.greedy else scores.top_n(int(self.value))
+        else:
+            raise ValueError(f"unknown size rule '{self.kind}'; expected top_n, threshold or own")
+        return mib_prune(scores.graph, mask) if self.prune else mask
+
+
 def check_selection(mask: torch.Tensor, how: str, scores: EdgeScores) -> torch.Tensor:
     """Refuse a selection that keeps no edge, saying what would keep some."""
     if bool(mask.any()):
@@ -101,4 +125,4 @@ def check_selection(mask: torch.Tensor, how: str, scores: EdgeScores) -> torch.T
     raise SelectionError(f"the selection ({how}) keeps no edge; the largest |score| is {largest:.3g}")
 
 
-__all__ = ["DEFAULT_LEVEL", "DEFAULT_RANKING", "Selection", "SelectionError", "check_selection", "smallest_faithful"]
+__all__ = ["DEFAULT_LEVEL", "DEFAULT_RANKING", "Selection", "SelectionError", "SizeRule", "check_selection", "smallest_faithful"]

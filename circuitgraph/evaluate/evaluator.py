@@ -391,10 +391,13 @@ class Evaluator:
     def first_rows(self, n: int) -> "Evaluator":
         """The same evaluator (ablation, mean outputs, batching) on the first ``n`` examples: a cheap
         look before a run on them all (itself when ``n`` covers the dataset)."""
-        if n >= len(self.data):
-            return self
+        return self if n >= len(self.data) else self.on_rows(range(n))
+
+    def on_rows(self, idx) -> "Evaluator":
+        """The same evaluator (ablation, mean outputs, batching) on rows ``idx`` of its data, repeats allowed
+        (a bootstrap resample); mean ablation keeps the means of the data it was made with."""
         sub = copy.copy(self)
-        sub.data, sub._cache = self.data.slice(0, n), {}
+        sub.data, sub._cache = self.data.take(idx), {}
         for memo in ("_undefined", "_circuit_memo"):  # per-dataset results: none carry over to the rows
             sub.__dict__.pop(memo, None)
         if hasattr(self, "_circuit_memo"):
