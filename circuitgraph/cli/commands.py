@@ -65,36 +65,39 @@ def cmd_evaluate(args) -> int:
 
 
 def _select(args, ev, scores, total: int):
-    """(mask, description) of the edges to keep, refusing selections that keep nothing."""
-    from circuitgraph.discovery.edge_scores import prune_dangling
-    from circuitgraph.discovery.selection import check_selection, smallest_faithful
+    """(mask, description, rule) of the edges to keep, refusing selections that keep nothing; the rule, with its
+    size fixed here, is what bootstrap resamples are cut with."""
+    from dataclasses import replace
+
+    from circuitgraph.discovery.selection import SizeRule, check_selection, smallest_faithful
 
     if args.method == "acdc" and args.threshold is None and args.top_n is None:
-        mask, how = scores.in_circuit, f"ACDC tau={args.tau:g}"
-        if not bool(mask.any()):
+        rule, how = SizeRule("own"), f"ACDC tau={args.tau:g}"
+        if not bool(scores.in_circuit.any()):
             raise CLIError(f"ACDC kept no edge at --tau {args.tau:g}; lower --tau or give --top-n")
     elif args.threshold is not None:
-        mask, how = scores.threshold(args.threshold), f"|score| >= {args.threshold:g}"
+        rule, how = SizeRule("threshold", args.threshold), f"|score| >= {args.threshold:g}"
     elif args.top_n is not None:
         if args.top_n > total:
             raise CLIError(f"--top-n {args.top_n} is more than the model's {total} "
                            f"{'edge x position units' if scores.spans else 'edges'}")
-        n = args.top_n
-        mask, how = (scores.greedy(n) if args.greedy else scores.top_n(n)), f"{'greedy ' if args.greedy else ''}top {n}"
+        rule, how = SizeRule("top_n", args.top_n, args.greedy), f"{'greedy ' if args.greedy else ''}top {args.top_n}"
     else:
         sel = smallest_faithful(ev, scores, level=args.target_faithfulness, greedy=args.greedy)
-        mask, how = sel.mask, sel.how
-    check_selection(mask, how, scores)
-    if args.prune:
-        mask = prune_dangling(ev.graph, mask)
-        if not bool(mask.any()):
-            raise CLIError(f"the selection ({how}) has no edge left on an input -> logits path after --prune; "
-                           f"keep more edges or drop --prune")
-    return mask, how
+        rule, how = SizeRule("top_n", sel.n_requested, args.greedy, prune=True), sel.how
+    check_selection(replace(rule, prune=False).mask(scores), how, scores)
+    rule = replace(rule, prune=rule.prune or args.prune)
+    mask = rule.mask(scores)
+    if not bool(mask.any()):
+        raise CLIError(f"the selection ({how}) has no edge left on an input -> logits path after --prune; "
+                       f"keep more edges or drop --prune")
+    return mask, how, rule
 
 
 def cmd_discover(args) -> int:
+    from circuitgraph.cli.stability import check_bootstrap_args, run_bootstrap, summary_line
     from circuitgraph.discovery import discover
+    from circuitgraph.discovery.stability import STABLE_FRACTION
     from circuitgraph.evaluate.evaluator import Evaluator
 
     if args.threshold is not None and args.top_n is not None:
@@ -104,6 +107,7 @@ def cmd_discover(args) -> int:
                      (args.format == "mib", "MIB's circuit JSON (--format mib) has no positions; use --format spec")):
         if args.by_position and bad:
             raise CLIError(f"--by-position: {why}")
+    check_bootstrap_args(args)
     check_output(args.output)
     if args.curve:
         from circuitgraph.cli.curve import FIGURE_SUFFIXES
@@ -124,8 +128,13 @@ def cmd_discover(args) -> int:
                        progress=not args.json, memory_budget_mb=args.memory_budget)
         scores = discover(ev, args.method, steps=args.steps, tau=args.tau, progress=not args.json,
                           ig_points=args.ig_points, keep_deltas=args.keep_deltas, by_position=args.by_position)
-        mask, how = _select(args, ev, scores, scores.n_units)
+        mask, how, rule = _select(args, ev, scores, scores.n_units)
+        stab = None
+        if args.bootstrap:
+            stab, mask, how = run_bootstrap(args, ev, rule, mask, how, curve=bool(args.curve))
         spec = scores.to_spec(mask, model=args.model, selection=how)
+        if stab is not None:
+            stab.annotate(spec)
         spec.name = f"{args.method} circuit"
         spec.model = args.model
         result = ev.evaluate(spec)
@@ -136,6 +145,8 @@ def cmd_discover(args) -> int:
             from circuitgraph.discovery.curves import faithfulness_curve
 
             curve = faithfulness_curve(ev, scores)
+            if stab is not None:
+                stab.attach_bands(curve)
     if not dist.is_main():
         return 0
     if curve is not None:
@@ -156,6 +167,8 @@ def cmd_discover(args) -> int:
         summary.update(spans=scores.spans, n_units=len(units), n_units_total=scores.n_units, units=units)
     if curve is not None:
         summary.update(cpr=curve.cpr, cmd=curve.cmd, curve=str(args.curve))
+    if stab is not None:
+        summary["bootstrap"] = stab.to_dict(args.stability_threshold or STABLE_FRACTION)
     if args.json:
         print(json.dumps(summary, allow_nan=False))
         return 0
@@ -165,6 +178,8 @@ def cmd_discover(args) -> int:
     if curve is not None:
         fmt = lambda v: "undefined" if v is None else f"{v:.3f}"
         print(f"faithfulness curves (MIB's rules): CPR {fmt(curve.cpr)}, CMD {fmt(curve.cmd)}; wrote {args.curve}")
+    if stab is not None:
+        print(summary_line(stab, args.stability_threshold))
     if result.undefined_reason:
         _note(f"faithfulness is undefined: {result.undefined_reason}")
     return 0
@@ -214,6 +229,8 @@ def _task_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from circuitgraph.cli.stability import add_bootstrap_args
+
     parser = _Parser(prog="circuitgraph", description="Test, discover and characterise transformer circuits.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("evaluate", help="faithfulness and necessity of a circuit spec")
@@ -251,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--by-position", action="store_true",
                    help="score each edge at each position the dataset names and at every other token ('rest'); "
                         "selection counts edge x position units and the spec's edges carry positions")
+    add_bootstrap_args(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("-o", "--output", required=True, type=Path)
     p.set_defaults(func=cmd_discover)
