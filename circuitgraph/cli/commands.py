@@ -28,21 +28,30 @@ def _note(message: str) -> None:
 
 
 def cmd_evaluate(args) -> int:
+    from circuitgraph.cli.holdout import print_holdout, read_holdout, split as split_holdout
     from circuitgraph.evaluate.evaluator import Evaluator
+    from circuitgraph.evaluate.holdout import compare
     from circuitgraph.spec.circuit_spec import CircuitSpec
 
     spec = CircuitSpec.load(args.spec).require_selection(f"spec '{args.spec}'")
+    holdout = read_holdout(args) if args.holdout is not None else None
     model, data = load_model_and_data(args)
     spec.resolve(model.graph)  # a name the model lacks fails before any run
+    if holdout is not None:
+        data, held, source = split_holdout(args, model, data, spec, holdout)
+    comparison = None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # score.warnings holds ours; they are printed below
-        ev = Evaluator(model, data, metric=args.metric, ablation=args.ablation, batch_size=args.batch_size,
-                       progress=not args.json, memory_budget_mb=args.memory_budget)
-        score = ev.evaluate(spec)
+        kw = dict(metric=args.metric, ablation=args.ablation, batch_size=args.batch_size, progress=not args.json,
+                  memory_budget_mb=args.memory_budget)
+        score = Evaluator(model, data, **kw).evaluate(spec)
+        if holdout is not None:
+            comparison = compare(score, Evaluator(model, held, **kw).evaluate(spec), source)
     if args.json:
         for w in score.warnings:
             _note(w)
-        print(score.to_json(indent=2))
+        out = score.to_dict() | ({"holdout": comparison.to_dict()} if comparison else {})
+        print(json.dumps(out, indent=2, allow_nan=False))
         return 0
     from rich.console import Console
     from rich.table import Table
@@ -61,6 +70,8 @@ def cmd_evaluate(args) -> int:
         print(f"s.e. n/a: {score.se_reason}")
     for w in score.warnings:
         print(f"warning: {w}")  # one line, however narrow the terminal
+    if comparison is not None:
+        print_holdout(comparison)
     return 0
 
 
@@ -229,6 +240,7 @@ def _task_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from circuitgraph.cli.holdout import add_holdout_arg
     from circuitgraph.cli.stability import add_bootstrap_args
 
     parser = _Parser(prog="circuitgraph", description="Test, discover and characterise transformer circuits.")
@@ -239,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ablation", choices=["corrupted", "mean", "zero"], default="corrupted")
     p.add_argument("--metric", choices=METRICS, default="logit_diff")
     p.add_argument("--json", action="store_true", help="print one JSON object (undefined numbers are null)")
+    add_holdout_arg(p)
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("discover", help="find a circuit automatically (ACDC, EAP, EAP-IG, exact)")
     add_model_args(p, budget=True)
