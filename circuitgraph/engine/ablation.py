@@ -19,7 +19,6 @@ class Ablation:
 
     outputs: list[torch.Tensor] | None
     resid: list[torch.Tensor]
-    kind: str = "corrupted"
     qkv_cache: dict = field(default_factory=dict)  # per layer: q, k, v of the all-ablated residual
 
 
@@ -45,7 +44,7 @@ def _attn_bias(layer) -> torch.Tensor | int:
     return layer.attn.b_O if layer.attn.b_O is not None and layer.post_attn is None else 0
 
 
-def make_ablation(weights, outputs: list[torch.Tensor] | None, kind: str) -> Ablation:
+def make_ablation(weights, outputs: list[torch.Tensor] | None) -> Ablation:
     """Cumulate ablated source outputs (plus biases) into the residual each destination block reads.
 
     ``outputs`` are per source block as a recorded run returns them (``None``: zero ablation).
@@ -65,7 +64,7 @@ def make_ablation(weights, outputs: list[torch.Tensor] | None, kind: str) -> Abl
         mlp = blocks[2 + 2 * layer]
         cur = after_attn + (mlp[0] if mlp is not None else 0)
     resid.append(cur)
-    return Ablation(outputs, resid, kind)
+    return Ablation(outputs, resid)
 
 
 def clean_states(weights, outputs: list[torch.Tensor], ablation: Ablation) -> list[PrefixState]:

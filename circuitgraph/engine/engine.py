@@ -101,9 +101,12 @@ class PatchEngine:
         logits = self.run_with_hooks(tokens, [(n, keep) for n in names_matching(self.w, names_filter)], logit_positions)
         return logits, cache
 
-    def make_ablation(self, outputs: list[torch.Tensor] | None, kind: str, like: torch.Tensor | None = None) -> Ablation:
-        """Ablated source outputs cumulated into the residual each destination block reads."""
-        return make_ablation(self.w, outputs, kind)
+    def make_ablation(self, outputs: list[torch.Tensor] | None, kind: str) -> Ablation:
+        """Ablated source outputs cumulated into the residual each destination block reads.
+
+        ``kind`` (``corrupted``, ``mean``, ``zero``, ``clean``) names what ``outputs`` hold, for the
+        reader of the call; the outputs alone decide the ablation (``None``: zero)."""
+        return make_ablation(self.w, outputs)
 
     def clean_states(self, outputs: list[torch.Tensor], ablation: Ablation) -> list[PrefixState]:
         """Prefix states of the full circuit (= the plain run that recorded ``outputs``) at every layer."""

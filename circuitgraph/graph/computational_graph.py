@@ -7,7 +7,7 @@ topologically ordered sources, which is what lets the patching engine work with 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 
 import networkx as nx
@@ -28,7 +28,6 @@ class Graph:
     n_heads: int
     parallel_attn_mlp: bool = False
     d_model: int | None = None
-    _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     # ----- nodes -------------------------------------------------------------------------
     @cached_property
