@@ -165,7 +165,7 @@ def figure(path: Path, prev_scores, ind_scores, prev_group, ind_group, table, ti
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
-    from circuitgraph.characterise.plots import heatmap
+    from circuitgraph.plots import heatmap
 
     L, H = ind_scores.shape
     fig = Figure(figsize=(15, 9.5), layout="constrained")

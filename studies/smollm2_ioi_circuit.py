@@ -291,7 +291,7 @@ def plot_stages(out: dict, path: Path) -> Path:
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
-    from circuitgraph.characterise.plots import heatmap, save
+    from circuitgraph.plots import heatmap, save
 
     L, H = out["graph"]["n_layers"], out["graph"]["n_heads"]
     panels = []

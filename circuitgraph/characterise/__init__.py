@@ -10,7 +10,7 @@ people look at the result, a ``plot_*`` function writing a PNG:
 - :mod:`.neurons`: most active MLP neurons and single-neuron ablations
 - :mod:`.probes`: linear probes on a node's output
 - :mod:`.attribution`: integrated gradients to input tokens
-- :mod:`.plots`: the shared heatmap helpers
+- :mod:`circuitgraph.plots`: the shared heatmap helpers (also under ``.plots``)
 """
 
 from circuitgraph.characterise.integrated_gradients import IGResult, integrated_gradients, plot_attributions

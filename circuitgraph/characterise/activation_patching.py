@@ -162,7 +162,7 @@ def _patcher(src: torch.Tensor, chunk, B: int):
 
 
 def _position_labels(model, data: TaskData) -> list[str]:
-    from circuitgraph.characterise.plots import token_labels
+    from circuitgraph.plots import token_labels
 
     P = data.clean.shape[1]
     ids = data.clean[0, :P].tolist()
@@ -194,7 +194,7 @@ def plot_patching(results: PatchingResult | list[PatchingResult], path, title: s
 
     ``heads_by_position`` results are drawn as (layer.head) x position.
     """
-    from circuitgraph.characterise.plots import heatmap, new_figure, save
+    from circuitgraph.plots import heatmap, new_figure, save
 
     results = [results] if isinstance(results, PatchingResult) else list(results)
     grids = []

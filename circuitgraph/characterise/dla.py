@@ -87,7 +87,7 @@ def direct_logit_attribution(model: CircuitModel, data: TaskData, batch_size: in
 
 def plot_dla(result: DLAResult, path, title: str | None = None):
     """Layer x head heatmap of direct logit attribution, MLPs in the last column."""
-    from circuitgraph.characterise.plots import heatmap, new_figure, save
+    from circuitgraph.plots import heatmap, new_figure, save
 
     L, H = result.heads.shape
     fig, (ax,) = new_figure(L, H + 1)

@@ -25,7 +25,7 @@ from transformer_lens.head_detector import (get_duplicate_token_head_detection_p
 
 from circuitgraph.graph import NodeRef
 from circuitgraph.model.loading import CircuitModel
-from circuitgraph.characterise.plots import heatmap, new_figure, save, token_labels
+from circuitgraph.plots import heatmap, new_figure, save, token_labels
 
 DETECTORS = {"previous_token": get_previous_token_head_detection_pattern,
              "duplicate_token": get_duplicate_token_head_detection_pattern,

@@ -78,7 +78,7 @@ def integrated_gradients(model: CircuitModel, data: TaskData, metric: str = "log
 
 def plot_attributions(result: IGResult, data: TaskData, path, tokenizer=None, examples: int = 6, title: str | None = None):
     """Example x position heatmap of attributions, clean tokens on the cells."""
-    from circuitgraph.characterise.plots import heatmap, new_figure, save
+    from circuitgraph.plots import heatmap, new_figure, save
 
     n = min(examples, len(data))
     P = int(data.lengths[:n].max())

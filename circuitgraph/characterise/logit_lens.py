@@ -136,7 +136,7 @@ def plot_logit_lens(result: LensResult, path, title: str | None = None, tokenize
     """Mean answer probability and reciprocal rank per state (± s.e.), top token of one example annotated."""
     from matplotlib.figure import Figure
 
-    from circuitgraph.characterise.plots import save
+    from circuitgraph.plots import save
 
     S, N = result.answer_prob.shape
     fig = Figure(figsize=(max(5.0, 0.55 * S + 2.5), 3.8), layout="constrained")

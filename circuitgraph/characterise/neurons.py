@@ -137,7 +137,7 @@ def plot_neurons(activity: NeuronActivity, path, effects: NeuronEffects | None =
     """Bars of the top neurons' mean activation, and their ablation effect when given."""
     from matplotlib.figure import Figure
 
-    from circuitgraph.characterise.plots import save
+    from circuitgraph.plots import save
 
     k = len(activity.neurons)
     panels = 2 if effects is not None else 1

@@ -191,7 +191,7 @@ def positional_qk(model: CircuitModel, head: str, n_positions: int = 32, fold_ln
 def plot_circuit(circuit: HeadCircuit, path, tokenizer=None, ids: torch.Tensor | None = None, max_tokens: int = 40,
                  title: str | None = None):
     """Heatmap of the circuit on up to ``max_tokens`` token ids (default: the first ones of the matrix)."""
-    from circuitgraph.characterise.plots import heatmap, new_figure, save
+    from circuitgraph.plots import heatmap, new_figure, save
 
     n = circuit.matrix.A.shape[0]
     sel = torch.arange(min(n, max_tokens)) if ids is None else torch.as_tensor(ids)[:max_tokens]

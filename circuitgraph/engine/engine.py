@@ -7,6 +7,8 @@ block in :mod:`circuitgraph.engine.kernel`.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from circuitgraph.engine.ablation import Ablation, PrefixState, clean_states, make_ablation
@@ -15,7 +17,9 @@ from circuitgraph.engine.kernel import Kernel
 from circuitgraph.engine.patched_run import PatchedRun
 from circuitgraph.engine.plan import Plan, SourceBlock, compile_plan
 from circuitgraph.graph import Graph
-from circuitgraph.model.weights import Weights
+
+if TYPE_CHECKING:  # the per-head form is the model layer's; the engine only reads it
+    from circuitgraph.model.weights import Weights
 
 
 class PatchEngine:

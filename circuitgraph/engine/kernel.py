@@ -9,12 +9,13 @@ model feature is implemented here or nowhere.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
 
-from circuitgraph.model.weights import Weights
+if TYPE_CHECKING:  # the per-head form is the model layer's; the engine only reads it
+    from circuitgraph.model.weights import Weights
 
 
 @dataclass

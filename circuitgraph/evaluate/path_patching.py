@@ -205,7 +205,7 @@ def path_patch_sweep(model: CircuitModel, data: TaskData, receivers, senders=Non
 # ----- figure -------------------------------------------------------------------------------
 def plot_path_patching(result: PathPatchResult, path, title: str | None = None):
     """Layer x head heatmap of the effects (MLPs in the last column), diverging, centred at 0."""
-    from circuitgraph.characterise.plots import heatmap, new_figure, save
+    from circuitgraph.plots import heatmap, new_figure, save
 
     L, H = result.heads.shape
     grid = torch.cat([result.heads, result.mlps[:, None]], dim=1)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
+from circuitgraph.data.dataset import DataError
 from circuitgraph.model.families import architecture_name, describe_config, extract_weights
 from circuitgraph.model.weights import UnsupportedArchitecture
 from circuitgraph.engine import PatchEngine
@@ -99,8 +100,6 @@ class CircuitModel:
         sort): a shorter prompt would attend to its padding, so every number would be silently off."""
         if data.same_length or all(layer.attn.causal for layer in self.weights.layers):
             return
-        from circuitgraph.data.dataset import DataError
-
         i = int((data.lengths != data.lengths[0]).nonzero()[0, 0])
         raise DataError(f"{data.where(i)}: the prompt is {int(data.lengths[i])} tokens but {data.where(0)} is {int(data.lengths[0])}; "
                         "this model's attention is bidirectional, so a shorter prompt would attend to its padding: "

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from circuitgraph.data.dataset import parse_json
 from circuitgraph.graph import PORTS, Graph, GraphError, NodeRef
 
 FORMAT = "circuitgraph/1"
@@ -282,8 +283,6 @@ class CircuitSpec(BaseModel):
         except UnicodeDecodeError as e:
             line = raw[:e.start].count(b"\n") + 1
             raise SpecError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); save the file as UTF-8") from None
-        from circuitgraph.data.dataset import parse_json
-
         try:
             data = parse_json(text)
         except json.JSONDecodeError as e:

@@ -33,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from circuitgraph.graph import Graph
+from circuitgraph.data.mib import TASKS, mib_task
+from circuitgraph.graph import Graph, mib_prune
 from circuitgraph.spec.circuit_spec import CircuitSpec, SpecError
 
 
@@ -236,8 +237,6 @@ def check_spec(spec: CircuitSpec, task: str, model: str, input_sign: str | None 
     """(task, model, loss-sign scores, metric) of a spec that fits MIB's ``task`` and ``model``; one
     line naming what does not fit otherwise (pair not on the leaderboard, another task or model,
     scores missing or of unknown sign)."""
-    from circuitgraph.data.mib import mib_task
-
     where = f"spec '{source}'" if source else "the spec"
     task, model = mib_task(task), mib_model(model)
     check_pair(task, model)
@@ -265,8 +264,6 @@ def write_submission(spec: CircuitSpec, out_dir, task: str, model: str, method: 
     spec's scores when it is an MIB file that does not say.  ``layout``: ``importances`` (one
     file, MIB ranks it both ways) or ``circuits`` (nine pruned top-n circuits per ranking).
     Returns the files written."""
-    from circuitgraph.discovery.curves import mib_prune
-
     for value, allowed, what in ((sign, SIGNS, "sign"), (layout, LAYOUTS, "layout"), (ranking, RANKINGS, "ranking")):
         if value not in allowed:
             raise SpecError(f"unknown {what} '{value}'; expected one of {', '.join(allowed)}")
@@ -313,8 +310,6 @@ def write_submission(spec: CircuitSpec, out_dir, task: str, model: str, method: 
 
 def submission_pairs(method_dir) -> set[tuple[str, str]]:
     """The (task, model) folders a method folder holds (in ``abs-*`` folders too), by MIB's names."""
-    from circuitgraph.data.mib import TASKS
-
     found = set()
     root = Path(method_dir)
     folders = [p for p in root.iterdir() if p.is_dir()] if root.is_dir() else []
