@@ -286,3 +286,52 @@ def test_torchrun_bootstrap_equals_one_process(tmp_path, model_dir):
     assert a["units"] == b["units"] and a["jaccard"] == pytest.approx(b["jaccard"])
     fa = json.loads((tmp_path / "one.json").read_text())["edge_frequency"]
     assert fa == json.loads((tmp_path / "many.json").read_text())["edge_frequency"]
+
+
+# ----- the explorer: positions on the arrow, frequency as opacity ---------------------------------------
+def test_explorer_draws_positions_and_frequencies(ioi, tmp_path, capsys):
+    import warnings
+
+    from chromium import Browser, find_chromium
+    from circuitgraph.explore import Limits, Study
+    from circuitgraph.model.loading import load_model
+    from circuitgraph.spec.circuit_spec import CircuitSpec
+
+    rc, _, err = _run(capsys, "discover", "--model", "toy-ioi", "--data", str(ioi / "ioi.jsonl"), "--method", "eap",
+                      "--by-position", "--top-n", "30", "--bootstrap", "4", "-o", str(tmp_path / "pos.json"))
+    assert rc == 0, err
+    spec = CircuitSpec.load(tmp_path / "pos.json")
+    model = load_model("toy-ioi")
+    data = tokenize([Example(**json.loads(x)) for x in (ioi / "ioi.jsonl").read_text().splitlines()], model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        study = Study.collect(model, data, spec, limits=Limits(examples=1, ig_steps=2, neurons=2, top_edges=0))
+    edges = {e["id"]: e for e in study.data["edges"]}
+    assert study.data["circuits"][0]["n_resamples"] == 4
+    for e in spec.edges:  # the page's data carries both, as the spec has them
+        assert edges[e.edge]["pos"] == sorted(e.positions) and edges[e.edge]["freq"] == [pytest.approx(spec.edge_frequency[e.edge], abs=1e-3)]
+        assert edges[e.edge]["pos_freq"] == pytest.approx(spec.position_frequency[e.edge], abs=1e-3)
+    exe, why = find_chromium()
+    if exe is None:
+        pytest.skip(f"browser part skipped: {why}")
+    b = Browser(exe)
+    try:
+        b.open(study.to_html(tmp_path / "pos.html"))
+        drawn = b.js("[...document.querySelectorAll('#circuit-0 path.edge')].map(p => [p.dataset.id, +p.getAttribute('stroke-opacity')])")
+        labels = dict(b.js("[...document.querySelectorAll('#circuit-0 text.edge-label')].map(t => [t.dataset.id, t.textContent])"))
+        assert len(drawn) == len(spec.edges) == len(labels)
+        for name, opacity in drawn:
+            assert opacity == pytest.approx(0.12 + 0.83 * spec.edge_frequency[name], abs=2e-3)
+            assert labels[name] == ",".join(sorted(next(e.positions for e in spec.edges if e.edge == name)))
+        assert len({o for _, o in drawn}) > 1  # some edges were kept more often than others
+        legend = b.js("document.querySelector('#legend').textContent")
+        assert "opacity: how often bootstrap resamples kept the edge (4 resamples)" in legend and "token positions" in legend
+        x, y = b.js("(() => { const p = document.querySelector('#circuit-0 path.edge');"
+                    " const pt = p.getPointAtLength(p.getTotalLength() / 3), m = p.getScreenCTM();"
+                    " return [pt.x * m.a + pt.y * m.c + m.e, pt.x * m.b + pt.y * m.d + m.f]; })()")
+        b.call("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)
+        tip = b.js("document.querySelector('#tooltip').textContent")
+        assert "of 4 bootstrap resamples" in tip and "by position:" in tip
+        assert b.errors() == []
+    finally:
+        b.close()

@@ -37,6 +37,11 @@
     if (S.weight === "effect") { const eff = effectOf(e, c); return eff ? eff.v : null; }
     return e.score;
   }
+  function freqOf(e, c) {  // bootstrap inclusion frequency: this panel's circuit's, else the first circuit's that has one
+    if (c !== null) return e.freq[c] ?? null;
+    return e.freq.find(f => f !== null) ?? null;
+  }
+  const hasFreq = D.edges.some(e => e.freq.some(f => f !== null));
   function membershipOk(e, c) {
     if (!e.in) return S.outside;
     if (c !== null) return (e.in >> c) & 1;
@@ -56,8 +61,13 @@
       if (src === dst) continue;
       const port = dst.startsWith("group:") ? null : e.port;
       const key = `${src}|${dst}|${port}|${e.in}`;
-      if (!merged.has(key)) merged.set(key, { src, dst, port, w, mag: w === null ? null : Math.abs(w), in: e.in, list: [e] });
-      else { const m = merged.get(key); m.list.push(e); if (w !== null) { m.w = (m.w ?? 0) + w; m.mag = (m.mag ?? 0) + Math.abs(w); } }
+      const f = freqOf(e, c);
+      if (!merged.has(key)) merged.set(key, { src, dst, port, w, mag: w === null ? null : Math.abs(w), in: e.in, list: [e], freq: f, pos: e.pos });
+      else {
+        const m = merged.get(key); m.list.push(e); if (w !== null) { m.w = (m.w ?? 0) + w; m.mag = (m.mag ?? 0) + Math.abs(w); }
+        if (f !== null) m.freq = Math.max(m.freq ?? 0, f);
+        m.pos = m.pos && e.pos ? [...new Set([...m.pos, ...e.pos])].sort() : null;  // a merged edge is positional only if all are
+      }
     }
     return [...merged.values()];
   }
@@ -103,6 +113,8 @@
     if (e.score !== null) t += `<br>edge score ${f3(e.score)} <span class="note">(the spec's, no spread given)</span>`;
     e.eff.forEach((x, i) => { if (x) t += `<br>effect of removing it from ${esc(NAMES[i])}: ${pm(x[0], x[1])}`; });
     if (e.pos) t += `<br>positions: ${esc(e.pos.join(", "))}`;
+    e.freq.forEach((f, i) => { if (f !== null) t += `<br>kept in ${f3(f)} of ${D.circuits[i].n_resamples ?? "?"} bootstrap resamples` + (TWO ? ` (${esc(NAMES[i])})` : ""); });
+    if (e.pos_freq) t += `<br>by position: ${esc(Object.entries(e.pos_freq).map(([p, f]) => `${p} ${f3(f)}`).join(", "))}`;
     return t;
   }
   function nodeTip(id) {
@@ -176,9 +188,16 @@
       .attr("class", d => "edge" + (d.in ? "" : " outside")).attr("data-id", d => d.list.length === 1 ? d.list[0].id : `${d.src}->${d.dst}`)
       .attr("data-w", d => d.w).attr("d", path).attr("stroke-width", widthOf)
       .attr("stroke", d => d.w === null ? OUTSIDE : d.w < 0 ? NEG : POS)
-      .attr("stroke-opacity", d => d.in ? 0.8 : 0.3)
+      .attr("stroke-opacity", d => !d.in ? 0.3 : d.freq === null ? 0.8 : 0.12 + 0.83 * d.freq)  // opacity: inclusion frequency
       .attr("stroke-dasharray", d => c === null && TWO ? DASH[d.in] : null)
       .on("mouseenter", (ev, d) => showTip(ev, edgeTip(d))).on("mousemove", moveTip).on("mouseleave", hideTip);
+    const mid = d => {  // the middle of the edge's curve (its symmetric Bezier at t = 1/2), where its positions are written
+      const [x0, y0] = anchor(d.src, null, false), [x1, y1] = anchor(d.dst, d.port, true);
+      return [(x0 + x1) / 2, (y0 + y1) / 2];
+    };
+    root.append("g").attr("class", "edge-labels").selectAll("text").data(edges.filter(d => d.pos)).join("text")
+      .attr("class", "edge-label").attr("data-id", d => d.list.length === 1 ? d.list[0].id : `${d.src}->${d.dst}`)
+      .attr("x", d => mid(d)[0]).attr("y", d => mid(d)[1]).attr("text-anchor", "middle").text(d => d.pos.join(","));
     const g = root.append("g").attr("class", "nodes").selectAll("g").data(nodes).join("g")
       .attr("class", d => `node ${d.kind}` + (d.on ? "" : " off") + (S.selected === d.id ? " selected" : ""))
       .attr("data-id", d => d.id).attr("transform", d => `translate(${geo.x(d.x)},${geo.y(d.y)})`)
@@ -400,6 +419,8 @@
     if (TWO) { item(line("#555", null), "in both (overlay)"); item(line("#555", DASH[1]), `only in ${NAMES[0]}`); item(line("#555", DASH[2]), `only in ${NAMES[1]}`); }
     item(line(OUTSIDE, null, 1.5), "no weight of the chosen kind");
     if (D.edges.some(e => !e.in)) item(line(POS + "4d", null, 2.5), "faint: outside the circuits");
+    if (hasFreq) host.append("span").text(`opacity: how often bootstrap resamples kept the edge (${D.circuits.map(c => c.n_resamples).filter(n => n).join(" / ")} resamples)`);
+    if (D.edges.some(e => e.pos)) host.append("span").text("label on an edge: the token positions it is patched at");
     host.append("span").text("width: |weight| (measured effect: drop in faithfulness when removed; edge score: the spec's, e.g. attribution); q, k, v: the dots under a head where edges into its query, key and value inputs end (the static figures' port colours); scroll to zoom, drag to pan.");
   }
 

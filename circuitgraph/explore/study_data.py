@@ -150,7 +150,9 @@ def _circuits(on, ev, circuits, resolved, limits, known):
         nodes, edges = on.effects(res, edges=measured and not reuse)
         edges = known[i] if reuse else edges
         effects.append(edges)
+        boot = spec.metadata.get("bootstrap") if spec.edge_frequency else None
         out.append({"name": spec.name or f"circuit {i + 1}", "description": spec.description, "source": spec.source,
+                    "n_resamples": boot.get("n_resamples") if isinstance(boot, dict) else None,
                     "n_edges": len(res), "score": _score(ev.evaluate(res)),
                     "node_effects": {n: [_r(d), _r(se)] for n, (d, se) in nodes.items()},
                     "edge_effects_measured": measured})
@@ -158,11 +160,17 @@ def _circuits(on, ev, circuits, resolved, limits, known):
 
 
 def _edges(G, circuits, resolved, effects, limits):
-    """Every circuit edge, then the ``top_edges`` best-scored others; with scores, effects and positions."""
+    """Every circuit edge, then the ``top_edges`` best-scored others; with scores, effects, positions and, per circuit
+    that has them, bootstrap inclusion frequencies (0 for an edge no resample held)."""
     scores: dict[str, float] = {}
     for spec in circuits:
         for k, v in _edge_scores(spec).items():
             scores.setdefault(k, v)
+    freq = [spec.edge_frequency for spec in circuits]  # bootstrap inclusion frequencies, where discover wrote them
+    pos_freq: dict[str, dict] = {}
+    for spec in circuits:
+        for k, v in spec.position_frequency.items():
+            pos_freq.setdefault(k, v)
     members: dict[str, int] = {}
     positions: dict[str, list[str] | None] = {}
     for i, res in enumerate(resolved):
@@ -178,7 +186,8 @@ def _edges(G, circuits, resolved, effects, limits):
         eff = [[_r(e[name][0]), _r(e[name][1])] if name in e else None for e in effects]
         out.append({"id": name, "src": src, "dst": G.node_of(dst), "port": dst[dst.index("<") + 1:-1] if "<" in dst else None,
                     "in": members.get(name, 0), "score": _r(scores[name]) if name in scores else None, "eff": eff,
-                    "pos": positions.get(name)})
+                    "pos": positions.get(name), "freq": [_r(f.get(name, 0.0)) if f else None for f in freq],
+                    "pos_freq": {k: _r(v) for k, v in pos_freq[name].items()} if name in pos_freq else None})
     return out, len([k for k in scores if k in G.edge_index])
 
 
