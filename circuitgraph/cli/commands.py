@@ -13,7 +13,7 @@ from pathlib import Path
 
 from circuitgraph.cli.checks import (CLIError, check_device, check_output, finite_float, fraction, non_negative_float,
                                      positive_int)
-from circuitgraph.cli.common import DISTRIBUTED_COMMANDS, METRICS, add_model_args, load_model_and_data
+from circuitgraph.cli.common import ABLATIONS, DISTRIBUTED_COMMANDS, METRICS, add_model_args, load_model_and_data
 from circuitgraph.errors import CircuitWarning
 from circuitgraph.evaluate import distributed as dist
 
@@ -226,6 +226,7 @@ class _Parser(argparse.ArgumentParser):
 def _task_options(p: argparse.ArgumentParser) -> None:
     """The generators' own options (word lists, lengths), so the advice in their errors can be followed."""
     from circuitgraph.data.tasks import OPTIONS
+    from circuitgraph.data.tasks.ioi import CORRUPTIONS
 
     for name, (tasks, kind, text) in OPTIONS.items():
         flag, help_ = f"--{name.replace('_', '-')}", f"{', '.join(tasks)}: {text}"
@@ -234,7 +235,7 @@ def _task_options(p: argparse.ArgumentParser) -> None:
         elif kind == "int":
             p.add_argument(flag, dest=name, type=int, help=help_)
         elif kind == "choice":
-            p.add_argument(flag, dest=name, choices=["abc", "s2_flip"], help=help_)
+            p.add_argument(flag, dest=name, choices=CORRUPTIONS, help=help_)
         else:
             p.add_argument(flag, dest=name, help=help_)
 
@@ -242,20 +243,21 @@ def _task_options(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from circuitgraph.cli.holdout import add_holdout_arg
     from circuitgraph.cli.stability import add_bootstrap_args
+    from circuitgraph.discovery import IG_POINTS, METHODS
 
     parser = _Parser(prog="circuitgraph", description="Test, discover and characterise transformer circuits.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("evaluate", help="faithfulness and necessity of a circuit spec")
     add_model_args(p, budget=True)
     p.add_argument("--spec", required=True, help="circuit spec JSON (ours or EAP-IG/MIB), or a shipped spec by name (ioi_gpt2)")
-    p.add_argument("--ablation", choices=["corrupted", "mean", "zero"], default="corrupted")
+    p.add_argument("--ablation", choices=ABLATIONS, default="corrupted")
     p.add_argument("--metric", choices=METRICS, default="logit_diff")
     p.add_argument("--json", action="store_true", help="print one JSON object (undefined numbers are null)")
     add_holdout_arg(p)
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("discover", help="find a circuit automatically (ACDC, EAP, EAP-IG, exact)")
     add_model_args(p, budget=True)
-    p.add_argument("--method", required=True, choices=["acdc", "eap", "eap-ig", "eap-ig-activations", "exact"])
+    p.add_argument("--method", required=True, choices=METHODS)
     p.add_argument("--threshold", type=non_negative_float, help="keep edges with |score| >= T")
     p.add_argument("--top-n", type=positive_int,
                    help="keep the N best edges (default: the smallest N whose faithfulness reaches "
@@ -265,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--greedy", action="store_true", help="grow the top-n circuit from the logits (EAP-IG's greedy)")
     p.add_argument("--prune", action="store_true", help="drop edges not on an input -> logits path")
     p.add_argument("--steps", type=positive_int, default=5, help="integrated-gradient steps (eap-ig*)")
-    p.add_argument("--ig-points", choices=["right", "left"], default="right",
+    p.add_argument("--ig-points", choices=IG_POINTS, default="right",
                    help="IG step points: right = k/n for k=1..n (ours, ends at clean); left = k=0..n-1 "
                         "(the EAP-IG repo's EAP-IG-inputs, as run by MIB)")
     p.add_argument("--keep-deltas", type=fraction,
@@ -273,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "recomputed when folded (1: fastest, 0: least memory; the same scores; default 0.5)")
     p.add_argument("--tau", type=non_negative_float, default=0.01, help="ACDC threshold")
     p.add_argument("--metric", choices=METRICS, help="default: kl for acdc, else logit_diff")
-    p.add_argument("--ablation", choices=["corrupted", "mean", "zero"], default="corrupted")
+    p.add_argument("--ablation", choices=ABLATIONS, default="corrupted")
     p.add_argument("--format", choices=["spec", "mib"], default="spec")
     p.add_argument("--curve", default=None, metavar="FILE",
                    help="also write the faithfulness curves under MIB's rules (CPR, CMD): a figure (.png, .pdf, .svg) or "

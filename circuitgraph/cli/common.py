@@ -6,8 +6,10 @@ import argparse
 
 from circuitgraph.cli.checks import check_device, memory_mib, positive_int
 from circuitgraph.evaluate import distributed as dist
+from circuitgraph.evaluate.evaluator import ABLATIONS
+from circuitgraph.evaluate.metrics import METRICS as _METRIC_FUNCTIONS
 
-METRICS = ["logit_diff", "prob_diff", "kl", "accuracy"]
+METRICS = tuple(_METRIC_FUNCTIONS)  # the --metric choices: the registered metrics
 DTYPES = ("float32", "bfloat16", "float16")
 # commands that split their examples over torch.distributed ranks; the others run on rank 0 only
 DISTRIBUTED_COMMANDS = ("evaluate", "discover", "path-patch")

@@ -8,7 +8,7 @@ import warnings
 from pathlib import Path
 
 from circuitgraph.cli.checks import CLIError, check_output
-from circuitgraph.cli.common import METRICS, add_model_args, load_model_and_data
+from circuitgraph.cli.common import ABLATIONS, METRICS, add_model_args, load_model_and_data
 
 FIGURE_SUFFIXES = (".png", ".pdf", ".svg")
 
@@ -29,7 +29,7 @@ def register_cli(subparsers) -> None:
     p.add_argument("--rules", choices=RULES, default="mib",
                    help="mib (default): MIB's sizes, rankings and pruning; unpruned-rounded: circuitgraph's earlier "
                         "convention (round(f*n) edges, no pruning, CPR and CMD both from |score|)")
-    p.add_argument("--ablation", choices=["corrupted", "mean", "zero"], default="corrupted")
+    p.add_argument("--ablation", choices=ABLATIONS, default="corrupted")
     p.add_argument("--metric", choices=METRICS, default="logit_diff")
     p.add_argument("--json", action="store_true", help="print one JSON object (undefined numbers are null)")
     p.add_argument("-o", "--output", default=None, help="draw both rankings' curves (.png, .pdf or .svg)")

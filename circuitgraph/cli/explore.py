@@ -6,7 +6,7 @@ from __future__ import annotations
 def register_cli(subparsers) -> None:
     """Add ``circuitgraph explore --model M --data F --spec S [--compare S2] -o OUT.html``."""
     from circuitgraph.cli.checks import non_negative_int, positive_int
-    from circuitgraph.cli.common import METRICS, add_model_args
+    from circuitgraph.cli.common import ABLATIONS, METRICS, add_model_args
 
     p = subparsers.add_parser("explore", help="write an interactive HTML page of a circuit study (opens offline in a browser)")
     add_model_args(p, budget=True)
@@ -14,7 +14,7 @@ def register_cli(subparsers) -> None:
     p.add_argument("--compare", default=None, help="a second circuit spec (e.g. a discovered one), shown overlaid or side by side")
     p.add_argument("-o", "--output", required=True, help="the page, .html")
     p.add_argument("--metric", choices=METRICS, default="logit_diff")
-    p.add_argument("--ablation", choices=["corrupted", "mean", "zero"], default="corrupted")
+    p.add_argument("--ablation", choices=ABLATIONS, default="corrupted")
     p.add_argument("--examples", type=positive_int, default=8, help="dataset rows the page's example picker offers (the first ones)")
     p.add_argument("--top-edges", type=non_negative_int, default=1000,
                    help="scored edges outside the circuits to embed, best |score| first")

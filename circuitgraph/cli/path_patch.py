@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from circuitgraph.cli.checks import check_output
-from circuitgraph.cli.common import add_model_args, load_model_and_data
+from circuitgraph.cli.common import METRICS, add_model_args, load_model_and_data
 from circuitgraph.evaluate.path_patching import (NORMALISATION, as_list, check_upstream, path_patch_sweep, plot_path_patching,
                                                  receiver_index, sender_index)
 
@@ -18,7 +18,7 @@ def register_cli(subparsers) -> None:
                    help="head port 'a1.h2<k>', MLP 'm1' or 'logits' (repeat or comma-separate for several)")
     p.add_argument("--senders", default=None, help="comma-separated sender nodes (default: every node upstream)")
     p.add_argument("--positions", default=None, help="comma-separated named positions: patch sender outputs only there")
-    p.add_argument("--metric", choices=["logit_diff", "prob_diff", "kl", "accuracy"], default="logit_diff")
+    p.add_argument("--metric", choices=METRICS, default="logit_diff")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("-o", "--output", default=None, help="write the layer x head heatmap (PNG)")
     p.set_defaults(func=cmd_path_patch)
