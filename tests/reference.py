@@ -53,7 +53,7 @@ def _parts(hf):
 
 
 def sources_of(hf, dest_node):
-    """Upstream sources of a destination node, by the DESIGN rules (written out independently)."""
+    """Upstream sources of a destination node, by the rules of docs/contract.md (written out independently)."""
     fam, layers, H, _, parallel = _parts(hf)
     out = ["input"]
     if dest_node == "logits":
@@ -228,7 +228,7 @@ def patched_forward(hf, ids, ablated, in_circuit):
             z = scores.softmax(-1) @ v
             head_out[node] = _head_out(hf, layer, h, z)
         post = _post_norms(hf, layer) if fam == "llama" else None
-        if post is not None:  # DESIGN "Post-norms": w * o_h / rms(sum of this run's o_h)
+        if post is not None:  # docs/engine.md, "Post-norms": w * o_h / rms(sum of this run's o_h)
             norm = post[0]
             total = sum(head_out.values())
             eps = getattr(norm, "eps", getattr(norm, "variance_epsilon", None))

@@ -17,7 +17,7 @@ def small():
     return Graph(2, 4)
 
 
-def test_graph_counts_match_design():
+def test_graph_counts_match_contract():
     g = small()
     assert len(g.nodes) == 12 and g.n_edges == 110 == len(g.edges) == len(set(g.edges))
     big = Graph.from_hf_config(GPT2Config())

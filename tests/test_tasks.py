@@ -75,7 +75,7 @@ def one(tok, word):
 
 
 def check_format(tok, examples, n):
-    """The DESIGN.md contract every task shares."""
+    """The dataset contract (docs/contract.md) every task shares."""
     assert len(examples) == n
     for ex in examples:
         assert set(ex) == {"clean", "corrupted", "answer", "wrong", "positions"}

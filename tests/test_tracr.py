@@ -174,7 +174,7 @@ def test_tracr_task_needs_a_tracr_model():
 
 
 def _by_hand(hf, ids, ablated, keep):
-    """Edge-patched forward of a TracrForCausalLM written out from DESIGN.md: every destination input is
+    """Edge-patched forward of a TracrForCausalLM written out from docs/engine.md: every destination input is
     the sum of its sources' outputs (this run's where ``keep(src, dst)``, ``ablated``'s otherwise) plus the
     attention output biases; returns (logits, this run's node outputs)."""
     cfg = hf.config

@@ -1,4 +1,4 @@
-"""Task datasets: the JSONL format of DESIGN.md, tokenized with the model's own tokenizer.
+"""Task datasets: the JSONL format of docs/contract.md, tokenized with the model's own tokenizer.
 
 Examples may differ in length; they are right-padded, which a causal model never sees (no real
 position attends to a later one), and every metric reads each example's own last position.

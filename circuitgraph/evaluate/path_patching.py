@@ -1,4 +1,4 @@
-"""Path patching (Wang et al. 2022) in the edge semantics of DESIGN.md.
+"""Path patching (Wang et al. 2022) in the edge semantics of docs/engine.md.
 
 Patching the path from a set of senders to a set of receivers, everything else frozen, is one
 circuit: *every edge except the sender->receiver edges*, under corrupted ablation.  The receivers

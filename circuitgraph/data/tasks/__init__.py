@@ -1,4 +1,4 @@
-"""Dataset generators for the classic circuit tasks, in the DESIGN.md JSONL format.
+"""Dataset generators for the classic circuit tasks, in the JSONL format of docs/contract.md.
 
 Every generator is ``generate(tokenizer, n, seed=0, **options) -> list[dict]`` and returns
 examples ``{"clean", "corrupted", "answer", "wrong", "positions"}``. Positions count the tokens of

@@ -1,6 +1,6 @@
 """Gemma, Gemma-2, Gemma-3 (text): scaled embeddings, ``1 + w`` RMSNorms, GeGLU MLP.
 
-Gemma-2/3 add post-attention and post-MLP norms (see DESIGN "Post-norms"), alternate sliding and
+Gemma-2/3 add post-attention and post-MLP norms (docs/engine.md, "Post-norms"), alternate sliding and
 global layers, and Gemma-2 soft-caps attention and final logits; Gemma-3 normalises each head's
 queries and keys and takes a separate rotary table per attention type.
 """

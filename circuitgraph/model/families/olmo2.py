@@ -1,7 +1,7 @@
 """OLMo-2: no pre-norms; post-attention and post-MLP RMSNorms; q/k norms over all heads at once.
 
 The q/k norm spans every head, so a head port's query (key) is that of the whole layer run on
-the port's own input (as GQA ports are ungrouped, DESIGN "Grouped-query attention").
+the port's own input (as GQA ports are ungrouped, docs/engine.md, "Grouped-query attention").
 """
 
 from __future__ import annotations
