@@ -1,6 +1,8 @@
-"""Shared fixtures: tiny random-init models of each family, a word-level tokenizer, datasets."""
+"""Shared fixtures and helpers: tiny random-init models of each family, a word-level tokenizer, datasets,
+TransformerLens hook patching and torch.distributed launch helpers."""
 
 import json
+import socket
 
 import pytest
 import torch
@@ -109,6 +111,31 @@ def randomize_norms(hf, seed=0, biases=False):
     return hf
 
 
+def tiny_hf(family, seed=0, attn="eager"):
+    """A random-init HuggingFace model of ``family`` (a :data:`CONFIGS` key), seeded, with its norms and
+    biases randomised too, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = CONFIGS[family]()
+    cfg._attn_implementation = attn
+    return randomize_norms(AutoModelForCausalLM.from_config(cfg).eval(), seed, biases=True)
+
+
+def tiny_model(family, seed=0, tokenizer=None, double=False):
+    """:func:`tiny_hf` as a CircuitModel (in float64 with ``double``): the model most engine tests run."""
+    from circuitgraph.model.loading import CircuitModel
+
+    hf = tiny_hf(family, seed)
+    return CircuitModel(hf.double() if double else hf, tokenizer)
+
+
+def tokens(seed, B=3, P=7):
+    """Seeded random clean and corrupted token ids ``[B, P]`` (no special tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (B, P), generator=g), torch.randint(3, VOCAB, (B, P), generator=g)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return make_tokenizer()
@@ -165,3 +192,47 @@ def signal_rows(model, n, seed=0, length=6):
             top[1] = 3 + (top[0] - 2) % (len(tok) - 3)
         r["answer"], r["wrong"] = tok.convert_ids_to_tokens(top)
     return rows
+
+
+# ----- TransformerLens hook patching: the engine's edges written as hooks ---------------------------
+def source_output(cache, src):
+    """A source node's output from a TransformerLens cache (the per-head result for a head)."""
+    if src == "input":
+        return cache["hook_embed"] + (cache["hook_pos_embed"] if "hook_pos_embed" in cache else 0)
+    if src.startswith("m"):
+        return cache[f"blocks.{src[1:]}.hook_mlp_out"]
+    layer, head = src[1:].split(".h")
+    return cache[f"blocks.{layer}.attn.hook_result"][:, :, int(head)]
+
+
+def hook_for(dest):
+    """``(TransformerLens hook, head or None)`` holding a destination's input."""
+    if dest == "logits":
+        return "ln_final.hook_in", None
+    if dest.startswith("m"):
+        return f"blocks.{dest[1:]}.ln2.hook_in", None
+    layer, rest = dest[1:].split(".h")
+    return f"blocks.{layer}.hook_{rest.split('<')[1][0]}_input", int(rest.split("<")[0])
+
+
+def adder(delta, head):
+    """A hook adding ``delta`` to a destination input (one head's slot of a per-head input)."""
+    def patch(x, hook):
+        x = x.clone()
+        if head is None:
+            x += delta
+        else:
+            x[:, :, head] += delta
+        return x
+    return patch
+
+
+# ----- torch.distributed: several ranks on one machine ---------------------------------------------
+WORLD = 2  # ranks the distributed tests launch
+
+
+def free_port() -> int:
+    """A TCP port free now on 127.0.0.1, for a rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -14,8 +14,7 @@ from circuitgraph.characterise import (attention_patterns, copying_scores, detec
 from circuitgraph.data.dataset import load_dataset
 from circuitgraph.evaluate.metrics import logit_diff
 from circuitgraph.model.loading import BUNDLED_DIR, bundled_models, load_model
-from conftest import write_jsonl
-from test_pathpatch import signal_rows
+from conftest import signal_rows, tiny_model, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -153,9 +152,7 @@ def test_copying_score_from_eigenvalues_of_the_full_matrix(setup):
 def test_copying_scores_of_every_head_equal_each_heads_own_eigenvalues(family):
     """All heads' scores come from one vocabulary product per kind of norm: the same numbers as each
     head's own factored OV circuit (grouped key/value heads, RMS and layer norms, parallel blocks)."""
-    from test_engine import build
-
-    model = build(family, seed=5)
+    model = tiny_model(family, seed=5)
     scores = copying_scores(model, chunk=7)
     G = model.graph
     for l in range(G.n_layers):

@@ -10,8 +10,7 @@ from circuitgraph.discovery import acdc, attribute, exact_scores, faithfulness_c
 from circuitgraph.discovery.acdc import damage
 from circuitgraph.model.loading import CircuitModel
 from circuitgraph.evaluate.evaluator import Evaluator
-from conftest import CONFIGS, make_tokenizer, randomize_norms, signal_rows
-from test_engine import adder, hook_for, source_output
+from conftest import CONFIGS, adder, hook_for, make_tokenizer, randomize_norms, signal_rows, source_output, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -263,11 +262,10 @@ def test_eap_is_the_derivative_of_the_naive_patched_forward(family, ablation):
     """An edge's EAP score is the change in M as the edge moves from clean towards ablated:
     -dM/dk_e at k = 1 in the by-hand forward where every edge carries a weight k_e."""
     from reference import node_outputs, patched_forward
-    from test_engine import build
 
     from circuitgraph.data.dataset import TaskData
 
-    m = build(family, seed=2)
+    m = tiny_model(family, seed=2)
     G = m.graph
     g = torch.Generator().manual_seed(3)
     B, P = 3, 6

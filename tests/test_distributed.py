@@ -3,7 +3,6 @@ EAP-IG and ACDC, from Python and from ``torchrun -m circuitgraph``."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -13,15 +12,9 @@ import torch
 import torch.multiprocessing as mp
 
 from circuitgraph.evaluate import distributed as dist
+from conftest import WORLD, free_port
 
 TOL = 1e-6
-WORLD = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _case():
@@ -98,7 +91,7 @@ def test_two_ranks_equal_one_process(tmp_path):
     model, data = _case()
     one = _results(model, data)
     assert one["acdc.in_circuit"].sum() < one["eap"].astype(bool).sum()  # ACDC removed edges: decisions were taken
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(tmp_path / "res")), nprocs=WORLD, join=False,
+    ctx = mp.start_processes(_worker, args=(free_port(), str(tmp_path / "res")), nprocs=WORLD, join=False,
                              start_method="spawn")
     deadline = 240
     import time
@@ -137,7 +130,7 @@ def test_torchrun_cli_equals_one_process(tmp_path, model_dir):
                          capture_output=True, text=True, timeout=120, env=env)
     assert one.returncode == 0, one.stderr
     many = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD),
-                           "--master-port", str(_free_port()), "-m", "circuitgraph", *args, "-o", str(tmp_path / "many.json")],
+                           "--master-port", str(free_port()), "-m", "circuitgraph", *args, "-o", str(tmp_path / "many.json")],
                           capture_output=True, text=True, timeout=180, env=env)
     assert many.returncode == 0, many.stderr[-2000:]
     lines = [l for l in many.stdout.splitlines() if l.startswith("{")]

@@ -4,25 +4,10 @@ import pytest
 import torch
 
 from circuitgraph.model.loading import CircuitModel
-from conftest import CONFIGS, VOCAB, randomize_norms
+from conftest import CONFIGS, adder, hook_for, source_output, tiny_model, tokens
 from reference import node_outputs, patched_forward
 
 TOL = 1e-4
-
-
-def build(family, seed=0):
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = CONFIGS[family]()
-    cfg._attn_implementation = "eager"
-    hf = randomize_norms(AutoModelForCausalLM.from_config(cfg).eval(), seed, biases=True)
-    return CircuitModel(hf)
-
-
-def tokens(seed, B=3, P=7):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, VOCAB, (B, P), generator=g), torch.randint(3, VOCAB, (B, P), generator=g)
 
 
 def engine_logits(m, clean, corrupt, masks, pos=None):
@@ -38,7 +23,7 @@ FAMILIES = list(CONFIGS)
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_full_and_empty_circuit_equal_plain_model(family):
-    m = build(family)
+    m = tiny_model(family)
     clean, corrupt = tokens(1)
     G = m.graph
     full = torch.ones(1, len(G.sources), len(G.destinations), dtype=torch.bool)
@@ -53,7 +38,7 @@ def test_full_and_empty_circuit_equal_plain_model(family):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("density", [0.05, 0.5, 0.95])
 def test_random_edge_subsets_match_by_hand(family, density):
-    m = build(family, seed=3)
+    m = tiny_model(family, seed=3)
     clean, corrupt = tokens(2)
     G = m.graph
     g = torch.Generator().manual_seed(int(density * 100))
@@ -73,7 +58,7 @@ def test_random_edge_subsets_match_by_hand(family, density):
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_one_token_prompts_stacked_and_alone_match_by_hand(family):
     """One example of one token: every buffer layout coincides, so the run must not infer its path from strides."""
-    m = build(family, seed=6)
+    m = tiny_model(family, seed=6)
     clean, corrupt = tokens(8, B=1, P=1)
     G = m.graph
     masks = (torch.rand(2, len(G.sources), len(G.destinations), generator=torch.Generator().manual_seed(3)) < 0.5) & G.legal
@@ -97,7 +82,7 @@ def test_one_circuit_mixes_match_by_hand(family, mix, monkeypatch):
         monkeypatch.setattr(patched_run, "MIN_CHUNK_TOKENS", 2)
     if mix.startswith("sparse"):  # a sparse product one token row at a time
         monkeypatch.setattr(patched_run, "SPARSE_OPERAND_BYTES", 1)
-    m = build(family, seed=4)
+    m = tiny_model(family, seed=4)
     reused = m.engine.workspace
     monkeypatch.setattr(m.engine, "workspace", lambda *a: reused(*a).fill_(float("nan")))  # stale buffers must not leak
     clean, corrupt = tokens(3)
@@ -141,7 +126,7 @@ def test_one_circuit_mixes_match_by_hand(family, mix, monkeypatch):
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "neox"])
 def test_position_restricted_edges_match_by_hand(family):
-    m = build(family, seed=5)
+    m = tiny_model(family, seed=5)
     clean, corrupt = tokens(4)
     B, P = clean.shape
     G = m.graph
@@ -172,7 +157,7 @@ def test_position_restricted_edges_match_by_hand(family):
 
 @pytest.mark.parametrize("kind", ["mean", "zero"])
 def test_mean_and_zero_ablation_match_by_hand(kind):
-    m = build("gpt2", seed=9)
+    m = tiny_model("gpt2", seed=9)
     clean, corrupt = tokens(6)
     G, e = m.graph, m.engine
     masks = (torch.rand(1, len(G.sources), len(G.destinations), generator=torch.Generator().manual_seed(1)) < 0.4) & G.legal
@@ -191,42 +176,10 @@ def test_mean_and_zero_ablation_match_by_hand(kind):
     assert (got - ref).abs().max() < TOL
 
 
-def source_output(cache, src):
-    """A source node's output from a TransformerLens cache (the per-head result for a head)."""
-    if src == "input":
-        return cache["hook_embed"] + (cache["hook_pos_embed"] if "hook_pos_embed" in cache else 0)
-    if src.startswith("m"):
-        return cache[f"blocks.{src[1:]}.hook_mlp_out"]
-    layer, head = src[1:].split(".h")
-    return cache[f"blocks.{layer}.attn.hook_result"][:, :, int(head)]
-
-
-def hook_for(dest):
-    """``(TransformerLens hook, head or None)`` holding a destination's input."""
-    if dest == "logits":
-        return "ln_final.hook_in", None
-    if dest.startswith("m"):
-        return f"blocks.{dest[1:]}.ln2.hook_in", None
-    layer, rest = dest[1:].split(".h")
-    return f"blocks.{layer}.hook_{rest.split('<')[1][0]}_input", int(rest.split("<")[0])
-
-
-def adder(delta, head):
-    """A hook adding ``delta`` to a destination input (one head's slot of a per-head input)."""
-    def patch(x, hook):
-        x = x.clone()
-        if head is None:
-            x += delta
-        else:
-            x[:, :, head] += delta
-        return x
-    return patch
-
-
 @pytest.mark.parametrize("family", ["gpt2", "neox-sequential"])
 @pytest.mark.parametrize("edge", ["a0.h1->a1.h2<k>", "input->a1.h0<q>", "a0.h3->a1.h1<v>", "m0->logits", "a1.h2->m1", "a0.h0->m0"])
 def test_removing_one_edge_matches_transformerlens_hook_patch(family, edge):
-    m = build(family, seed=11)
+    m = tiny_model(family, seed=11)
     clean, corrupt = tokens(8)
     G = m.graph
     s, d = G.edge_index[edge]
@@ -252,7 +205,7 @@ def test_removing_one_edge_matches_transformerlens_hook_patch(family, edge):
 @pytest.mark.parametrize("family", ["gpt2", "llama", "neox"])
 def test_resuming_from_a_clean_prefix_state_matches_a_full_run(family):
     """ACDC's trials resume at a layer; edges into that layer and later may differ freely."""
-    m = build(family, seed=13)
+    m = tiny_model(family, seed=13)
     e, G = m.engine, m.graph
     clean, corrupt = tokens(9)
     g = torch.Generator().manual_seed(2)
@@ -276,7 +229,7 @@ def test_a_pause_carried_on_from_an_earlier_pause_matches_one_from_the_embedding
     """Effects pause the circuit's run at each layer a removal starts in, each pause carried on from the
     last: the state, and the trials resumed from it (one circuit: deltas copied into its buffer; three:
     read from the state), equal those of a pause run from the embedding."""
-    m = build(family, seed=19)
+    m = tiny_model(family, seed=19)
     e, G = m.engine, m.graph
     clean, corrupt = tokens(11)
     g = torch.Generator().manual_seed(4)
@@ -305,7 +258,7 @@ def test_a_pause_carried_on_from_an_earlier_pause_matches_one_from_the_embedding
 @pytest.mark.parametrize("density", [0.05, 0.5, 0.95])
 def test_last_position_logits_equal_the_full_run_at_those_positions(family, density):
     """The final residual is built only where it is read; that must not change any number."""
-    m = build(family, seed=17)
+    m = tiny_model(family, seed=17)
     e, G = m.engine, m.graph
     clean, corrupt = tokens(10)
     B, P = clean.shape

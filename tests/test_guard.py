@@ -8,7 +8,7 @@ from circuitgraph import Evaluator, CircuitSpec
 from circuitgraph.data import tokenize, Example
 from circuitgraph.model.guard import ExactnessError, check_exact
 from circuitgraph.model.loading import CircuitModel
-from conftest import CONFIGS, make_tokenizer, random_rows, randomize_norms
+from conftest import CONFIGS, make_tokenizer, random_rows, randomize_norms, tiny_hf
 
 
 def mistral(monkeypatch=None):
@@ -157,12 +157,7 @@ ROPE_FAMILIES = [f for f in CONFIGS if f not in ("gpt2", "tracr", "tracr-causal"
 
 
 def build64(family, attn="eager"):
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    cfg = CONFIGS[family]()
-    cfg._attn_implementation = attn
-    return randomize_norms(AutoModelForCausalLM.from_config(cfg).eval(), 0, biases=True).double()
+    return tiny_hf(family, 0, attn).double()
 
 
 @pytest.mark.parametrize("family", ROPE_FAMILIES)

@@ -6,8 +6,7 @@ import torch
 
 from circuitgraph.characterise import attention_patterns, qk_circuit, top_neurons
 from circuitgraph.data import Example, tokenize
-from conftest import CONFIGS, make_tokenizer, random_rows
-from test_engine import build, tokens
+from conftest import CONFIGS, make_tokenizer, random_rows, tiny_model, tokens
 
 NAMES = ["hook_embed", "blocks.0.hook_resid_pre", "blocks.1.attn.hook_pattern", "blocks.0.attn.hook_z",
          "blocks.1.hook_attn_out", "blocks.1.mlp.hook_post", "blocks.0.hook_mlp_out", "blocks.1.hook_resid_post"]
@@ -15,7 +14,7 @@ NAMES = ["hook_embed", "blocks.0.hook_resid_pre", "blocks.1.attn.hook_pattern", 
 
 @pytest.mark.parametrize("family", ["gpt2", "neox", "llama"])
 def test_engine_activations_equal_the_bridge(family):
-    m = build(family)
+    m = tiny_model(family)
     x, _ = tokens(1)
     with torch.no_grad():
         logits, ours = m.engine.run_with_cache(x, NAMES)
@@ -28,7 +27,7 @@ def test_engine_activations_equal_the_bridge(family):
 
 
 def test_hooks_replace_activations():
-    m = build("gemma2")
+    m = tiny_model("gemma2")
     x, _ = tokens(2)
     with torch.no_grad():
         plain = m.engine.run_with_hooks(x)
@@ -56,7 +55,7 @@ def test_characterisation_on_neox_without_attention_bias():
 
 
 def test_qk_circuit_folds_query_and_key_norm_gains():
-    m = build("qwen3")
+    m = tiny_model("qwen3")
     a = m.weights.layers[1].attn
     E = m.hf.get_input_embeddings().weight
     got = qk_circuit(m, "a1.h2", fold_ln=False).full()

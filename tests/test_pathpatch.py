@@ -13,20 +13,7 @@ from circuitgraph.evaluate.metrics import logit_diff
 from circuitgraph.model.loading import bundled_models, load_model
 from circuitgraph.cli.path_patch import register_cli
 from circuitgraph.evaluate.path_patching import path_patch, path_patch_sweep, plot_path_patching, receiver_index
-from conftest import random_rows, write_jsonl
-from test_engine import adder, hook_for, source_output
-
-
-def signal_rows(model, n, seed):
-    """Random prompts whose answer is the clean run's top token and wrong the corrupted run's (a real gap)."""
-    rows, tok = random_rows(n, seed=seed), model.tokenizer
-    for r in rows:
-        with torch.no_grad():
-            top = [int(model.hf(torch.tensor([tok(r[k])["input_ids"]])).logits[0, -1, 3:].argmax()) + 3 for k in ("clean", "corrupted")]
-        if top[0] == top[1]:
-            top[1] = 3 + (top[0] - 2) % (len(tok) - 3)
-        r["answer"], r["wrong"] = tok.convert_ids_to_tokens(top)
-    return rows
+from conftest import adder, hook_for, signal_rows, source_output, write_jsonl
 
 
 @pytest.fixture(scope="module")

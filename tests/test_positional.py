@@ -13,11 +13,9 @@ from circuitgraph.data.dataset import DataError, Example, TaskData, tokenize
 from circuitgraph.discovery import attribute, discover, exact_scores, faithfulness_curve
 from circuitgraph.discovery.edge_scores import EdgeScores
 from circuitgraph.evaluate.evaluator import Evaluator
-from circuitgraph.model.loading import CircuitModel
 from circuitgraph.spec.circuit_spec import CircuitSpec
-from conftest import CONFIGS, VOCAB, make_tokenizer, randomize_norms, signal_rows, write_jsonl
+from conftest import VOCAB, adder, hook_for, make_tokenizer, signal_rows, source_output, tiny_model, write_jsonl
 from reference import node_outputs, patched_forward
-from test_engine import adder, hook_for, source_output
 
 NAMES = ("A", "B", "END")
 
@@ -30,16 +28,6 @@ def positional_data(seed=3, B=4, P=7):
     ans = torch.randint(3, VOCAB, (B, 1), generator=g)
     positions = {"A": torch.tensor([1, 0, 2, 1])[:B], "B": torch.tensor([3, 4, 3, 2])[:B], "END": lengths - 1}
     return TaskData(clean, corrupt, lengths, ans, (ans - 2) % (VOCAB - 3) + 3, positions)
-
-
-def build64(family, seed, tokenizer=None):
-    """test_engine's random model (norms and biases randomised), in float64."""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = CONFIGS[family]()
-    cfg._attn_implementation = "eager"
-    return CircuitModel(randomize_norms(AutoModelForCausalLM.from_config(cfg).eval(), seed, biases=True).double(), tokenizer)
 
 
 def span_of_tokens(data, spans):
@@ -62,7 +50,7 @@ def by_hand_metric(m, data, ablation, in_circuit):
 
 @pytest.fixture(scope="module")
 def tiny():
-    m = build64("gpt2", 2)
+    m = tiny_model("gpt2", 2, double=True)
     return m, positional_data()
 
 
@@ -70,7 +58,7 @@ def tiny():
 def test_positional_eap_is_the_derivative_of_the_position_restricted_forward(family, ablation):
     """Unit (e, s): d M / d alpha where edge e is ablated by the fraction alpha at the tokens of span s
     only, from reference.py's forward with a weight per edge and span, by autograd in float64."""
-    m = build64(family, 2)
+    m = tiny_model(family, 2, double=True)
     G, data = m.graph, positional_data()
     ev = Evaluator(m, data, ablation=ablation, progress=False)
     held = attribute(ev, "eap", progress=False, by_position=True, keep_deltas=1.0)
@@ -91,7 +79,7 @@ def test_positional_eap_is_the_derivative_of_the_position_restricted_forward(fam
 @pytest.fixture(scope="module")
 def signal():
     """test_discovery's set-up: rows naming S and END, with a clean-vs-corrupted signal."""
-    m = build64("gpt2", 0, make_tokenizer())
+    m = tiny_model("gpt2", 0, make_tokenizer(), double=True)
     return m, tokenize([Example(**r) for r in signal_rows(m, 6, seed=5)], m.tokenizer)
 
 

@@ -267,8 +267,7 @@ def test_torchrun_bootstrap_equals_one_process(tmp_path, model_dir):
     import subprocess
     import sys
 
-    from conftest import random_rows
-    from test_distributed import WORLD, _free_port
+    from conftest import WORLD, free_port, random_rows
 
     data = write_jsonl(tmp_path / "d.jsonl", random_rows(8, positions=False))
     args = ["discover", "--model", str(model_dir), "--data", str(data), "--method", "eap", "--top-n", "12",
@@ -278,7 +277,7 @@ def test_torchrun_bootstrap_equals_one_process(tmp_path, model_dir):
                          capture_output=True, text=True, timeout=120, env=env)
     assert one.returncode == 0, one.stderr
     many = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD),
-                           "--master-port", str(_free_port()), "-m", "circuitgraph", *args, "-o", str(tmp_path / "many.json")],
+                           "--master-port", str(free_port()), "-m", "circuitgraph", *args, "-o", str(tmp_path / "many.json")],
                           capture_output=True, text=True, timeout=180, env=env)
     assert many.returncode == 0, many.stderr[-2000:]
     a = json.loads(one.stdout)["bootstrap"]
