@@ -173,18 +173,24 @@ def _position_labels(model, data: TaskData) -> list[str]:
 
 
 def patch_resid(model, data, direction="denoising", metric="logit_diff", **kw) -> PatchingResult:
+    """Activation patching of the residual stream before each
+    layer, layer x position (see :func:`activation_patching`)."""
     return activation_patching(model, data, "resid_pre", direction, metric, **kw)
 
 
 def patch_attn_out(model, data, direction="denoising", metric="logit_diff", **kw) -> PatchingResult:
+    """Activation patching of each layer's attention output, layer x position (see :func:`activation_patching`)."""
     return activation_patching(model, data, "attn_out", direction, metric, **kw)
 
 
 def patch_mlp_out(model, data, direction="denoising", metric="logit_diff", **kw) -> PatchingResult:
+    """Activation patching of each layer's MLP output, layer x position (see :func:`activation_patching`)."""
     return activation_patching(model, data, "mlp_out", direction, metric, **kw)
 
 
 def patch_heads(model, data, direction="denoising", metric="logit_diff", per_position: bool = False, **kw) -> PatchingResult:
+    """Activation patching of every head's output, layer x head (or per
+    position with ``per_position``; see :func:`activation_patching`)."""
     return activation_patching(model, data, "heads_by_position" if per_position else "heads", direction, metric, **kw)
 
 

@@ -23,6 +23,9 @@ from circuitgraph.model.loading import CircuitModel
 
 @dataclass
 class DLAResult:
+    """Direct logit attribution: each node's share of the mean
+    clean logit difference, read through the final norm's scale."""
+
     heads: torch.Tensor  # [n_layers, n_heads], mean over examples
     mlps: torch.Tensor  # [n_layers]
     input: float

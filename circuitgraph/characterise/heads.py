@@ -56,6 +56,8 @@ def all_patterns(model: CircuitModel, tokens: torch.Tensor) -> torch.Tensor:
 # ----- patterns of chosen heads -----------------------------------------------------------
 @dataclass
 class AttentionPatterns:
+    """Attention patterns of chosen heads on one prompt, with the position labels that make a figure readable."""
+
     patterns: torch.Tensor  # [n_heads_chosen, query position, key position]
     heads: list[str]
     tokens: list[str]  # position labels
@@ -153,6 +155,7 @@ class HeadScores:
         return self.scores[k]
 
     def top(self, kind: str, k: int = 3) -> list[tuple[str, float]]:
+        """The ``k`` heads with the highest score of ``kind``, as ``(name, score)``, best first."""
         s = self.scores[kind]
         idx = torch.argsort(s.flatten(), descending=True)[:k]
         H = s.shape[1]

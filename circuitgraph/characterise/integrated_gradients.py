@@ -24,6 +24,9 @@ from circuitgraph.model.loading import CircuitModel
 
 @dataclass
 class IGResult:
+    """Integrated-gradients attributions of the metric to input tokens,
+    with the completeness error that says how far to trust them."""
+
     attributions: torch.Tensor  # [N, P] per token (0 past each example's length)
     metric_clean: torch.Tensor  # [N]
     metric_corrupted: torch.Tensor  # [N]

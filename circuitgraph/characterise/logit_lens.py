@@ -26,6 +26,9 @@ from circuitgraph.characterise.dla import final_norm_scale, linear_decode
 
 @dataclass
 class LensResult:
+    """Residual states decoded through the final norm and unembedding:
+    how well each predicts the answer, per state and example."""
+
     labels: list[str]  # one per decoded state
     answer_prob: torch.Tensor  # [S, N]
     reciprocal_rank: torch.Tensor  # [S, N]
@@ -99,6 +102,8 @@ def node_lens(model: CircuitModel, data: TaskData, nodes: list[str] | None = Non
 
 @dataclass
 class LensComparison:
+    """A node's effect on the lens: the same states decoded with and without its output."""
+
     node: str
     layer: int  # decoded after this layer
     with_node: LensResult

@@ -29,6 +29,8 @@ def _layer(model: CircuitModel, node) -> int:
 
 @dataclass
 class NeuronActivity:
+    """The most active neurons of one MLP over a dataset, at the last, every or a named position."""
+
     node: str
     position: str  # "last", "all" or a named position
     neurons: torch.Tensor  # [k] indices, most active first
@@ -91,6 +93,8 @@ def top_from(act: torch.Tensor, node: str, k: int = 10, position: str = "last") 
 
 @dataclass
 class NeuronEffects:
+    """The metric with single neurons zeroed: which of an MLP's neurons the task relies on."""
+
     node: str
     neurons: torch.Tensor  # [k]
     clean_metric: float

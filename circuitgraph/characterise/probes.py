@@ -43,6 +43,9 @@ def node_activations(model: CircuitModel, data: TaskData, node: str, position: s
 
 @dataclass
 class ProbeResult:
+    """A fitted logistic-regression probe with its train and test
+    accuracy beside chance, so a high score can be judged."""
+
     train_accuracy: float
     test_accuracy: float
     chance: float  # majority-class share of the test set
@@ -56,6 +59,7 @@ class ProbeResult:
     std: torch.Tensor
 
     def predict(self, X: torch.Tensor) -> torch.Tensor:
+        """Class labels of activations ``X [n, d]``, standardised as the training data was."""
         return self.classes[(((X.float() - self.mean) / self.std) @ self.weight.T + self.bias).argmax(-1)]
 
 

@@ -65,6 +65,7 @@ class HeadCircuit:
     col_ids: torch.Tensor | None = None
 
     def full(self) -> torch.Tensor:
+        """The dense ``[rows, cols]`` matrix, materialised (large when the rows or columns are a whole vocabulary)."""
         return self.matrix.AB
 
     def top_pairs(self, k: int = 10, tokenizer=None, chunk: int = 2048, largest: bool = True) -> list[tuple]:

@@ -86,6 +86,7 @@ def print_curve(pair, title: str) -> None:
 
 
 def cmd_curve(args) -> int:
+    """``circuitgraph curve``: a spec's faithfulness curves under MIB's rules, as a figure or JSON."""
     from circuitgraph.discovery.curves import faithfulness_curve
     from circuitgraph.evaluate.evaluator import Evaluator
 

@@ -11,6 +11,8 @@ SPEC_DIR = Path(__file__).resolve().parents[1] / "specs"
 
 
 def run_demo(out: Path, n_examples: int = 64, progress: bool = True) -> dict:
+    """Run the offline tour into ``out`` (specs, figures, the
+    explorer page, ``summary.json``) and return the summary."""
     from rich.console import Console
     from rich.table import Table
 
@@ -90,6 +92,7 @@ def run_demo(out: Path, n_examples: int = 64, progress: bool = True) -> dict:
 
 
 def register_cli(sub):
+    """Add ``circuitgraph demo [-o DIR] [-n N]``."""
     p = sub.add_parser("demo", help="offline end-to-end tour on the bundled toy-induction model")
     from circuitgraph.cli.checks import check_output_dir, positive_int
 

@@ -26,6 +26,7 @@ def register_cli(subparsers) -> None:
 
 
 def cmd_explore(args) -> int:
+    """``circuitgraph explore``: write the interactive study page of one or more specs on a model and dataset."""
     import warnings
 
     from circuitgraph.cli.checks import check_output

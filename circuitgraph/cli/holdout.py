@@ -6,6 +6,7 @@ from circuitgraph.cli.checks import CLIError
 
 
 def add_holdout_arg(p) -> None:
+    """Add ``--holdout FILE|FRACTION`` to a subcommand."""
     p.add_argument("--holdout", default=None, metavar="FILE|FRACTION",
                    help="also score the circuit on held-out rows and flag a drop of faithfulness beyond 2 combined standard "
                         "errors: a JSONL file of other rows (e.g. other templates), or a fraction in (0, 1): the last rows "
@@ -43,6 +44,8 @@ def split(args, model, data, spec, holdout):
 
 
 def print_holdout(comparison) -> None:
+    """Print the held-out score, its drop from the rows the
+    circuit was found on, and the flag line when there is one."""
     num = lambda v, se: "undefined" if v is None else f"{v:.4f}" + ("" if se is None else f" ± {se:.4f}")
     h = comparison.held
     print(f"held out ({comparison.source}, {h.n_examples} rows): faithfulness {num(h.faithfulness, h.faithfulness_se)}, "

@@ -69,6 +69,7 @@ def _method_name(spec) -> str:
 
 
 def cmd_mib_export(args) -> int:
+    """``circuitgraph mib-export``: write a spec's scores as an MIB circuit-track submission folder."""
     from circuitgraph.data.mib import TASKS
     from circuitgraph.spec.circuit_spec import CircuitSpec
     from circuitgraph.spec.mib_submission import (MODELS, check_spec, folder_name, spec_task_model, submission_pairs,
@@ -107,6 +108,8 @@ def cmd_mib_export(args) -> int:
 
 
 def cmd_mib_data(args) -> int:
+    """``circuitgraph mib-data``: MIB's rows of a task as our
+    JSONL, checked against the model before anything is written."""
     from circuitgraph.data.dataset import _example, tokenize
     from circuitgraph.data.mib import TASKS, mib_rows_where, mib_task
     from circuitgraph.data.tasks import write_jsonl

@@ -25,6 +25,7 @@ def register_cli(subparsers) -> None:
 
 
 def cmd_path_patch(args) -> int:
+    """``circuitgraph path-patch``: each sender's effect on the receivers, as a table, JSON or a heatmap."""
     receivers = [r for part in args.receiver for r in as_list(part)]
     if args.output:
         check_output(args.output, suffixes=(".png", ".pdf", ".svg", ".jpg", ".jpeg"))

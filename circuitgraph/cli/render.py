@@ -19,6 +19,7 @@ def register_cli(subparsers) -> None:
 
 
 def cmd_render(args) -> int:
+    """``circuitgraph render``: draw a spec as a circuit diagram (SVG, PNG, PDF or DOT)."""
     check_figure_path(args.output)  # fail before loading anything
     spec = CircuitSpec.load(args.spec)
     render(spec, path=args.output, rankdir=args.rankdir, collapse_groups=args.collapse_groups,

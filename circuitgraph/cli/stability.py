@@ -6,6 +6,7 @@ from circuitgraph.cli.checks import CLIError, positive_int
 
 
 def add_bootstrap_args(p) -> None:
+    """Add ``--bootstrap B``, ``--stability-threshold [PI]`` and ``--seed S`` to ``discover``."""
     from circuitgraph.discovery.stability import STABLE_FRACTION
 
     p.add_argument("--bootstrap", type=positive_int, default=None, metavar="B",
@@ -65,6 +66,7 @@ def run_bootstrap(args, ev, rule, mask, how: str, curve: bool):
 
 
 def summary_line(stab, threshold: float | None) -> str:
+    """One line for the terminal: resamples, mean pairwise Jaccard and how many units reach the stability threshold."""
     from circuitgraph.discovery.stability import STABLE_FRACTION
 
     pi = STABLE_FRACTION if threshold is None else threshold

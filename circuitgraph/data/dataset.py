@@ -25,6 +25,8 @@ class DataError(ValueError):
 
 
 class Example(BaseModel):
+    """One dataset row as read from JSONL: clean and corrupted prompts, answer(s), wrong answer(s), named positions."""
+
     model_config = ConfigDict(extra="allow")
     clean: str
     corrupted: str
@@ -60,6 +62,7 @@ class TaskData:
 
     @property
     def last(self) -> torch.Tensor:
+        """Each example's last real position (prompts are right-padded), where every metric reads the logits."""
         return self.lengths - 1
 
     def slice(self, start: int, stop: int) -> "TaskData":
@@ -134,6 +137,7 @@ class TaskData:
 
     @property
     def same_length(self) -> bool:
+        """Whether every prompt has the same length (bidirectional models require it)."""
         return bool((self.lengths == self.lengths[0]).all())
 
 
@@ -180,6 +184,7 @@ def _example(raw, where: str) -> Example:
 
 
 def read_jsonl(path: str | Path) -> list[Example]:
+    """The examples of a JSONL dataset file; a malformed line raises :class:`DataError` naming the file and line."""
     path = Path(path)
     out = []
     for i, line in _lines(path):

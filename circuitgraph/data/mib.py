@@ -37,6 +37,8 @@ from circuitgraph.errors import CircuitWarning
 
 @dataclass(frozen=True)
 class MibTask:
+    """Where MIB's scripts read one task's rows from and how its answers are encoded."""
+
     hub: str  # the hub dataset MIB's scripts read (``mib-bench/{TASKS_TO_HF_NAMES[task]}``)
     config: str | None  # the dataset config MIB asks for
     counterfactual: str  # the counterfactual MIB pairs with the clean prompt by default

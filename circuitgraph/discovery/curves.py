@@ -85,6 +85,8 @@ class FaithfulnessCurve:
     cmd = area_from_1
 
     def points(self) -> list[dict]:
+        """One dict per fraction (edge counts, faithfulness, its
+        s.e. and band), non-finite values as ``None`` for JSON."""
         cols = {"fraction": self.fractions, "edges_requested": self.n_requested, "edges_counted": self.n_edges_counted,
                 "edges_evaluated": self.n_edges, "faithfulness": self.faithfulness, "faithfulness_se": self.faithfulness_se}
         if self.band_low is not None:
@@ -99,10 +101,12 @@ class FaithfulnessCurve:
         return out
 
     def to_dict(self) -> dict:
+        """The curve, its areas and why it is undefined (if it is), as plain JSON types."""
         return {"method": self.method, "ranking": self.ranking, "rules": self.rules, "area_under": self.area_under,
                 "area_from_1": self.area_from_1, "undefined_reason": self.undefined_reason, "points": self.points()}
 
     def plot(self, path=None, ax=None, label=None):
+        """Draw faithfulness against the fraction of edges kept, on ``ax`` or a new figure written to ``path``."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -145,17 +149,21 @@ class CurvePair:
 
     @property
     def cpr(self) -> float | None:
+        """MIB's CPR: the area under the signed ranking's curve (the absolute one's under ``unpruned-rounded``)."""
         return (self.signed if self.signed.rules == "mib" else self.absolute).area_under
 
     @property
     def cmd(self) -> float | None:
+        """MIB's CMD: the area between the absolute ranking's curve and 1."""
         return self.absolute.area_from_1
 
     @property
     def undefined_reason(self) -> str | None:
+        """Why the curves carry no numbers (clean and ablated metrics equal), or ``None``."""
         return self.signed.undefined_reason
 
     def to_dict(self) -> dict:
+        """Both curves with CPR, CMD and the run's metadata, as plain JSON types."""
         return {"cpr": self.cpr, "cmd": self.cmd, "rules": self.signed.rules, "method": self.signed.method,
                 "undefined_reason": self.undefined_reason, **self.meta,
                 "signed": self.signed.to_dict(), "absolute": self.absolute.to_dict()}

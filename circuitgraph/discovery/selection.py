@@ -36,6 +36,8 @@ class SelectionError(ValueError):
 
 @dataclass
 class Selection:
+    """A chosen circuit (its edge mask) with its size, faithfulness and the one-line account of how it was chosen."""
+
     mask: torch.Tensor
     n_edges: int  # edges kept (after pruning)
     faithfulness: float  # on every example
@@ -106,6 +108,7 @@ class SizeRule:
     prune: bool = False
 
     def mask(self, scores: EdgeScores) -> torch.Tensor:
+        """The edges (units) this rule keeps of ``scores``, pruned when the rule says so."""
         if self.kind == "own":
             mask = scores.in_circuit
         elif self.kind == "threshold":

@@ -19,6 +19,8 @@ import torch
 
 @dataclass
 class HookPoint:
+    """What a hook function receives as ``hook``: the activation's name, as TransformerLens passes it."""
+
     name: str
 
 
@@ -31,6 +33,7 @@ class Tap:
             self.hooks.setdefault(name, []).append(fn)
 
     def wants(self, name: str) -> bool:
+        """Whether any hook is registered on ``name`` (a run skips the work for names nobody reads)."""
         return name in self.hooks
 
     def __call__(self, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -59,6 +62,7 @@ def neuron_hooks(weights, tap: Tap):
 
 
 def names_matching(weights, names_filter) -> list[str]:
+    """The hook names a TransformerLens-style ``names_filter`` selects (``None``, a name, a predicate or a list)."""
     L = len(weights.layers)
     every = ["hook_embed", "ln_final.hook_in"] + [f"blocks.{l}.{n}" for l in range(L) for n in
                                                   ("hook_resid_pre", "attn.hook_pattern", "attn.hook_z", "hook_attn_out",

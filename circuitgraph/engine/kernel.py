@@ -20,6 +20,8 @@ if TYPE_CHECKING:  # the per-head form is the model layer's; the engine only rea
 
 @dataclass
 class BlockOut:
+    """What one block computed: per-head values, attention and MLP outputs and the residual after it."""
+
     z: torch.Tensor  # [B, H, P, dh] per-head attention values
     attn: torch.Tensor  # [B, P, D] what attention adds to the residual (all heads, output bias, post-norm)
     inv: torch.Tensor | None  # post-attention norm statistic of this run, for head shares
@@ -305,6 +307,7 @@ class Kernel:
         return BlockOut(z, attn, inv, mlp, resid + attn + mlp, probs)
 
     def unembed(self, resid: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of residual states, at ``positions`` (one per row) when given, on the unembedding's device."""
         if positions is not None:
             resid = resid[torch.arange(resid.shape[0], device=resid.device), positions.to(resid.device)]
         return self.w.unembed(resid.to(self.w.W_U.device))

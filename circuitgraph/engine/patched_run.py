@@ -26,6 +26,9 @@ SPARSE_OPERAND_BYTES = 2 << 20
 
 
 class PatchedRun:
+    """The state of one patched forward pass of a plan's circuits;
+    :meth:`PatchEngine.patched_run` builds and runs it."""
+
     def __init__(self, engine, tokens: torch.Tensor, ablation: Ablation, plan: Plan,
                  logit_positions: torch.Tensor | None = None, start: PrefixState | None = None,
                  stop_layer: int | None = None):

@@ -29,10 +29,12 @@ def active() -> bool:
 
 
 def rank() -> int:
+    """This process's rank (0 when not under torch.distributed)."""
     return dist.get_rank() if active() else 0
 
 
 def world_size() -> int:
+    """The number of ranks (1 when not under torch.distributed)."""
     return dist.get_world_size() if active() else 1
 
 

@@ -19,6 +19,9 @@ FLAG_SE = 2.0
 
 @dataclass
 class Holdout:
+    """A circuit's faithfulness on held-out rows beside the rows
+    it was found on, and whether the drop is beyond noise."""
+
     found: CircuitScore  # on the rows the circuit was found on
     held: CircuitScore  # on the held-out rows
     source: str  # where the held-out rows came from, for messages
@@ -37,6 +40,7 @@ class Holdout:
                 f"{self.drop:.3f}, more than {FLAG_SE:g} combined standard errors ({FLAG_SE * self.drop_se:.3f})")
 
     def to_dict(self) -> dict:
+        """The comparison as plain JSON types."""
         return {"source": self.source, "held_out": self.held.to_dict(), "drop": self.drop, "drop_se": self.drop_se,
                 "flag_se": FLAG_SE, "flagged": self.flagged, "undefined_reason": self.reason}
 

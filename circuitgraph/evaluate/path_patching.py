@@ -56,6 +56,7 @@ class PathPatchResult:
     undefined_reason: str | None = None  # clean and corrupted metrics equal within noise: effects mean nothing
     @property
     def receiver(self) -> str:
+        """The receivers as one comma-separated name, for titles and tables."""
         return ",".join(self.receivers)
 
     def top(self, k: int = 10) -> list[tuple[str, float]]:
@@ -70,6 +71,7 @@ class PathPatchResult:
         return {"receiver": self.receiver, **{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}}
 
     def to_json(self, **kw) -> str:
+        """The result as one JSON object; undefined numbers are ``null`` (never NaN)."""
         return json.dumps(self.to_dict(), allow_nan=False, **kw)
 
 
@@ -95,6 +97,7 @@ def receiver_index(graph, name: str) -> int:
 
 
 def sender_index(graph, name: str) -> int:
+    """Source index of a sender, or a ValueError naming it and saying what a sender is."""
     name = name.strip()
     graph.check_node(name, where="sender")
     if name == "logits":
@@ -111,6 +114,7 @@ def check_upstream(graph, senders: list[int], dst: list[int], receivers: list[st
 
 
 def as_list(x) -> list[str]:
+    """Comma-separated names (or a list of them) as a list of stripped names."""
     if isinstance(x, str):
         return [p for p in (s.strip() for s in x.split(",")) if p]
     return list(x)

@@ -41,10 +41,12 @@ class Graph:
 
     @cached_property
     def nodes(self) -> list[str]:
+        """Every node: the sources, then ``logits``."""
         return self.sources + ["logits"]
 
     @cached_property
     def source_index(self) -> dict[str, int]:
+        """Source name -> its row in masks and score matrices."""
         return {n: i for i, n in enumerate(self.sources)}
 
     @cached_property
@@ -58,22 +60,28 @@ class Graph:
 
     @cached_property
     def destination_index(self) -> dict[str, int]:
+        """Destination name (with its port) -> its column in masks and score matrices."""
         return {n: i for i, n in enumerate(self.destinations)}
 
     def head_source(self, layer: int, head: int) -> int:
+        """Source index of head ``head`` of layer ``layer``."""
         return 1 + layer * (self.n_heads + 1) + head
 
     def mlp_source(self, layer: int) -> int:
+        """Source index of layer ``layer``'s MLP."""
         return 1 + layer * (self.n_heads + 1) + self.n_heads
 
     def head_dest(self, layer: int, head: int, port: str) -> int:
+        """Destination index of one port (``q``, ``k`` or ``v``) of a head."""
         return layer * (3 * self.n_heads + 1) + 3 * head + PORTS.index(port)
 
     def mlp_dest(self, layer: int) -> int:
+        """Destination index of layer ``layer``'s MLP input."""
         return layer * (3 * self.n_heads + 1) + 3 * self.n_heads
 
     @property
     def logits_dest(self) -> int:
+        """Destination index of the logits (the last one)."""
         return len(self.destinations) - 1
 
     @cached_property
@@ -110,6 +118,7 @@ class Graph:
 
     @cached_property
     def edge_index(self) -> dict[str, tuple[int, int]]:
+        """Edge name -> ``(source index, destination index)``."""
         idx = {}
         for name in self.edges:
             src, dst = name.split("->")
@@ -118,6 +127,7 @@ class Graph:
 
     @property
     def n_edges(self) -> int:
+        """How many edges the graph has (MIB's count)."""
         return int(self.n_upstream.sum())
 
     # ----- name checks -------------------------------------------------------------------

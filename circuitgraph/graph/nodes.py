@@ -19,6 +19,8 @@ class NodeNameError(ValueError):
 
 @dataclass(frozen=True)
 class NodeRef:
+    """A parsed node or destination name: kind, layer, head and port (every name is parsed here, once)."""
+
     kind: str  # "input", "head", "mlp" or "logits"
     layer: int | None = None
     head: int | None = None
@@ -26,6 +28,8 @@ class NodeRef:
 
     @classmethod
     def parse(cls, name: str, where: str = "node") -> "NodeRef":
+        """Parse ``input``, ``logits``, ``a{L}.h{H}`` (with an optional ``<q|k|v>``
+        port) or ``m{L}``; a :class:`NodeNameError` says what is wrong."""
         m = _NODE.match(name.strip()) if isinstance(name, str) else None
         if m is None:
             if isinstance(name, str) and "<" in name and not name.rstrip().endswith(">"):
@@ -48,10 +52,12 @@ class NodeRef:
 
     @property
     def is_head(self) -> bool:
+        """Whether this is an attention head."""
         return self.kind == "head"
 
     @property
     def is_mlp(self) -> bool:
+        """Whether this is an MLP."""
         return self.kind == "mlp"
 
     @property

@@ -28,6 +28,7 @@ INSTALL = "pip install gguf"
 
 
 def is_gguf(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is an existing ``.gguf`` file."""
     return str(path).lower().endswith(SUFFIX) and Path(path).is_file()
 
 

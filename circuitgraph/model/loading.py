@@ -33,6 +33,7 @@ class ModelLoadError(ValueError):
 
 
 def bundled_models() -> list[str]:
+    """Names of the models shipped with the package (each a folder with a ``config.json``)."""
     if not BUNDLED_DIR.is_dir():
         return []
     return sorted(p.name for p in BUNDLED_DIR.iterdir() if (p / "config.json").is_file())

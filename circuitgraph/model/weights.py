@@ -23,6 +23,8 @@ class UnsupportedArchitecture(ValueError):
 
 @dataclass
 class ArchInfo:
+    """Shape facts of a model, read from its config before any weight: what the graph and the engine are sized by."""
+
     family: str
     n_layers: int
     n_heads: int
@@ -59,6 +61,7 @@ class Norm:
 
     @property
     def weight(self) -> torch.Tensor:
+        """The effective per-feature gain, under the name a norm module's parameter has."""
         return self.gain
 
     def inv_scale(self, total: torch.Tensor) -> torch.Tensor:
@@ -114,6 +117,7 @@ class Rotary:
 
     @property
     def key(self) -> tuple:
+        """Identifies one rotary table, so a run computes each table once for all layers that share it."""
         return id(self.module), self.layer_type
 
 
@@ -143,11 +147,14 @@ class Attention:
 
     @property
     def group(self) -> int:
+        """Query heads per key/value head (1 without grouped-query attention)."""
         return self.W_Q.shape[0] // self.W_K.shape[0]
 
 
 @dataclass
 class Layer:
+    """One transformer block in per-head form: its norms, attention and MLP, as the model applies them."""
+
     ln1: Norm | None  # before attention (None: no pre-norm, OLMo-2)
     ln2: Norm | None  # before the MLP
     attn: Attention
@@ -159,15 +166,19 @@ class Layer:
     # compatibility names used by characterisation
     @property
     def W_O(self) -> torch.Tensor:
+        """The attention's per-head output projection ``[H, dh, D]``."""
         return self.attn.W_O
 
     @property
     def b_O(self) -> torch.Tensor | None:
+        """The attention output bias (a constant that belongs to no node)."""
         return self.attn.b_O
 
 
 @dataclass
 class Weights:
+    """A whole model in per-head form: what the engine runs, views of the HF model's own parameters and modules."""
+
     info: ArchInfo
     embed: Callable[[torch.Tensor], torch.Tensor]  # token ids [B, P] -> input node output [B, P, D]
     layers: list[Layer]
@@ -180,6 +191,7 @@ class Weights:
     W_pos: torch.Tensor | None = None  # learned position embeddings, if any
 
     def unembed(self, resid: torch.Tensor) -> torch.Tensor:
+        """Logits of residual states: the final norm, the unembedding and any final soft-cap."""
         logits = F.linear(self.ln_final(resid), self.W_U, self.b_U)
         if self.final_softcap is not None:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap

@@ -80,6 +80,7 @@ def infer_graph(spec: CircuitSpec) -> Graph:
 
 
 def check_figure_path(path) -> Path:
+    """``path`` as a Path if its suffix is a format we can write, else a ValueError listing them."""
     path = Path(path)
     if path.suffix.lower() not in FORMATS:
         raise ValueError(f"cannot write '{path}': unknown figure format '{path.suffix or '(no suffix)'}'; "

@@ -42,6 +42,7 @@ def _legend(scene: Scene) -> str:
 
 
 def to_digraph(scene: Scene, name: str = "circuit", digraph_class=graphviz.Digraph) -> graphviz.Digraph:
+    """A Graphviz digraph of the scene: ranked layers, ports as arrowheads, scores as widths and colours."""
     dot = digraph_class(name=name)
     dot.attr(rankdir=scene.rankdir, ranksep="0.4", nodesep="0.18", bgcolor="white", fontname=FONT, newrank="true")
     if scene.title:

@@ -46,6 +46,8 @@ _MLP = re.compile(r"^m(\d+)$")
 
 @dataclass
 class Node:
+    """One drawn box: a node or a group, with its label, rank and colours."""
+
     id: str
     label: str
     sub: str | None  # second line: group name, member summary, positions
@@ -57,6 +59,8 @@ class Node:
 
 @dataclass
 class Edge:
+    """One drawn arrow, standing for one edge or the edges merged into a group's arrow."""
+
     src: str
     dst: str
     port: str | None
@@ -72,14 +76,17 @@ class Edge:
 
     @property
     def style(self) -> str:
+        """Dotted for weak edges, solid otherwise."""
         return "dotted" if self.weak else "solid"
 
     @property
     def arrowhead(self) -> str:
+        """The arrowhead that shows the destination port (q, k, v or none)."""
         return ARROWHEADS[self.port]
 
     @property
     def tooltip(self) -> str:
+        """The edge's name and score, or how many edges the arrow merges and their total |score|."""
         if len(self.names) == 1:
             return self.names[0] + ("" if self.score is None else f"  score {self.score:.4g}")
         return f"{len(self.names)} edges" + ("" if self.magnitude is None else f", sum |score| {self.magnitude:.4g}")
@@ -87,6 +94,8 @@ class Edge:
 
 @dataclass
 class LegendItem:
+    """One legend entry: a group's colour, a port's arrowhead or a note."""
+
     kind: str  # group, edge, note
     text: str
     color: str = ""
@@ -96,6 +105,8 @@ class LegendItem:
 
 @dataclass
 class Scene:
+    """Everything a figure shows, independent of the drawing back end (Graphviz or matplotlib)."""
+
     title: str | None
     ranks: list[tuple[tuple[int, int], str]]  # bottom (input) to top (logits), with their labels
     nodes: list[Node]
@@ -118,6 +129,7 @@ def rank_of(node: str, graph: Graph) -> tuple[int, int] | None:
 
 
 def rank_label(rank: tuple[int, int], graph: Graph) -> str:
+    """``layer L`` or ``MLP L`` for a rank inside the model; empty for input and logits."""
     layer, sub = rank
     if layer < 0 or layer >= graph.n_layers:
         return ""

@@ -128,12 +128,15 @@ class CircuitSpec(BaseModel):
         return self
 
     def connect(self, src: str, dst: str, ports: str | list[str] | None = None, positions: list[str] | None = None) -> "CircuitSpec":
+        """Add every edge from ``src`` to ``dst`` (optionally only
+        some head ports, at some positions); returns the spec."""
         if isinstance(ports, str):
             ports = list(ports)
         self.connections.append(Connection(src=src, dst=dst, ports=ports, positions=positions))
         return self
 
     def add_edge(self, edge: str, score: float | None = None, positions: list[str] | None = None) -> "CircuitSpec":
+        """Add one edge by name, with its score and positions; a duplicate is an error. Returns the spec."""
         if any(e.edge == edge for e in self.edges):
             raise SpecError(f"duplicate edge '{edge}'")
         self.edges.append(Edge(edge=edge, score=score, positions=positions))
@@ -170,12 +173,14 @@ class CircuitSpec(BaseModel):
         return self
 
     def all_nodes(self) -> list[str]:
+        """The spec's nodes and every group member, each once."""
         out = list(self.nodes)
         for g in self.groups.values():
             out += [n for n in g.nodes if n not in out]
         return out
 
     def group_of(self, node: str) -> str | None:
+        """The name of the group holding ``node``, or ``None``."""
         return next((name for name, g in self.groups.items() if node in g.nodes), None)
 
     # ----- resolution against a graph ----------------------------------------------------
@@ -249,6 +254,7 @@ class CircuitSpec(BaseModel):
 
     # ----- files -------------------------------------------------------------------------
     def to_json(self, path: str | Path | None = None, indent: int = 2) -> str:
+        """The spec as JSON text with its format version first, also written to ``path`` when given."""
         text = self.model_dump_json(indent=indent, exclude_defaults=True)
         text = json.dumps({"format": FORMAT, **json.loads(text)}, indent=indent)
         if path is not None:
@@ -295,6 +301,7 @@ class CircuitSpec(BaseModel):
             raise SpecError(f"spec file '{path}': {e}") from None
 
     def to_mib(self, graph: Graph) -> dict:
+        """The spec as an EAP-IG/MIB circuit JSON object for ``graph``."""
         return to_mib(self, graph)
 
 
@@ -310,11 +317,13 @@ class ResolvedCircuit:
 
     @property
     def edge_names(self) -> list[str]:
+        """The circuit's edges by name, in (source, destination) order."""
         g = self.graph
         return [f"{g.sources[s]}->{g.destinations[d]}" for s, d in self.edges]
 
     @property
     def position_names(self) -> set[str]:
+        """Every position name the circuit's edges are restricted to."""
         return {p for v in self.edges.values() if v for p in v}
 
     def mask(self) -> torch.Tensor:
@@ -333,6 +342,7 @@ class ResolvedCircuit:
         return m
 
     def without(self, edges: list[tuple[int, int]]) -> "ResolvedCircuit":
+        """The same circuit without the given ``(source, destination)`` edges."""
         drop = set(edges)
         return ResolvedCircuit(self.graph, {k: v for k, v in self.edges.items() if k not in drop})
 
@@ -348,6 +358,7 @@ def _pretty(e: ValidationError) -> str:
 
 # ----- EAP-IG / MIB circuit JSON --------------------------------------------------------
 def is_mib(data: dict) -> bool:
+    """Whether parsed JSON is an EAP-IG/MIB circuit rather than our format."""
     return "edges" in data and isinstance(data.get("edges"), dict) and "format" not in data
 
 
@@ -403,4 +414,5 @@ def to_mib(spec: CircuitSpec, graph: Graph) -> dict:
 
 
 def json_schema() -> dict:
+    """The published JSON schema of circuit specs."""
     return CircuitSpec.model_json_schema()

@@ -40,6 +40,8 @@ from circuitgraph.spec.circuit_spec import CircuitSpec, SpecError
 
 @dataclass(frozen=True)
 class MibModel:
+    """A model on MIB's leaderboard: its hub names and the shape that gives MIB's edge counts."""
+
     hub: tuple[str, ...]  # hub names of the model (the first is the one MIB loads)
     n_layers: int
     n_heads: int
@@ -47,6 +49,7 @@ class MibModel:
 
     @property
     def graph(self) -> Graph:
+        """The model's computational graph (no weights needed)."""
         return Graph(self.n_layers, self.n_heads, False, self.d_model)
 
 

@@ -134,6 +134,7 @@ def make_example(tokenizer, clean: str, corrupted: str, answer, wrong,
 
 
 def rng_for(seed: int) -> random.Random:
+    """The generators' one source of randomness, so a seed gives the same dataset everywhere."""
     return random.Random(seed)
 
 
@@ -144,6 +145,8 @@ from . import docstring, greater_than, induction, ioi, tracr  # noqa: E402  (the
 
 @dataclass(frozen=True)
 class Task:
+    """A registered task: its generator, the metric it is meant for and a one-line description."""
+
     name: str
     generate: Callable[..., list[dict]]
     metric: str
@@ -160,6 +163,7 @@ TASKS: dict[str, Task] = {
 
 
 def get_task(name: str) -> Task:
+    """The registered task called ``name``, or a :class:`TaskError` listing the valid ones."""
     if name not in TASKS:
         raise TaskError(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)}")
     return TASKS[name]
@@ -191,6 +195,7 @@ def make_data(task_name: str, tokenizer, n: int, seed: int = 0, **options) -> li
 
 
 def write_jsonl(examples: Iterable[dict], path: str | os.PathLike) -> None:
+    """Write examples as JSONL, one object a line (UTF-8, non-ASCII kept as is)."""
     with open(path, "w", encoding="utf-8") as f:
         for ex in examples:
             f.write(json.dumps(ex, ensure_ascii=False) + "\n")

@@ -35,10 +35,13 @@ class Family:
         return ArchInfo(self.name, config.num_hidden_layers, h, getattr(config, "num_key_value_heads", None) or h, d, dh, False)
 
     def extract(self, hf_model) -> Weights:
+        """The model's per-head form: views of its parameters and its
+        own modules (no copies), refusing what cannot run exactly."""
         raise NotImplementedError
 
 
 def register(family_cls):
+    """Class decorator: add a family to the registry under its architectures and model types."""
     fam = family_cls()
     for arch in fam.architectures:
         REGISTRY[arch] = fam
@@ -48,6 +51,7 @@ def register(family_cls):
 
 
 def architecture_name(config) -> str:
+    """The HF architecture class a config names (``config.architectures[0]``, else from its ``model_type``)."""
     archs = getattr(config, "architectures", None) or []
     if archs:
         return archs[0]
@@ -56,6 +60,7 @@ def architecture_name(config) -> str:
 
 
 def family_of(config) -> Family:
+    """The registered family of a config, or :class:`UnsupportedArchitecture` listing the supported ones."""
     name = architecture_name(config)
     fam = REGISTRY.get(name)
     if fam is None:
@@ -66,6 +71,7 @@ def family_of(config) -> Family:
 
 
 def refuse(config, field: str, why: str):
+    """Raise :class:`UnsupportedArchitecture` naming the config field, its value and why it cannot run exactly."""
     raise UnsupportedArchitecture(f"{architecture_name(config)}: config field '{field}' = {getattr(config, field, None)!r} "
                                   f"is not supported for exact edge patching: {why}")
 
@@ -101,6 +107,7 @@ def heads_out(weight: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def bias_heads(bias: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """A fused bias ``[n * dh]`` viewed per head, ``[n, dh]`` (``None`` stays ``None``)."""
     return None if bias is None else bias.view(n, -1)
 
 

@@ -13,11 +13,14 @@ from circuitgraph.model.weights import ArchInfo, Layer, Rotary, Weights
 
 @register
 class Gemma(Family):
+    """Gemma, Gemma-2 and Gemma-3 (text)."""
+
     name = "gemma"
     architectures = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
     model_types = ("gemma", "gemma2", "gemma3_text")
 
     def describe(self, config) -> ArchInfo:
+        """Shape facts; an attention bias is refused (under a post-norm it would not be a constant)."""
         common_checks(config)
         d, h = config.hidden_size, config.num_attention_heads
         if getattr(config, "attention_bias", False):
@@ -25,6 +28,7 @@ class Gemma(Family):
         return ArchInfo(self.name, config.num_hidden_layers, h, config.num_key_value_heads or h, d, config.head_dim, False)
 
     def extract(self, hf) -> Weights:
+        """Per-head form with ``1 + w`` norms, post-norms, sliding windows, soft-capping and per-type rotary tables."""
         config, tr = hf.config, hf.model
         info = self.describe(config)
         post_norms = hasattr(tr.layers[0], "post_feedforward_layernorm")

@@ -10,12 +10,15 @@ from circuitgraph.model.weights import ArchInfo, Attention, Layer, Weights
 
 @register
 class GPT2(Family):
+    """GPT-2: learned positions, LayerNorm, fused ``c_attn`` (a Conv1D, ``x @ W``)."""
+
     name = "gpt2"
     architectures = ("GPT2LMHeadModel",)
     model_types = ("gpt2",)
     eager_softmax_fp32 = False  # its attention's softmax runs in the scores' own dtype
 
     def describe(self, config) -> ArchInfo:
+        """Shape facts from GPT-2's own field names; cross-attention is refused."""
         common_checks(config)
         if getattr(config, "add_cross_attention", False):
             refuse(config, "add_cross_attention", "cross-attention is not part of a causal LM's graph")
@@ -23,6 +26,7 @@ class GPT2(Family):
         return ArchInfo(self.name, config.n_layer, h, h, d, d // h, False)
 
     def extract(self, hf) -> Weights:
+        """Per-head form: the fused q/k/v weight viewed per head, no copies."""
         config, tr = hf.config, hf.transformer
         info = self.describe(config)
         H, D = info.n_heads, info.d_model

@@ -12,11 +12,14 @@ from circuitgraph.model.weights import Layer, Rotary, Weights
 
 @register
 class LlamaLike(Family):
+    """Llama, Mistral, Qwen2 and Qwen3: RMSNorm, rotary positions, grouped-query attention, gated MLP."""
+
     name = "llama"
     architectures = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
     model_types = ("llama", "mistral", "qwen2", "qwen3")
 
     def extract(self, hf) -> Weights:
+        """Per-head form, with Qwen3's per-head q/k norms and sliding windows where the config sets them."""
         config, tr = hf.config, hf.model
         info = self.describe(config)
         rotary = Rotary(tr.rotary_emb)

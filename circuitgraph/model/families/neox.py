@@ -8,16 +8,20 @@ from circuitgraph.model.weights import ArchInfo, Attention, Layer, Rotary, Weigh
 
 @register
 class GPTNeoX(Family):
+    """GPT-NeoX / Pythia: partial rotary, LayerNorm, parallel or sequential attention and MLP."""
+
     name = "neox"
     architectures = ("GPTNeoXForCausalLM",)
     model_types = ("gpt_neox",)
 
     def describe(self, config) -> ArchInfo:
+        """Shape facts, including whether attention and MLP run in parallel."""
         common_checks(config)
         d, h = config.hidden_size, config.num_attention_heads
         return ArchInfo(self.name, config.num_hidden_layers, h, h, d, d // h, bool(config.use_parallel_residual))
 
     def extract(self, hf) -> Weights:
+        """Per-head form: the fused, head-interleaved q/k/v weight viewed per head."""
         config, tr = hf.config, hf.gpt_neox
         info = self.describe(config)
         H, D, dh = info.n_heads, info.d_model, info.d_head

@@ -12,17 +12,21 @@ from circuitgraph.model.weights import ArchInfo, Layer, Rotary, Weights
 
 @register
 class OLMo2(Family):
+    """OLMo-2: no pre-norms, post-norms on attention and MLP outputs, q/k norms over all heads."""
+
     name = "olmo2"
     architectures = ("Olmo2ForCausalLM",)
     model_types = ("olmo2",)
 
     def describe(self, config) -> ArchInfo:
+        """Shape facts; an attention bias is refused (under a post-norm it would not be a constant)."""
         common_checks(config)
         if getattr(config, "attention_bias", False):
             refuse(config, "attention_bias", "a post-normed attention output bias would not be a constant")
         return super().describe(config)
 
     def extract(self, hf) -> Weights:
+        """Per-head form with post-norms and q/k norms taken over the whole layer."""
         config, tr = hf.config, hf.model
         info = self.describe(config)
         rotary = Rotary(tr.rotary_emb)

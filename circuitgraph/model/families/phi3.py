@@ -8,11 +8,14 @@ from circuitgraph.model.weights import Attention, Layer, Rotary, Weights
 
 @register
 class Phi3(Family):
+    """Phi-3: fused q/k/v and gate/up projections, partial rotary."""
+
     name = "phi3"
     architectures = ("Phi3ForCausalLM",)
     model_types = ("phi3",)
 
     def extract(self, hf) -> Weights:
+        """Per-head form: the fused projections sliced into per-head views."""
         config, tr = hf.config, hf.model
         info = self.describe(config)
         H, Hkv, dh = info.n_heads, info.n_kv_heads, info.d_head

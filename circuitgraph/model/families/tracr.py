@@ -43,6 +43,8 @@ class TracrConfig(PretrainedConfig):
 
 
 class TracrAttention(nn.Module):
+    """Multi-head attention without norms, causal or bidirectional; ``key_mask`` hides padding."""
+
     def __init__(self, config: TracrConfig):
         super().__init__()
         H, dh, D = config.num_attention_heads, config.head_dim, config.hidden_size
@@ -53,6 +55,7 @@ class TracrAttention(nn.Module):
         self.o_proj = nn.Linear(H * dh, D, bias=config.bias)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention output ``[B, P, D]`` of ``x [B, P, D]`` (output bias included)."""
         B, P, _ = x.shape
         split = lambda t: t.view(B, P, self.n_heads, self.d_head).transpose(1, 2)  # [B, H, P, dh]
         q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
@@ -69,22 +72,28 @@ class TracrAttention(nn.Module):
 
 
 class TracrMLP(nn.Module):
+    """A ReLU MLP."""
+
     def __init__(self, config: TracrConfig):
         super().__init__()
         self.fc_in = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.bias)
         self.fc_out = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``fc_out(relu(fc_in(x)))``."""
         return self.fc_out(torch.relu(self.fc_in(x)))
 
 
 class TracrLayer(nn.Module):
+    """One residual block: attention, then the MLP, each added to the residual."""
+
     def __init__(self, config: TracrConfig):
         super().__init__()
         self.attn = TracrAttention(config)
         self.mlp = TracrMLP(config)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The residual after this block."""
         x = x + self.attn(x, key_mask)
         return x + self.mlp(x)
 
@@ -111,12 +120,16 @@ class TracrForCausalLM(PreTrainedModel):
             nn.init.zeros_(module.bias)
 
     def get_input_embeddings(self):
+        """The token embedding (HF's interface)."""
         return self.embed_tokens
 
     def get_output_embeddings(self):
+        """The unembedding (HF's interface)."""
         return self.lm_head
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, labels=None, **kwargs):
+        """Logits of ``input_ids``; ``attention_mask`` hides padded
+        keys; longer inputs than the positions are refused."""
         P = input_ids.shape[-1]
         if P > self.config.max_position_embeddings:
             raise ValueError(f"input is {P} tokens; this model has {self.config.max_position_embeddings} positions")
@@ -148,10 +161,12 @@ class Tracr(Family):
     eager_softmax_fp32 = False  # its attention's softmax runs in the scores' own dtype
 
     def describe(self, config) -> ArchInfo:
+        """Shape facts (every head has its own keys and values; no parallel blocks)."""
         H = config.num_attention_heads
         return ArchInfo(self.name, config.num_hidden_layers, H, H, config.hidden_size, config.head_dim, False)
 
     def extract(self, hf) -> Weights:
+        """Per-head form with identity norms (the final "norm" is ``x -> x``)."""
         config = hf.config
         info = self.describe(config)
         H = info.n_heads
