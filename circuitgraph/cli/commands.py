@@ -28,6 +28,8 @@ def _note(message: str) -> None:
 
 
 def cmd_evaluate(args) -> int:
+    """``circuitgraph evaluate``: faithfulness and necessity of a
+    spec on a dataset (``--holdout``: also on held-out rows)."""
     from circuitgraph.cli.holdout import print_holdout, read_holdout, split as split_holdout
     from circuitgraph.evaluate.evaluator import Evaluator
     from circuitgraph.evaluate.holdout import compare
@@ -106,6 +108,8 @@ def _select(args, ev, scores, total: int):
 
 
 def cmd_discover(args) -> int:
+    """``circuitgraph discover``: score every edge with a method,
+    select a circuit and write it as a spec (or MIB JSON)."""
     from circuitgraph.cli.stability import check_bootstrap_args, run_bootstrap, summary_line
     from circuitgraph.discovery import discover
     from circuitgraph.discovery.stability import STABLE_FRACTION
@@ -197,6 +201,8 @@ def cmd_discover(args) -> int:
 
 
 def cmd_make_data(args) -> int:
+    """``circuitgraph make-data``: a seeded dataset of a named task,
+    checked against the model's tokenizer before it is written."""
     from circuitgraph.data.dataset import read_jsonl, tokenize
     from circuitgraph.data.tasks import make_data, write_jsonl
     from circuitgraph.model.loading import load_model
@@ -241,6 +247,7 @@ def _task_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``circuitgraph`` argument parser with every subcommand registered."""
     from circuitgraph.cli.holdout import add_holdout_arg
     from circuitgraph.cli.stability import add_bootstrap_args
     from circuitgraph.discovery import IG_POINTS, METHODS
