@@ -14,6 +14,7 @@ from circuitgraph.graph.computational_graph import Graph
 
 
 def node_kind(name: str) -> str:
+    """``input``, ``logits``, ``head`` or ``mlp``: how the page draws a node."""
     if name in ("input", "logits"):
         return name
     return "head" if name.startswith("a") else "mlp"
