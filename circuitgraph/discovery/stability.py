@@ -87,6 +87,7 @@ class CurveBand:
     n_resamples: int  # resamples whose curve was defined at the point (the fewest over points)
 
     def to_dict(self) -> dict:
+        """The band as plain JSON types (non-finite bounds as ``None``)."""
         fin = lambda v: None if not math.isfinite(v) else float(v)
         return {"ranking": self.ranking, "level": BAND_LEVEL, "n_resamples": self.n_resamples,
                 "points": [{"fraction": float(f), "low": fin(lo), "high": fin(hi)}
