@@ -72,6 +72,7 @@ class CircuitScore:
         return {k: _finite_or_none(v) for k, v in asdict(self).items()}
 
     def to_json(self, **kw) -> str:
+        """The score as one JSON object; undefined numbers are ``null`` (never NaN)."""
         return json.dumps(self.to_dict(), allow_nan=False, **kw)
 
 
@@ -91,6 +92,7 @@ def bootstrap_se(fn, *arrays: np.ndarray, n: int = 1000, seed: int = 0) -> float
 
 
 def normalised(m, clean, base):
+    """``(m - base) / (clean - base)`` of the means over examples: 1 = the clean behaviour, 0 = the ablated one."""
     with np.errstate(divide="ignore", invalid="ignore"):  # an undefined normalisation is reported, not printed
         return (m.mean(-1) - base.mean(-1)) / (clean.mean(-1) - base.mean(-1))
 
@@ -240,6 +242,7 @@ class Evaluator:
 
     @property
     def n_batches(self) -> int:
+        """How many mini-batches the dataset splits into."""
         return len(self._spans())
 
     def batch(self, i: int):
