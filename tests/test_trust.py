@@ -199,6 +199,39 @@ def test_discover_default_selection_reaches_the_stated_faithfulness(files, capsy
     assert code == 0 and "faithfulness >= 0.5" in stdout
 
 
+def test_default_selection_searches_both_rankings_and_keeps_the_smaller(files, model):
+    """Scores whose signed ranking is good and whose |score| ranking starts with junk (large positive scores on
+    edges that carry nothing, as with EAP-IG on a real model): the search stops the |score| ranking once the
+    signed one reached the level at a size |score| missed, and keeps the signed circuit, whose size is checked
+    here with plain evaluations of the pruned top-n."""
+    from circuitgraph.discovery import discover, smallest_faithful
+    from circuitgraph.discovery.curves import ranked_top_n
+    from circuitgraph.discovery.edge_scores import EdgeScores, mib_prune
+
+    data = load_dataset(files["--data"], model)
+    ev = Evaluator(model, data, progress=False)
+    eap = discover(ev, "eap", progress=False)
+    G = model.graph
+    legal = torch.nonzero(G.legal.flatten()).flatten()
+    order = legal[eap.scores.abs().flatten()[legal].argsort(descending=True)]  # legal edges, best |EAP| first
+    crafted = torch.zeros(G.legal.numel(), dtype=eap.scores.dtype)
+    crafted[order] = -torch.linspace(2, 1, len(order), dtype=crafted.dtype)  # signed: the good edges first
+    crafted[order[-40:]] = 10.0  # |score|: the 40 least useful edges first
+    scores = EdgeScores(G, crafted.view_as(eap.scores), "crafted", {})
+    sel = smallest_faithful(ev, scores, level=0.8)
+    assert sel.ranking == "signed" and "top (signed ranking)" in sel.how and "absolute ranking" in sel.how
+    def faith(n, ranking="signed"):
+        mask = mib_prune(G, ranked_top_n(scores, n, ranking))
+        return ev.evaluate(mask).faithfulness if mask.any() else 0.0  # nothing left: the ablated run
+
+    assert faith(sel.n_requested) >= 0.8 and sel.faithfulness == pytest.approx(faith(sel.n_requested))
+    assert faith(sel.missed) < 0.8 and sel.n_requested <= max(sel.missed + 1, sel.missed * 1.15)
+    assert faith(sel.n_requested, "absolute") < 0.8
+    # one ranking asked for: only it is searched
+    only = smallest_faithful(ev, scores, level=0.8, ranking="absolute")
+    assert only.ranking == "absolute" and "signed" not in only.how and only.n_requested > sel.n_requested
+
+
 def test_path_patch_senders_must_be_upstream(files, capsys, model):
     from circuitgraph.evaluate.path_patching import path_patch, path_patch_sweep
 

@@ -97,7 +97,7 @@ def _select(args, ev, scores, total: int):
         rule, how = SizeRule("top_n", args.top_n, args.greedy), f"{'greedy ' if args.greedy else ''}top {args.top_n}"
     else:
         sel = smallest_faithful(ev, scores, level=args.target_faithfulness, greedy=args.greedy)
-        rule, how = SizeRule("top_n", sel.n_requested, args.greedy, prune=True), sel.how
+        rule, how = SizeRule("top_n", sel.n_requested, args.greedy, prune=True, ranking=sel.ranking), sel.how
     check_selection(replace(rule, prune=False).mask(scores), how, scores)
     rule = replace(rule, prune=rule.prune or args.prune)
     mask = rule.mask(scores)
