@@ -108,18 +108,22 @@ def main(argv=None) -> int:
             print(f"{label}: {sc.meta['seconds']:.1f}s; CPR {pair.cpr:.3f}, CMD {pair.cmd:.3f}")
         _save(out, curves, t0, args.model, args.name)  # each method's results as soon as they exist
 
-    sc = scores.get("eap-ig (right)") or next(iter(scores.values()))
     held_ev = Evaluator(model, held)
-    t = time.perf_counter()
-    sel = smallest_faithful(ev, sc)
-    select_s = time.perf_counter() - t
-    held_score = held_ev.evaluate(sc.to_spec(sel.mask))
-    out["default_selection"] = {"method": sc.method, "how": sel.how, "n_edges": int(sel.n_edges),
-                                "fraction": sel.n_edges / model.graph.n_edges, "faithfulness": sel.faithfulness,
-                                "seconds": select_s, "attribution_seconds": sc.meta["seconds"],
-                                "held_out": {"faithfulness": held_score.faithfulness, "faithfulness_se": held_score.faithfulness_se,
-                                             "necessity": held_score.necessity, "necessity_se": held_score.necessity_se}}
-    _save(out, curves, t0, args.model, args.name)
+    out["default_selection"] = {}
+    for label, sc in scores.items():  # the circuit `discover` chooses without --top-n, for each method
+        t = time.perf_counter()
+        sel = smallest_faithful(ev, sc)
+        select_s = time.perf_counter() - t
+        held_score = held_ev.evaluate(sc.to_spec(sel.mask))
+        out["default_selection"][label] = {
+            "method": sc.method, "how": sel.how, "ranking": sel.ranking, "n_edges": int(sel.n_edges),
+            "fraction": sel.n_edges / model.graph.n_edges, "faithfulness": sel.faithfulness, "seconds": select_s,
+            "attribution_seconds": sc.meta["seconds"],
+            "held_out": {"faithfulness": held_score.faithfulness, "faithfulness_se": held_score.faithfulness_se,
+                         "necessity": held_score.necessity, "necessity_se": held_score.necessity_se}}
+        print(f"{label}: default selection {sel.n_edges} edges ({sel.ranking}) in {select_s:.1f} s "
+              f"after an attribution of {sc.meta['seconds']:.1f} s", flush=True)
+        _save(out, curves, t0, args.model, args.name)
     if args.exact_edges:
         _exact(ev, scores, args.exact_edges, out)
         _save(out, curves, t0, args.model, args.name)
@@ -201,7 +205,7 @@ def _markdown(out: dict) -> str:
              "| method | attribution (s, rows) | CPR (signed) | CMD (|score|) | Spearman vs exact |", "|---|---|---|---|---|"]
     for label, m in out["methods"].items():
         rho = out.get("exact", {}).get("spearman", {}).get(label)
-        lines.append(f"| {label} | {m['attribution_seconds']:.1f} ({m.get('attribution_rows', out['n_rows'])}) | {fmt(m.get('cpr'))} | {fmt(m.get('cmd'))} | "
+        lines.append(f"| {label} | {m['attribution_seconds']:.1f} ({m.get('attribution_rows', out['n_rows'])}) | {fmt(m['cpr']) if 'cpr' in m else 'not run'} | {fmt(m['cmd']) if 'cmd' in m else 'not run'} | "
                      f"{'not measured' if rho is None else f'{rho:.2f}'} |")
     lines += ["", "Faithfulness per point (edges requested → evaluated after pruning: faithfulness ± s.e.):", ""]
     for label, m in out["methods"].items():
@@ -211,13 +215,15 @@ def _markdown(out: dict) -> str:
             lines.append(f"- {label}, {ranking}: {pts}")
     if "default_selection" not in out:
         return "\n".join(lines) + "\n"
-    d = out["default_selection"]
-    h = d["held_out"]
-    lines += ["", f"## Default selection (`discover` without --top-n), {d['method']}", "",
-              f"{d['how']}", "",
-              f"{d['n_edges']} edges ({100 * d['fraction']:.2f}% of the model); chosen in {d['seconds']:.1f} s after an "
-              f"attribution of {d['attribution_seconds']:.1f} s; held-out faithfulness {fmt(h['faithfulness'])} ± "
-              f"{fmt(h['faithfulness_se'])}, necessity {fmt(h['necessity'])} ± {fmt(h['necessity_se'])}.", ""]
+    lines += ["", "## Default selection (`discover` without --top-n)", "",
+              "| method | ranking chosen | edges (% of the model) | faithfulness (these rows) | held out: faithfulness | "
+              "necessity | selection (s) | attribution (s) |", "|---|---|---|---|---|---|---|---|"]
+    for label, d in out["default_selection"].items():
+        h = d["held_out"]
+        lines.append(f"| {label} | {d['ranking']} | {d['n_edges']} ({100 * d['fraction']:.2f}%) | {fmt(d['faithfulness'])} | "
+                     f"{fmt(h['faithfulness'])} ± {fmt(h['faithfulness_se'])} | {fmt(h['necessity'])} ± {fmt(h['necessity_se'])} | "
+                     f"{d['seconds']:.1f} | {d['attribution_seconds']:.1f} |")
+    lines += [""] + [f"- {label}: {d['how']}" for label, d in out["default_selection"].items()]
     return "\n".join(lines) + "\n"
 
 

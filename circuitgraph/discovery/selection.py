@@ -99,7 +99,7 @@ def smallest_faithful(ev: Evaluator, scores: EdgeScores, level: float = DEFAULT_
     kind = f"greedy top ({rk} ranking)" if greedy else f"top ({rk} ranking)"
     where = (f"bisection on the first {len(look.data)} examples, confirmed on all {len(ev.data)}" if look is not ev
              else f"bisection on all {len(ev.data)} examples")
-    others = "; ".join(f"{r} ranking: smallest found {bracket[r][1]}" + (" (stopped early)" if bracket[r][1] > best else "")
+    others = "; ".join(f"{r} ranking: top {bracket[r][0]} misses it" + ("" if bracket[r][1] == total else f", top {bracket[r][1]} reaches it")
                        for r in bracket if r != rk)
     tried = len(seen) + (0 if confirmed is seen else len(confirmed))
     units = "edge x position units" if scores.spans else "edges"
