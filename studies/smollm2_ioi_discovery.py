@@ -137,7 +137,7 @@ def _save(out: dict, curves: dict, t0: float, model: str, name: str) -> None:
     (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=1, allow_nan=False) + "\n")
     (RESULTS / f"{name}.md").write_text(_markdown(out))
     if curves:
-        _figure(curves, RESULTS / "smollm2_ioi_curves.png", model)
+        _figure(curves, RESULTS / ("smollm2_ioi_curves.png" if name == "smollm2_ioi_discovery" else f"{name}_curves.png"), model)
 
 
 def _exact(ev, scores: dict, per_method: int, out: dict) -> None:
