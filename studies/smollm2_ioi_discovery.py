@@ -5,6 +5,12 @@ figures beside them::
 
     python studies/smollm2_ioi_discovery.py [--model smollm2-135m-q4] [-n 64] [--exact-edges 150]
 
+The recorded results came from three runs (curves; default selection and exact effects; activations)::
+
+    python studies/smollm2_ioi_discovery.py -n 32 --methods "eap,eap-ig (right),eap-ig (left: MIB's)" --exact-edges 0
+    python studies/smollm2_ioi_discovery.py -n 32 --methods "eap,eap-ig (right)" --no-curves --exact-edges 40 --name smollm2_ioi_selection
+    python studies/smollm2_ioi_discovery.py -n 32 --methods eap-ig-activations --activation-rows 4 --exact-edges 0 --name smollm2_ioi_activations
+
 What it runs, on ``-n`` IOI rows (``make-data ioi``, seed 0) and as many held-out rows (seed 1):
 
 * attribution with EAP, EAP-IG over the inputs (5 steps, both step conventions: ``right`` = ours,
