@@ -125,8 +125,9 @@ def test_default_selection_rule_is_the_default_circuit(setup):
     model, rows, data = setup
     ev = Evaluator(model, data, progress=False)
     scores = discover(ev, "eap", progress=False)
-    sel = smallest_faithful(ev, scores, level=0.5)
-    assert torch.equal(SizeRule("top_n", sel.n_requested, prune=True).mask(scores), sel.mask)
+    for ranking in ("absolute", "signed", None):  # None: both searched, the smaller circuit kept
+        sel = smallest_faithful(ev, scores, level=0.5, ranking=ranking)
+        assert torch.equal(SizeRule("top_n", sel.n_requested, prune=True, ranking=sel.ranking).mask(scores), sel.mask)
 
 
 # ----- held-out faithfulness ---------------------------------------------------------------------------
