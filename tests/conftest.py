@@ -236,3 +236,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def cli_alone_and_under_torchrun(args: list[str], out_dir):
+    """One command line run as one process (``-o out_dir/one.json``) and under ``torchrun`` with
+    :data:`WORLD` ranks (``-o out_dir/many.json``); both must succeed.  Returns the two finished processes."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "circuitgraph", *args, "-o", str(out_dir / "one.json")],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert one.returncode == 0, one.stderr
+    many = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD),
+                           "--master-port", str(free_port()), "-m", "circuitgraph", *args, "-o", str(out_dir / "many.json")],
+                          capture_output=True, text=True, timeout=180, env=env)
+    assert many.returncode == 0, many.stderr[-2000:]
+    return one, many

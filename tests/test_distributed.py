@@ -3,8 +3,6 @@ EAP-IG and ACDC, from Python and from ``torchrun -m circuitgraph``."""
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -120,19 +118,12 @@ def test_shard_gives_every_rank_work(monkeypatch):
 
 @pytest.mark.slow
 def test_torchrun_cli_equals_one_process(tmp_path, model_dir):
-    from conftest import random_rows, write_jsonl
+    from conftest import cli_alone_and_under_torchrun, random_rows, write_jsonl
 
     data = write_jsonl(tmp_path / "d.jsonl", random_rows(8, positions=False))
     args = ["discover", "--model", str(model_dir), "--data", str(data), "--method", "eap", "--top-n", "12",
             "--batch-size", "2", "--json"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "-m", "circuitgraph", *args, "-o", str(tmp_path / "one.json")],
-                         capture_output=True, text=True, timeout=120, env=env)
-    assert one.returncode == 0, one.stderr
-    many = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD),
-                           "--master-port", str(free_port()), "-m", "circuitgraph", *args, "-o", str(tmp_path / "many.json")],
-                          capture_output=True, text=True, timeout=180, env=env)
-    assert many.returncode == 0, many.stderr[-2000:]
+    one, many = cli_alone_and_under_torchrun(args, tmp_path)
     lines = [l for l in many.stdout.splitlines() if l.startswith("{")]
     assert len(lines) == 1  # only rank 0 prints
     a, b = json.loads(one.stdout), json.loads(lines[0])

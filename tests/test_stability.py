@@ -264,23 +264,12 @@ def test_cli_holdout(ioi, tmp_path, capsys):
 @pytest.mark.slow
 def test_torchrun_bootstrap_equals_one_process(tmp_path, model_dir):
     """Two ranks share each resample's rows and end with the one-process frequencies."""
-    import os
-    import subprocess
-    import sys
-
-    from conftest import WORLD, free_port, random_rows
+    from conftest import cli_alone_and_under_torchrun, random_rows
 
     data = write_jsonl(tmp_path / "d.jsonl", random_rows(8, positions=False))
     args = ["discover", "--model", str(model_dir), "--data", str(data), "--method", "eap", "--top-n", "12",
             "--batch-size", "2", "--bootstrap", "3", "--json"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "-m", "circuitgraph", *args, "-o", str(tmp_path / "one.json")],
-                         capture_output=True, text=True, timeout=120, env=env)
-    assert one.returncode == 0, one.stderr
-    many = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD),
-                           "--master-port", str(free_port()), "-m", "circuitgraph", *args, "-o", str(tmp_path / "many.json")],
-                          capture_output=True, text=True, timeout=180, env=env)
-    assert many.returncode == 0, many.stderr[-2000:]
+    one, many = cli_alone_and_under_torchrun(args, tmp_path)
     a = json.loads(one.stdout)["bootstrap"]
     b = json.loads([line for line in many.stdout.splitlines() if line.startswith("{")][0])["bootstrap"]
     assert a["units"] == b["units"] and a["jaccard"] == pytest.approx(b["jaccard"])
