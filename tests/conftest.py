@@ -195,6 +195,21 @@ def signal_rows(model, n, seed=0, length=6):
 
 
 # ----- TransformerLens hook patching: the engine's edges written as hooks ---------------------------
+def clean_and_corrupted_caches(bridge, data):
+    """TransformerLens caches of a dataset's clean and corrupted prompts (no gradients)."""
+    with torch.no_grad():
+        return bridge.run_with_cache(data.clean)[1], bridge.run_with_cache(data.corrupted)[1]
+
+
+def mean_logit_diff(data):
+    """``logits [N, P, vocab] -> scalar``: the first answer's minus the first wrong token's logit at each row's last
+    position, averaged (written here, apart from circuitgraph's metrics)."""
+    def metric(logits):
+        last = logits[torch.arange(len(data)), data.last]
+        return (last.gather(1, data.answers[:, :1]) - last.gather(1, data.wrongs[:, :1])).mean()
+    return metric
+
+
 def source_output(cache, src):
     """A source node's output from a TransformerLens cache (the per-head result for a head)."""
     if src == "input":

@@ -10,7 +10,8 @@ from circuitgraph.discovery import acdc, attribute, exact_scores, faithfulness_c
 from circuitgraph.discovery.acdc import damage
 from circuitgraph.model.loading import CircuitModel
 from circuitgraph.evaluate.evaluator import Evaluator
-from conftest import CONFIGS, adder, hook_for, make_tokenizer, randomize_norms, signal_rows, source_output, tiny_model
+from conftest import (CONFIGS, adder, clean_and_corrupted_caches, hook_for, make_tokenizer, mean_logit_diff,
+                      randomize_norms, signal_rows, source_output, tiny_model)
 
 
 @pytest.fixture(scope="module")
@@ -31,13 +32,8 @@ def test_eap_equals_finite_differences(setup):
     ev = Evaluator(model, data, progress=False)
     eap = attribute(ev, "eap", progress=False)
     bridge = model.bridge
-    with torch.no_grad():
-        _, clean_cache = bridge.run_with_cache(data.clean)
-        _, corrupt_cache = bridge.run_with_cache(data.corrupted)
-
-    def metric(logits):
-        last = logits[torch.arange(len(data)), data.last]
-        return (last.gather(1, data.answers[:, :1]) - last.gather(1, data.wrongs[:, :1])).mean()
+    clean_cache, corrupt_cache = clean_and_corrupted_caches(bridge, data)
+    metric = mean_logit_diff(data)
 
     eps = 1e-4
     for edge in ["a0.h1->a1.h2<k>", "input->a1.h3<q>", "a0.h3->a1.h0<v>", "m0->logits", "a1.h2->m1", "input->a0.h0<v>"]:
@@ -69,14 +65,9 @@ def test_eap_ig_step_points_by_hand(setup, points):
     ig = attribute(Evaluator(model, data, progress=False), "eap-ig", steps=steps, ig_points=points, progress=False)
     assert ig.meta["ig_points"] == points
     bridge = model.bridge
-    with torch.no_grad():
-        _, clean_cache = bridge.run_with_cache(data.clean)
-        _, corrupt_cache = bridge.run_with_cache(data.corrupted)
+    clean_cache, corrupt_cache = clean_and_corrupted_caches(bridge, data)
     clean_tok, corrupt_tok = clean_cache["hook_embed"], corrupt_cache["hook_embed"]
-
-    def metric(logits):
-        last = logits[torch.arange(len(data)), data.last]
-        return (last.gather(1, data.answers[:, :1]) - last.gather(1, data.wrongs[:, :1])).mean()
+    metric = mean_logit_diff(data)
 
     eps = 1e-4
     for edge in ["a0.h1->a1.h2<k>", "input->a1.h3<q>", "a1.h2->m1", "m0->logits"]:

@@ -14,7 +14,8 @@ from circuitgraph.discovery import attribute, discover, exact_scores, faithfulne
 from circuitgraph.discovery.edge_scores import EdgeScores
 from circuitgraph.evaluate.evaluator import Evaluator
 from circuitgraph.spec.circuit_spec import CircuitSpec
-from conftest import VOCAB, adder, hook_for, make_tokenizer, signal_rows, source_output, tiny_model, write_jsonl
+from conftest import (VOCAB, adder, clean_and_corrupted_caches, hook_for, make_tokenizer, mean_logit_diff, signal_rows,
+                      source_output, tiny_model, write_jsonl)
 from reference import node_outputs, patched_forward
 
 NAMES = ("A", "B", "END")
@@ -91,14 +92,9 @@ def test_positional_eap_ig_is_the_finite_difference_per_span(signal):
     assert ig.spans == ["S", "END", "rest"]
     span = span_of_tokens(data, ig.spans)
     bridge = m.bridge
-    with torch.no_grad():
-        _, clean_cache = bridge.run_with_cache(data.clean)
-        _, corrupt_cache = bridge.run_with_cache(data.corrupted)
+    clean_cache, corrupt_cache = clean_and_corrupted_caches(bridge, data)
     clean_tok, corrupt_tok = clean_cache["hook_embed"], corrupt_cache["hook_embed"]
-
-    def metric(logits):
-        last = logits[torch.arange(len(data)), data.last]
-        return (last.gather(1, data.answers[:, :1]) - last.gather(1, data.wrongs[:, :1])).mean()
+    metric = mean_logit_diff(data)
 
     eps = 1e-4
     for edge in ["a0.h1->a1.h2<k>", "input->a1.h3<q>", "a1.h2->m1", "m0->logits"]:
