@@ -57,11 +57,10 @@ def smallest_faithful(ev: Evaluator, scores: EdgeScores, level: float = DEFAULT_
         raise SelectionError(f"no default circuit size can be chosen: {ev.undefined_reason}; give --top-n or --threshold")
     if ranking is not None and ranking not in RANKINGS:
         raise ValueError(f"ranking must be one of {', '.join(RANKINGS)}, got {ranking!r}")
-    graph, total = scores.graph, scores.n_units
+    total = scores.n_units
 
     def circuit(n: int, rk: str) -> torch.Tensor:
-        chosen = scores.greedy(n, absolute=rk == "absolute") if greedy else ranked_top_n(scores, n, rk)
-        return mib_prune(graph, chosen)
+        return SizeRule("top_n", n, greedy, prune=True, ranking=rk).mask(scores)
 
     def faithfulness(on: Evaluator, n: int, rk: str, cache: dict) -> float:
         if (n, rk) not in cache:
