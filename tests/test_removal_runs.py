@@ -119,9 +119,28 @@ def test_values_without_recomputing_changed_nodes_equal_resumed_runs(family, mon
     mask = _sparse_circuit(m.graph, 0.3, seed=4)
     circuit = ev.resolve(mask)
     removals = list(ev._node_removals(circuit).values()) + [[k] for k in circuit.edges]
-    new = ev.values_without(mask, removals)
+    with monkeypatch.context() as mp:  # a tiny model's removal runs cost mostly overhead: not chosen by themselves
+        mp.setattr(RemovalRuns, "cheaper", lambda self, removed, tokens, length: True)
+        new = ev.values_without(mask, removals)
     monkeypatch.setattr(RemovalRuns, "applies", staticmethod(lambda engine: False))
     old = ev.values_without(mask, removals)
     assert abs(new - old).max() < 1e-9
     own = ev.circuit_values(circuit)
     assert (abs(new - own).max(1) > 1e-3).sum() > len(removals) / 4
+
+
+def test_removal_runs_are_chosen_for_a_sparse_circuit_and_not_for_a_nearly_complete_one():
+    """Node effects of a sparse circuit recompute a few nodes; path patching's removals from the whole graph
+    would recompute every later node, so they resume instead (GPT-2-small shape, 16 x 16 tokens)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from circuitgraph.model.loading import CircuitModel
+
+    torch.manual_seed(0)
+    m = CircuitModel(GPT2LMHeadModel(GPT2Config(n_layer=12)).eval(), check_exact=False)
+    G = m.graph
+    sparse = _sparse_circuit(G, 0.002, seed=3)
+    runs = RemovalRuns(m.engine, sparse)
+    removals = [[(s, d)] for s, d in torch.nonzero(sparse).tolist() if d != G.logits_dest]  # inside the model
+    assert sum(runs.cheaper(r, 256, 16) for r in removals) > 0.8 * len(removals)
+    whole = RemovalRuns(m.engine, G.legal)
+    assert not any(whole.cheaper([(s, G.head_dest(6, 0, "q"))], 256, 16) for s in range(0, 60, 7))

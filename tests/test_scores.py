@@ -334,3 +334,23 @@ def test_cli_memory_budget_errors_are_one_line(setup, model_dir, tmp_path, capsy
         code = e.code
     err = capsys.readouterr().err
     assert code == 2 and message in err.strip().splitlines()[-1] and "Traceback" not in err
+
+
+@pytest.mark.parametrize("rows", [[1, 2, 3], [7, 1, 1, 9, 2, 2]])
+def test_an_evaluator_on_some_rows_reuses_the_cached_runs_and_scores_as_a_fresh_one(rows, tokenizer, monkeypatch):
+    """``first_rows`` (the size selection's look) and ``on_rows`` (bootstrap resamples) take their rows'
+    clean logits and ablations from the full evaluator's cached batches, in any order with repeats."""
+    from conftest import tiny_model
+
+    m = tiny_model("llama", seed=1, tokenizer=tokenizer, double=True)
+    data = load_dataset(signal_rows(m, 10), m)
+    ev = Evaluator(m, data, batch_size=4, progress=False)
+    fresh = Evaluator(m, data.take(rows), batch_size=4, progress=False)
+    runs = []
+    monkeypatch.setattr(m.engine, "run", lambda *a, **k: runs.append(1) or pytest.fail("a run was repeated"))
+    sub = ev.on_rows(rows)
+    mask = (torch.rand(len(m.graph.sources), len(m.graph.destinations), generator=torch.Generator().manual_seed(0)) < 0.3) & m.graph.legal
+    assert np.abs(sub.clean_values - fresh.clean_values).max() < 1e-10
+    assert np.abs(sub.base_values - fresh.base_values).max() < 1e-10
+    assert np.abs(sub.mask_values(mask[None]) - fresh.mask_values(mask[None])).max() < 1e-10
+    assert not runs

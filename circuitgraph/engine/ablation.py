@@ -40,6 +40,17 @@ class PrefixState:
         return torch.cat(self.deltas)
 
 
+def ablation_rows(pieces: list[tuple[Ablation, torch.Tensor]], length: int) -> Ablation:
+    """One ablation of the chosen rows ``[(ablation, rows of its batch)]`` of per-example ablations (a
+    corrupted run's), cut to their first ``length`` positions: with causal attention nothing at a position
+    depends on later ones, and bidirectional models have prompts of one length.  Lets an evaluator on some
+    rows of another reuse the other's runs."""
+    pick = lambda t, rows, dim: t.index_select(dim, rows.to(t.device)).narrow(dim + 1, 0, length)
+    outputs = [torch.cat([pick(a.outputs[b], rows, 1) for a, rows in pieces], 1) for b in range(len(pieces[0][0].outputs))]
+    resid = [torch.cat([pick(a.resid[k], rows, 0) for a, rows in pieces]) for k in range(len(pieces[0][0].resid))]
+    return Ablation(outputs, resid)
+
+
 def _attn_bias(layer) -> torch.Tensor | int:
     return layer.attn.b_O if layer.attn.b_O is not None and layer.post_attn is None else 0
 

@@ -20,6 +20,10 @@ import torch
 
 from circuitgraph.engine.ablation import Ablation
 
+# multiply-adds that the dozen small operations of one recomputed node cost beyond their arithmetic
+# (about 20 microseconds of dispatch at a CPU's 10 GMAC/s)
+NODE_OVERHEAD = 200_000
+
 
 class RemovalRuns:
     """Logits of one circuit (bool ``mask [n_sources, n_destinations]``) without given edges, from the
@@ -41,6 +45,39 @@ class RemovalRuns:
         for s in sorted(self.out_of, reverse=True):
             self.everywhere[s] = any(self._kind(d) in (1, 2) or self.everywhere.get(self.node_of(d), False)
                                      for d in self.out_of[s])
+
+    def cheaper(self, removed: list[tuple[int, int]], tokens: int, length: int) -> bool:
+        """Whether this removal run costs fewer multiply-adds than a run resumed at the removal's first
+        layer (every head and MLP from there on; a destination mixes the fewer of the circuit's sources
+        into it and the others), over ``tokens`` tokens of prompts ``length`` long.  Each node computed
+        here also pays a fixed cost for its dozen small operations (:data:`NODE_OVERHEAD`).  A sparse
+        circuit's removals are cheaper here, removals from a nearly complete one (path patching) resumed."""
+        gone = set(map(tuple, removed))
+        e, H, D = self.e, self.H, self.e.D
+        head, mlp = 4 * D * e.dh, self._mlp_macs
+        n_in = lambda d: sum((s, d) not in gone for s in self.into.get(d, ()))
+        nodes, logits_changed = self.changed(removed)
+        if not nodes and not logits_changed:  # nothing to run
+            return True
+        here = n_in(self.logits_dest) * D
+        for n in nodes:
+            share = 1.0 if self.everywhere.get(n, False) else 1 / length
+            dests = self._dests(n)
+            here += (head if len(dests) == 3 else mlp * share) + sum(n_in(d) for d in dests) * D + NODE_OVERHEAD / tokens
+        first = min(d // (3 * H + 1) for _, d in gone)
+        n_up = self.e.graph.n_upstream.tolist()
+        resumed = (self.n_layers - first) * (H * head + mlp)
+        for d in range(first * (3 * H + 1), self.logits_dest + 1):
+            k = n_in(d)
+            resumed += min(k, n_up[d] - k) * D
+        return here <= resumed
+
+    @property
+    def _mlp_macs(self) -> int:
+        """Multiply-adds per token of one MLP (a gated MLP's three projections; 4 x d_model neurons when unknown)."""
+        down = self.e.w.layers[0].mlp_down
+        neurons = down.weight.shape[1] if down is not None else 4 * self.e.D
+        return 3 * self.e.D * neurons
 
     @staticmethod
     def applies(engine) -> bool:

@@ -33,7 +33,7 @@ class Limits:
     top_edges: int = 1000  # scored edges outside every circuit, best |score| first
     effect_edges: int = 1000  # per-edge removal effects are measured for circuits up to this size
     # node and edge effects on the first rows only: one removal run per node and edge is the page's largest
-    # cost (378 removals of a 300-edge SmolLM2-135M circuit over 16 rows: 36 of the page's 75 s on 2 cores)
+    # cost (378 removals of a 300-edge SmolLM2-135M circuit over 16 rows: 34 of the page's 74 s on 2 cores)
     effect_rows: int = 16
     pattern_heads: int = 48  # every head's attention pattern up to this many heads, else the circuits' heads only
     neurons: int = 10  # top neurons per MLP
