@@ -1,7 +1,8 @@
 """Edge and node effects of a circuit, the way ``Evaluator.edge_effects`` computes them against the
 way it did before: each reduced circuit run from the embedding, circuits stacked as the Evaluator
 stacked them on a CPU, against each run resumed from the circuit's own run paused at the first layer
-its removal changes (one at a time, as now, or stacked).
+its removal changes (one at a time or stacked), and against removal runs that recompute only the
+nodes a removal changes (now, :mod:`circuitgraph.engine.node_runs`).
 
 Random-init GPT-2-small shape, MIB's published IOI circuit (756 edges, every position), batch 16 x 16,
 CPU, 2 threads, one process; the ways alternate over rounds.  The edges are a sample spread over
@@ -64,14 +65,15 @@ def main():
     ways = {
         "from the embedding, 16 stacked (before)": lambda: ev.metric_values([circuit.without(r) for r in removals], chunk=stacked_before),
         "from the embedding, one by one": lambda: ev.metric_values([circuit.without(r) for r in removals], chunk=1),
-        "resumed from the circuit's run, 16 stacked": lambda: ev.values_without(circuit.mask(), removals, 16),
-        "resumed from the circuit's run (now)": lambda: ev.values_without(circuit.mask(), removals),
+        "resumed from the circuit's run, 16 stacked": lambda: resumed(ev, circuit.mask(), removals, 16),
+        "resumed from the circuit's run, one by one": lambda: resumed(ev, circuit.mask(), removals, 1),
+        "recomputing the nodes each removal changes (now)": lambda: ev.values_without(circuit.mask(), removals),
     }
     values = {k: fn() for k, fn in ways.items()}  # one untimed pass each, and the check that they agree
     ref = values["from the embedding, one by one"]
     diff = max(float(np.abs(v - ref).max()) for v in values.values())
     med = interleaved_times(ways, args.rounds, warm=False)
-    now = med["resumed from the circuit's run (now)"]
+    now = med["recomputing the nodes each removal changes (now)"]
     layers = sorted({NodeRef.parse(G.destinations[r[0][1]]).block_layer(G.n_layers) for r in removals})
     res = {"edges": args.edges, "rounds": args.rounds, "batch": [B, P], "circuits_per_pass": ev.circuits_per_pass, "largest_metric_difference": diff, "median_s": med}
     res["path_patching"] = path_patching(ev, args.pp_rounds)
@@ -83,7 +85,7 @@ def main():
     for k, s in med.items():
         lines.append(f"| {k} | {s:.2f} | {s / args.edges:.3f} | {s / now:.2f} |")
     lines += ["", f"The ways' per-example metrics agree to {diff:.1e}. Runs now go {ev.circuits_per_pass} "
-              f"at a time (`circuits_per_pass`), resumed or not."]
+              f"at a time (`circuits_per_pass`) from the embedding."]
     lines += ["", f"Path-patching sweeps (every sender upstream of the receiver, alone), median of {args.pp_rounds} "
               "alternating rounds: before, each sender's circuit (the full graph without its edges into the receiver) ran "
               "from the embedding, 16 stacked; now each resumes from the clean run paused at the receiver's layer, "
@@ -94,6 +96,18 @@ def main():
                      f"{r['largest_metric_difference']:.1e} |")
     (dest / "bench_effects.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def resumed(ev, mask, removals, chunk):
+    """``values_without`` by resumed full runs (the way before removal runs), ``chunk`` stacked."""
+    from circuitgraph.engine.node_runs import NodeRuns
+
+    applies = NodeRuns.applies
+    NodeRuns.applies = staticmethod(lambda engine: False)
+    try:
+        return ev.values_without(mask, removals, chunk)
+    finally:
+        NodeRuns.applies = staticmethod(applies)
 
 
 def path_patching(ev, rounds: int) -> dict:

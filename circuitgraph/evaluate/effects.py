@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from circuitgraph.engine.removal import RemovalRuns
+from circuitgraph.engine.node_runs import NodeRuns
 from circuitgraph.errors import CircuitWarning
 from circuitgraph.evaluate.baselines import bootstrap_se, normalised
 from circuitgraph.graph.nodes import NodeRef
@@ -75,9 +75,9 @@ class Effects:
         patching does).  The circuit is ``mask`` (bool ``[n_sources, n_destinations]``, edges at every
         position) plus ``position_edges`` (``{edge: position names}``, edges at those positions only).
 
-        On a CPU, a removal that is cheaper so (:meth:`RemovalRuns.cheaper`: a sparse circuit's, of a model
+        On a CPU, a removal that is cheaper so (:meth:`NodeRuns.cheaper`: a sparse circuit's, of a model
         without post-attention norms) recomputes only the circuit's nodes it changes, from the deltas of the
-        circuit's own run (:mod:`circuitgraph.engine.removal`).  Otherwise: nothing before the first layer
+        circuit's own run (:mod:`circuitgraph.engine.node_runs`).  Otherwise: nothing before the first layer
         a removal changes can differ from the circuit's own run, so each removal resumes from that run paused there (paused at each such layer in turn, once per batch),
         ``chunk`` at a time (default :attr:`circuits_per_pass`: on GPT-2 small over 16 x 16 tokens,
         resumed removals from MIB's IOI circuit ran 1.14-1.19x faster one by one than 16 stacked; nearly
@@ -93,8 +93,8 @@ class Effects:
             return vals[[row[i] for i in same]]
         e, dev = self.engine, self.model.device
         positional = bool(positions) or bool(position_edges)
-        if not positional and dev.type == "cpu" and RemovalRuns.applies(e):
-            runs = RemovalRuns(e, mask)
+        if not positional and dev.type == "cpu" and NodeRuns.applies(e):
+            runs = NodeRuns(e, mask)
             B, P = min(self.batch_size, len(self.data)), self.data.clean.shape[1]
             here = [i for i, r in enumerate(removals) if runs.cheaper(r, B * P, P)]
             if here:
@@ -156,8 +156,8 @@ class Effects:
                 out[idx, a:b] = self._values(logits, part, clean_logits.expand(len(idx), -1, -1)).numpy()
         return self.reduce(out)
 
-    def _values_recomputing_changed(self, runs: RemovalRuns, mask: torch.Tensor, removals: list, desc: str | None) -> np.ndarray:
-        """:meth:`values_without` by :class:`~circuitgraph.engine.removal.RemovalRuns`: per batch, the circuit's
+    def _values_recomputing_changed(self, runs: NodeRuns, mask: torch.Tensor, removals: list, desc: str | None) -> np.ndarray:
+        """:meth:`values_without` by :class:`~circuitgraph.engine.node_runs.NodeRuns`: per batch, the circuit's
         run once, then each removal recomputes only the nodes it changes (a removal that changes nothing
         reaching the logits keeps the circuit's own values).  On a CPU, one circuit at a time: the 378
         removals of a 300-edge SmolLM2-135M circuit over 16 IOI rows took 0.38x as long as resumed runs
@@ -174,6 +174,6 @@ class Effects:
             clean, last = part.clean.to(dev), part.last.to(dev)
             if i == 0:
                 deltas = e.patched_run(clean, abl, plan, stop_layer=self.graph.n_layers).flat
-            logits = runs.logits(clean, abl, deltas, removals[i], last)
+            logits = runs.logits(clean, abl, last, deltas, removals[i])
             out[i, a:b] = own[a:b] if logits is None else self._values(logits[None], part, clean_logits[None]).numpy()[0]
         return self.reduce(out)

@@ -14,10 +14,14 @@ from tqdm.auto import tqdm
 
 from circuitgraph.data.dataset import REST, TaskData
 from circuitgraph.engine import Ablation
+from circuitgraph.engine.node_runs import NodeRuns
 from circuitgraph.errors import CircuitWarning
 from circuitgraph.evaluate.baselines import bootstrap_se, normalised
 from circuitgraph.spec.circuit_spec import CircuitSpec, ResolvedCircuit, SpecError
 
+# circuits larger than this share of the edges always take a patched run: in-edges mixed one by one cost
+# more than a patched run's mix of the fewer of a destination's in-circuit and out-of-circuit sources
+NODE_RUNS_AT_MOST = 0.1
 MEMO_CIRCUITS = 8  # circuits whose per-example values an Evaluator keeps (circuit_values)
 
 
@@ -93,19 +97,38 @@ class Scoring:
     @torch.no_grad()
     def mask_values(self, masks: torch.Tensor, chunk: int | None = None, desc: str | None = None) -> np.ndarray:
         """Per-example metric ``[C, N]`` for circuits given directly as bool ``[C, n_sources, n_destinations]``
-        edge masks (fast for many large circuits, e.g. "everything but these edges")."""
+        edge masks (fast for many large circuits, e.g. "everything but these edges").  Sparse circuits run
+        node by node where that is cheaper (:meth:`_node_runs`), the others ``chunk`` stacked per pass."""
         chunk = chunk or self.circuits_per_pass
         out = np.zeros((masks.shape[0], len(self.data)), dtype=np.float64)
         spans = self._spans()
-        jobs = [(c, s) for c in range(0, masks.shape[0], chunk) for s in range(len(spans))]
-        for c, s in tqdm(jobs, desc=desc or "patched runs", leave=False, disable=not self.progress or len(jobs) < 2):
+        by_nodes = self._node_runs(masks)
+        rest = [i for i in range(masks.shape[0]) if i not in by_nodes]
+        jobs = [([i], s) for i in by_nodes for s in range(len(spans))]
+        jobs += [(rest[c:c + chunk], s) for c in range(0, len(rest), chunk) for s in range(len(spans))]
+        dev = self.model.device
+        for idx, s in tqdm(jobs, desc=desc or "patched runs", leave=False, disable=not self.progress or len(jobs) < 2):
             a, b = spans[s]
             part, abl, clean_logits = self._batch(s, a, b)
-            m = masks[c:c + chunk]
-            plan = self.engine.compile(m.to(self.model.device))
-            logits = self.engine.patched_run(part.clean.to(self.model.device), abl, plan, logit_positions=part.last.to(self.model.device))
-            out[c:c + len(m), a:b] = self._values(logits, part, clean_logits.expand(len(m), -1, -1)).numpy()
+            clean, last = part.clean.to(dev), part.last.to(dev)
+            if idx[0] in by_nodes:
+                logits = by_nodes[idx[0]].logits(clean, abl, last)[None]
+            else:
+                logits = self.engine.patched_run(clean, abl, self.engine.compile(masks[idx].to(dev)), logit_positions=last)
+            out[idx, a:b] = self._values(logits, part, clean_logits.expand(len(idx), -1, -1)).numpy()
         return self.reduce(out)
+
+    def _node_runs(self, masks: torch.Tensor) -> dict[int, NodeRuns]:
+        """The circuits of ``masks`` that cost fewer multiply-adds computing only their nodes
+        (:mod:`circuitgraph.engine.node_runs`) than in a patched run: on a CPU, for a model without
+        post-attention norms, circuits of at most :data:`NODE_RUNS_AT_MOST` of the edges whose nodes
+        reaching the logits are few (elsewhere many small operations cost more than their arithmetic)."""
+        if self.model.device.type != "cpu" or not NodeRuns.applies(self.engine):
+            return {}
+        B, P = min(self.batch_size, len(self.data)), self.data.clean.shape[1]
+        limit = NODE_RUNS_AT_MOST * self.graph.n_edges
+        runs = {i: NodeRuns(self.engine, m) for i, m in enumerate(masks) if int(m.sum()) <= limit}
+        return {i: r for i, r in runs.items() if r.cheaper(None, B * P, P)}
 
     def circuit_values(self, circuit: ResolvedCircuit, complement: bool = False) -> np.ndarray:
         """Per-example metric ``[N]`` of one circuit (or its complement), as :meth:`metric_values` gives it.

@@ -1,10 +1,16 @@
-"""A circuit's run without a few of its edges, recomputing only what the removal changes.
+"""Runs of a circuit that compute only its nodes: the circuit itself (a sparse one), or the circuit
+without a few of its edges, recomputing only what the removal changes.
+
+A patched run computes every head and MLP, though only the circuit's nodes that reach the logits
+matter (every other node's output enters no destination's input).  Here a sparse circuit's run
+computes just those, from the all-ablated run (where every delta is zero), each input by the
+definition ``x_d = A_d + sum of delta_s over the edges into d``.
 
 Removing edges from a circuit changes the inputs of the removed edges' destinations, then those of
 the circuit's nodes downstream of them, and nothing else: every other node's delta (patched minus
 ablated output) is the circuit's own.  So a removal run starts from the deltas of the circuit's run
 and recomputes, layer by layer, only the nodes that descend from a removed edge and still reach the
-logits, each input built by the definition ``x_d = A_d + sum of delta_s over the edges into d``.  A node
+logits.  A node
 read (through the circuit) only at the logit positions is needed there alone: an MLP is computed at
 those positions only, a head's queries may be stale elsewhere (each query position attends alone).
 
@@ -25,9 +31,10 @@ from circuitgraph.engine.ablation import Ablation
 NODE_OVERHEAD = 200_000
 
 
-class RemovalRuns:
-    """Logits of one circuit (bool ``mask [n_sources, n_destinations]``) without given edges, from the
-    deltas of the circuit's own run (:attr:`PrefixState.flat` of it paused after its last layer)."""
+class NodeRuns:
+    """Logits of one circuit (bool ``mask [n_sources, n_destinations]``), computing only its nodes, or of
+    the circuit without given edges, from the deltas of the circuit's own run (:attr:`PrefixState.flat`
+    of it paused after its last layer)."""
 
     def __init__(self, engine, mask: torch.Tensor):
         self.e, self.k, G = engine, engine.kernel, engine.graph
@@ -46,13 +53,15 @@ class RemovalRuns:
             self.everywhere[s] = any(self._kind(d) in (1, 2) or self.everywhere.get(self.node_of(d), False)
                                      for d in self.out_of[s])
 
-    def cheaper(self, removed: list[tuple[int, int]], tokens: int, length: int) -> bool:
-        """Whether this removal run costs fewer multiply-adds than a run resumed at the removal's first
-        layer (every head and MLP from there on; a destination mixes the fewer of the circuit's sources
-        into it and the others), over ``tokens`` tokens of prompts ``length`` long.  Each node computed
-        here also pays a fixed cost for its dozen small operations (:data:`NODE_OVERHEAD`).  A sparse
-        circuit's removals are cheaper here, removals from a nearly complete one (path patching) resumed."""
-        gone = set(map(tuple, removed))
+    def cheaper(self, removed: list[tuple[int, int]] | None, tokens: int, length: int) -> bool:
+        """Whether this run (without ``removed``; the whole circuit when None) costs fewer multiply-adds than
+        a patched run resumed at the removal's first layer (from the embedding when None): every head and
+        MLP from there on, each destination mixing the fewer of the circuit's sources into it and the
+        others.  Over ``tokens`` tokens of prompts ``length`` long; each node computed here also pays a
+        fixed cost for its dozen small operations (:data:`NODE_OVERHEAD`).  A sparse circuit and its
+        removals are cheaper here; a dense circuit, or removals from a nearly complete one (path patching),
+        not."""
+        gone = set(map(tuple, removed or ()))
         e, H, D = self.e, self.H, self.e.D
         head, mlp = 4 * D * e.dh, self._mlp_macs
         n_in = lambda d: sum((s, d) not in gone for s in self.into.get(d, ()))
@@ -64,7 +73,7 @@ class RemovalRuns:
             share = 1.0 if self.everywhere.get(n, False) else 1 / length
             dests = self._dests(n)
             here += (head if len(dests) == 3 else mlp * share) + sum(n_in(d) for d in dests) * D + NODE_OVERHEAD / tokens
-        first = min(d // (3 * H + 1) for _, d in gone)
+        first = min(d // (3 * H + 1) for _, d in gone) if removed is not None else 0
         n_up = self.e.graph.n_upstream.tolist()
         resumed = (self.n_layers - first) * (H * head + mlp)
         for d in range(first * (3 * H + 1), self.logits_dest + 1):
@@ -102,9 +111,10 @@ class RemovalRuns:
         first = layer * (3 * self.H + 1) + 3 * within
         return [first] if within == self.H else [first, first + 1, first + 2]
 
-    def changed(self, removed: list[tuple[int, int]]) -> tuple[list[int], bool]:
-        """``(nodes to recompute in source order, whether the logits' input changes)`` without ``removed``."""
-        gone = set(map(tuple, removed))
+    def changed(self, removed: list[tuple[int, int]] | None) -> tuple[list[int], bool]:
+        """``(nodes to recompute in source order, whether the logits' input changes)`` without ``removed``;
+        every node that reaches the logits when ``removed`` is None (the circuit run from the ablated one)."""
+        gone = set(map(tuple, removed or ()))
         into = lambda d: [s for s in self.into.get(d, ()) if (s, d) not in gone]
         reach, todo = set(), into(self.logits_dest)  # nodes with a path to the logits
         while todo:
@@ -112,6 +122,8 @@ class RemovalRuns:
             if n not in reach and n != 0:
                 reach.add(n)
                 todo += [s for d in self._dests(n) for s in into(d)]
+        if removed is None:
+            return sorted(reach), True
         hit, todo = set(), [self.node_of(d) for _, d in gone]  # nodes downstream of a removed edge
         while todo:
             n = todo.pop()
@@ -122,18 +134,22 @@ class RemovalRuns:
         return nodes, -1 in hit
 
     # ----- the run ---------------------------------------------------------------------------
-    def logits(self, tokens: torch.Tensor, ablation: Ablation, deltas: torch.Tensor, removed: list[tuple[int, int]],
-               logit_positions: torch.Tensor) -> torch.Tensor | None:
-        """Logits ``[B, vocab]`` at ``logit_positions`` without the ``removed`` edges, or ``None`` when
-        nothing that reaches the logits changes (the circuit's own logits stand).  ``deltas`` is
-        ``[n_sources, B, P, D]``, every source's delta in the circuit's run."""
-        nodes, logits_changed = self.changed(removed)
+    def logits(self, tokens: torch.Tensor, ablation: Ablation, logit_positions: torch.Tensor,
+               deltas: torch.Tensor | None = None, removed: list[tuple[int, int]] | None = None) -> torch.Tensor | None:
+        """Logits ``[B, vocab]`` at ``logit_positions`` of the circuit (``deltas`` None), or of the circuit
+        without the ``removed`` edges given ``deltas`` ``[n_sources, B, P, D]``, every source's delta in the
+        circuit's run; ``None`` when nothing that reaches the logits changes (the circuit's logits stand)."""
+        nodes, logits_changed = self.changed(None if deltas is None else removed)
         if not nodes and not logits_changed:
             return None
-        gone = set(map(tuple, removed))
+        gone = set(map(tuple, removed or ()))
         B, P = tokens.shape
-        at = (torch.arange(B, device=deltas.device), logit_positions.to(deltas.device))
+        dev = ablation.resid[0].device
+        at = (torch.arange(B, device=dev), logit_positions.to(dev))
         own: dict[int, torch.Tensor] = {}  # recomputed deltas
+        if deltas is None:  # from the ablated run: the input's delta, then every node that reaches the logits
+            emb = self.e.w.embed(tokens.to(dev))
+            own[0] = emb if ablation.outputs is None else emb - ablation.outputs[0][0]
 
         def x_in(d: int, base: torch.Tensor, only_at: bool) -> torch.Tensor:
             """Destination ``d``'s input (``[B, D]`` at the logit positions when ``only_at``, else ``[B, P, D]``)."""
@@ -157,11 +173,11 @@ class RemovalRuns:
             first = 1 + layer * (self.H + 1)
             heads = [n - first for n in nodes if first <= n < first + self.H]
             if heads:
-                rope = rope if rope is not None else self.k.rotary(P, deltas)
+                rope = rope if rope is not None else self.k.rotary(P, ablation.resid[0])
                 own.update(self._heads(layer, heads, ablation, rope[layer], x_in))
             mlp = first + self.H
             if mlp in nodes:
-                own[mlp] = self._mlp(layer, mlp, ablation, x_in, deltas, at)
+                own[mlp] = self._mlp(layer, mlp, ablation, x_in, deltas, at, P)
         x = x_in(self.logits_dest, ablation.resid[-1], True)
         return self.k.unembed(x)
 
@@ -184,9 +200,9 @@ class RemovalRuns:
             out = out - abl[idx.to(abl.device)]
         return {first + h: out[i] for i, h in enumerate(heads)}
 
-    def _mlp(self, layer: int, node: int, ablation: Ablation, x_in, deltas: torch.Tensor, at) -> torch.Tensor:
+    def _mlp(self, layer: int, node: int, ablation: Ablation, x_in, deltas: torch.Tensor | None, at, P: int) -> torch.Tensor:
         """The delta of ``layer``'s MLP ``[B, P, D]``; computed at the logit positions alone when nothing
-        reads it elsewhere (its other positions then keep the circuit's values, which nothing reads)."""
+        reads it elsewhere (its other positions then keep the circuit's values, or zeros, which nothing reads)."""
         d = layer * (3 * self.H + 1) + 3 * self.H
         base = ablation.resid[2 * layer + 1]
         abl = ablation.outputs[2 + 2 * layer][0] if ablation.outputs is not None else None
@@ -194,8 +210,9 @@ class RemovalRuns:
             out = self.k.mlp_out(layer, x_in(d, base, False))
             return out if abl is None else out - abl
         out = self.k.mlp_out(layer, x_in(d, base, True)[:, None])[:, 0]  # [B, D]
+        B = len(at[0])
         if abl is not None:
-            out = out - abl.expand(*deltas.shape[1:])[at]
-        delta = deltas[node].clone()
+            out = out - abl.expand(B, P, -1)[at]
+        delta = deltas[node].clone() if deltas is not None else out.new_zeros(B, P, out.shape[-1])
         delta[at] = out
         return delta
