@@ -55,11 +55,10 @@ def _attn_bias(layer) -> torch.Tensor | int:
     return layer.attn.b_O if layer.attn.b_O is not None and layer.post_attn is None else 0
 
 
-def make_ablation(weights, outputs: list[torch.Tensor] | None) -> Ablation:
-    """Cumulate ablated source outputs (plus biases) into the residual each destination block reads.
-
-    ``outputs`` are per source block as a recorded run returns them (``None``: zero ablation).
-    """
+def residual_walk(weights, outputs: list[torch.Tensor] | None) -> list[torch.Tensor]:
+    """The residual each destination block reads (a layer's heads, its MLP, ..., the logits) when every
+    source outputs ``outputs`` (per source block, as a recorded run returns them; ``None``: zeros), the
+    attention output biases included: the one residual walk behind ablations and prefix states."""
     parallel = weights.info.parallel_attn_mlp
     if outputs is None:
         blocks = [None] * (1 + 2 * len(weights.layers))
@@ -75,18 +74,18 @@ def make_ablation(weights, outputs: list[torch.Tensor] | None) -> Ablation:
         mlp = blocks[2 + 2 * layer]
         cur = after_attn + (mlp[0] if mlp is not None else 0)
     resid.append(cur)
-    return Ablation(outputs, resid)
+    return resid
+
+
+def make_ablation(weights, outputs: list[torch.Tensor] | None) -> Ablation:
+    """Ablated source outputs (``None``: zero ablation) with the residual each destination block reads."""
+    return Ablation(outputs, residual_walk(weights, outputs))
 
 
 def clean_states(weights, outputs: list[torch.Tensor], ablation: Ablation) -> list[PrefixState]:
-    """Prefix states of the full circuit (= the plain run that recorded ``outputs``) at every layer."""
-    states, resid, deltas = [], outputs[0][0], []
-    for block, out in enumerate(outputs):
-        abl = ablation.outputs[block] if ablation.outputs is not None else None
-        deltas.append(out if abl is None else out - abl)
-        if block % 2 == 0:  # after the embedding or an MLP: a layer starts
-            if block:
-                lw = weights.layers[block // 2 - 1]
-                resid = resid + outputs[block - 1].sum(0) + _attn_bias(lw) + out[0]
-            states.append(PrefixState(block // 2, resid, list(deltas)))
-    return states
+    """Prefix states at every layer (and after the last) of the full circuit, which is the plain run that
+    recorded ``outputs``: its residual walk and its deltas from ``ablation``."""
+    resid = residual_walk(weights, outputs)
+    abl = ablation.outputs or [None] * len(outputs)
+    deltas = [out if a is None else out - a for out, a in zip(outputs, abl)]
+    return [PrefixState(layer, resid[2 * layer], deltas[:1 + 2 * layer]) for layer in range(len(weights.layers) + 1)]

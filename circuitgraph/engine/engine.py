@@ -113,7 +113,8 @@ class PatchEngine:
         return make_ablation(self.w, outputs)
 
     def clean_states(self, outputs: list[torch.Tensor], ablation: Ablation) -> list[PrefixState]:
-        """Prefix states of the full circuit (= the plain run that recorded ``outputs``) at every layer."""
+        """Prefix states at every layer (and after the last) of the full circuit, read off the plain run
+        that recorded ``outputs`` (no patched run needed)."""
         return clean_states(self.w, outputs, ablation)
 
     def compile(self, masks: torch.Tensor, position_masks: dict[tuple[int, int], torch.Tensor] | None = None,
@@ -126,8 +127,17 @@ class PatchEngine:
                     stop_layer: int | None = None):
         """Logits of the clean ``tokens`` with every edge outside the plan's circuits ablated.
 
-        Returns ``[C, B, vocab]`` (at ``logit_positions``) or ``[C, B, P, vocab]``.  With
-        ``stop_layer`` it returns the :class:`PrefixState` at that layer instead (one circuit);
-        with ``start`` it resumes from such a state (the plan must agree with it before its layer).
+        Returns ``[C, B, vocab]`` (at ``logit_positions``) or ``[C, B, P, vocab]``.  With ``start`` it
+        resumes from a :class:`PrefixState` (the plan must agree with it before its layer); with
+        ``stop_layer``, the same as :meth:`pause`.
         """
-        return PatchedRun(self, tokens, ablation, plan, logit_positions, start, stop_layer).run()
+        if stop_layer is not None:
+            return self.pause(tokens, ablation, plan, stop_layer, start)
+        return PatchedRun(self, tokens, ablation, plan, logit_positions, start).run()
+
+    def pause(self, tokens: torch.Tensor, ablation: Ablation, plan: Plan, layer: int,
+              start: PrefixState | None = None) -> PrefixState:
+        """The patched run of one circuit stopped at the start of ``layer`` (``n_layers``: after the last
+        one, every source's delta), carried on from ``start`` when given: what runs that differ from
+        the circuit only from that layer on resume from."""
+        return PatchedRun(self, tokens, ablation, plan, None, start, layer).run()

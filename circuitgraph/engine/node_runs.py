@@ -54,32 +54,37 @@ class NodeRuns:
                                      for d in self.out_of[s])
 
     def cheaper(self, removed: list[tuple[int, int]] | None, tokens: int, length: int) -> bool:
-        """Whether this run (without ``removed``; the whole circuit when None) costs fewer multiply-adds than
-        a patched run resumed at the removal's first layer (from the embedding when None): every head and
+        """Whether this run (without ``removed``; the whole circuit when None) costs no more than the patched
+        run it replaces (:meth:`costs`).  A sparse circuit and its removals are cheaper here; a dense
+        circuit, or removals from a nearly complete one (path patching), not."""
+        here, patched = self.costs(removed, tokens, length)
+        return here <= patched
+
+    def costs(self, removed: list[tuple[int, int]] | None, tokens: int, length: int) -> tuple[float, float]:
+        """Multiply-adds per token of this run (without ``removed``; the whole circuit when None) and of a
+        patched run resumed at the removal's first layer (from the embedding when None): every head and
         MLP from there on, each destination mixing the fewer of the circuit's sources into it and the
         others.  Over ``tokens`` tokens of prompts ``length`` long; each node computed here also pays a
-        fixed cost for its dozen small operations (:data:`NODE_OVERHEAD`).  A sparse circuit and its
-        removals are cheaper here; a dense circuit, or removals from a nearly complete one (path patching),
-        not."""
+        fixed cost for its dozen small operations (:data:`NODE_OVERHEAD`)."""
         gone = set(map(tuple, removed or ()))
         e, H, D = self.e, self.H, self.e.D
         head, mlp = 4 * D * e.dh, self._mlp_macs
         n_in = lambda d: sum((s, d) not in gone for s in self.into.get(d, ()))
         nodes, logits_changed = self.changed(removed)
         if not nodes and not logits_changed:  # nothing to run
-            return True
+            return 0.0, 0.0
         here = n_in(self.logits_dest) * D
         for n in nodes:
             share = 1.0 if self.everywhere.get(n, False) else 1 / length
             dests = self._dests(n)
             here += (head if len(dests) == 3 else mlp * share) + sum(n_in(d) for d in dests) * D + NODE_OVERHEAD / tokens
-        first = min(d // (3 * H + 1) for _, d in gone) if removed is not None else 0
+        first = min((d // (3 * H + 1) for _, d in gone), default=self.n_layers) if removed is not None else 0
         n_up = self.e.graph.n_upstream.tolist()
         resumed = (self.n_layers - first) * (H * head + mlp)
         for d in range(first * (3 * H + 1), self.logits_dest + 1):
             k = n_in(d)
             resumed += min(k, n_up[d] - k) * D
-        return here <= resumed
+        return here, resumed
 
     @property
     def _mlp_macs(self) -> int:

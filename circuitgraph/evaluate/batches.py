@@ -171,7 +171,7 @@ class Batches:
         (a bootstrap resample); mean ablation keeps the means of the data it was made with."""
         idx = torch.as_tensor(list(idx), dtype=torch.long)
         sub = copy.copy(self)
-        sub.data, sub._cache = self.data.take(idx), {}
+        sub.data, sub._cache, sub._clean_prefixes = self.data.take(idx), {}, {}
         for memo in ("_undefined", "_circuit_memo"):  # per-dataset results: none carry over to the rows
             sub.__dict__.pop(memo, None)
         if hasattr(self, "_circuit_memo"):

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from circuitgraph.engine.node_runs import NodeRuns
 from circuitgraph.errors import CircuitWarning
 from circuitgraph.evaluate.baselines import bootstrap_se, normalised
+from circuitgraph.evaluate.scoring import NODE_RUNS_AT_MOST
 from circuitgraph.graph.nodes import NodeRef
 from circuitgraph.spec.circuit_spec import CircuitSpec, ResolvedCircuit
 
@@ -71,19 +72,24 @@ class Effects:
     def values_without(self, mask: torch.Tensor, removals: list, chunk: int | None = None, desc: str | None = None,
                        positions: list[str] | None = None, position_edges: dict | None = None) -> np.ndarray:
         """Per-example metric ``[R, N]`` of a circuit without each removal (a list of its ``(source,
-        destination)`` edges; with ``positions``, removed at those named positions only, as path
-        patching does).  The circuit is ``mask`` (bool ``[n_sources, n_destinations]``, edges at every
+        destination)`` edges, possibly none; with ``positions``, removed at those named positions only, as
+        path patching does).  The circuit is ``mask`` (bool ``[n_sources, n_destinations]``, edges at every
         position) plus ``position_edges`` (``{edge: position names}``, edges at those positions only).
+        The one resumed loop: node and edge effects, path patching, ACDC and exact edge effects use it.
 
-        On a CPU, a removal that is cheaper so (:meth:`NodeRuns.cheaper`: a sparse circuit's, of a model
-        without post-attention norms) recomputes only the circuit's nodes it changes, from the deltas of the
-        circuit's own run (:mod:`circuitgraph.engine.node_runs`).  Otherwise: nothing before the first layer
-        a removal changes can differ from the circuit's own run, so each removal resumes from that run paused there (paused at each such layer in turn, once per batch),
-        ``chunk`` at a time (default :attr:`circuits_per_pass`: on GPT-2 small over 16 x 16 tokens,
-        resumed removals from MIB's IOI circuit ran 1.14-1.19x faster one by one than 16 stacked; nearly
-        complete circuits, as in path patching, stack better: see :attr:`trials_per_pass`).  With
-        positions the removals run one at a time, their plans built per batch from its positions.  Removals
-        of the same edges (a node with one edge, and that edge) run once."""
+        Nothing before the first layer a removal changes can differ from the circuit's own run, so each
+        removal resumes from that run paused there (:meth:`_prefix`: read off the clean run while the circuit
+        holds every edge into earlier layers, else the circuit's run paused at each such layer in turn, once
+        per batch), ``chunk`` at a time (default :attr:`circuits_per_pass`: on GPT-2 small over 16 x 16
+        tokens, resumed removals from MIB's IOI circuit ran 1.14-1.19x faster one by one than 16 stacked;
+        nearly complete circuits, as in path patching, stack better: see :attr:`trials_per_pass`).  With
+        positions the removals run one at a time, their plans built per batch from its positions.
+
+        On a CPU, when it costs fewer multiply-adds all told (:meth:`NodeRuns.costs`, the circuit's own run
+        included: the removals of a sparse circuit, of a model without post-attention norms), removals
+        instead recompute only the circuit's nodes they change, from the deltas of the circuit's own run
+        (:mod:`circuitgraph.engine.node_runs`).  Removals of the same edges (a node with one edge, and that
+        edge) run once."""
         first = {}  # a removal's edges -> the first removal of them
         same = [first.setdefault(frozenset(map(tuple, r)), i) for i, r in enumerate(removals)]
         if len(first) < len(removals):
@@ -91,31 +97,71 @@ class Effects:
             vals = self.values_without(mask, [removals[i] for i in unique], chunk, desc, positions, position_edges)
             row = {i: j for j, i in enumerate(unique)}
             return vals[[row[i] for i in same]]
-        e, dev = self.engine, self.model.device
-        positional = bool(positions) or bool(position_edges)
-        if not positional and dev.type == "cpu" and NodeRuns.applies(e):
-            runs = NodeRuns(e, mask)
-            B, P = min(self.batch_size, len(self.data)), self.data.clean.shape[1]
-            here = [i for i, r in enumerate(removals) if runs.cheaper(r, B * P, P)]
-            if here:
-                out = np.zeros((len(removals), len(self.data)), dtype=np.float64)
-                out[here] = self._values_recomputing_changed(runs, mask, [removals[i] for i in here], desc)
-                rest = [i for i in range(len(removals)) if i not in set(here)]
-                if rest:
-                    out[rest] = self._values_resumed(mask, [removals[i] for i in rest], chunk, desc)
-                return out
-        return self._values_resumed(mask, removals, chunk, desc, positions, position_edges)
+        here = [] if positions or position_edges else self._by_nodes(mask, removals)
+        out = np.zeros((len(removals), len(self.data)), dtype=np.float64)
+        if here:
+            out[here] = self._values_by_nodes(mask, [removals[i] for i in here], desc)
+        rest = [i for i in range(len(removals)) if i not in set(here)]
+        if rest:
+            out[rest] = self._values_resumed(mask, [removals[i] for i in rest], chunk, desc, positions, position_edges)
+        return out
+
+    def _by_nodes(self, mask: torch.Tensor, removals: list) -> list[int]:
+        """The removals to run by :class:`NodeRuns` (see :meth:`values_without`): those cheaper so, when
+        they together save more than the circuit's own run costs."""
+        if (self.model.device.type != "cpu" or not NodeRuns.applies(self.engine) or len(removals) < 2
+                or int(mask.sum()) > NODE_RUNS_AT_MOST * self.graph.n_edges):  # one removal never repays the circuit's run
+            return []
+        runs = NodeRuns(self.engine, mask)
+        B, P = min(self.batch_size, len(self.data)), self.data.clean.shape[1]
+        costs = [runs.costs(r, B * P, P) for r in removals]
+        chosen = [i for i, (here, resumed) in enumerate(costs) if here <= resumed]
+        saved = sum(costs[i][1] - costs[i][0] for i in chosen)
+        return chosen if saved > runs.costs(None, B * P, P)[1] else []
+
+    def _run_batches(self, jobs: list, run, n: int, desc: str | None, fallback: np.ndarray | None = None) -> np.ndarray:
+        """The run loop: per-example metric ``[n, N]`` from ``jobs`` of ``(rows of the result, batch, ...)``
+        in order, ``run(job, part, ablation)`` giving their logits ``[len(rows), B, vocab]`` (or ``None``:
+        ``fallback``'s values stand), summed over ranks."""
+        out = np.zeros((n, len(self.data)), dtype=np.float64)
+        spans = self._spans()
+        for job in tqdm(jobs, desc=desc or "patched runs", leave=False, disable=not self.progress or len(jobs) < 2):
+            rows, s = job[0], job[1]
+            a, b = spans[s]
+            part, abl, clean_logits = self._batch(s, a, b)
+            logits = run(job, part, abl)
+            if logits is None:
+                out[rows, a:b] = fallback[a:b]
+            else:
+                out[rows, a:b] = self._values(logits, part, clean_logits.expand(len(rows), -1, -1)).numpy()
+        return self.reduce(out)
+
+    def _prefix(self, s: int, part, abl, layer: int, mask: torch.Tensor, plan, previous):
+        """Batch ``s``'s prefix state at ``layer`` of the circuit ``mask`` (compiled: ``plan``): read off the
+        batch's clean run, cached, while the circuit holds every edge into earlier layers (ACDC, exact
+        effects, path patching); else the circuit's run paused there, carried on from ``previous``."""
+        G, dev = self.graph, self.model.device
+        before = G.head_dest(layer, 0, "q") if layer < G.n_layers else G.logits_dest
+        if plan is not None and torch.equal(mask[:, :before].cpu(), G.legal[:, :before]):
+            states = self._clean_prefixes.get(s)
+            if states is None:
+                _, outs = self.engine.run(part.clean.to(dev), record=True)
+                states = self.engine.clean_states(outs, abl)
+                if self._cache_ok:
+                    self._clean_prefixes[s] = states
+            return states[layer]
+        return self.engine.pause(part.clean.to(dev), abl, plan, layer, start=previous)
 
     def _values_resumed(self, mask: torch.Tensor, removals: list, chunk: int | None, desc: str | None,
                         positions: list[str] | None = None, position_edges: dict | None = None) -> np.ndarray:
-        """:meth:`values_without` by runs resumed from the circuit's own run paused at each removal's first layer."""
+        """:meth:`values_without` by patched runs resumed from the circuit's own run paused at each removal's first layer."""
         G, e, dev = self.graph, self.engine, self.model.device
-        position_edges = position_edges or {}
-        positional = bool(positions) or bool(position_edges)
         dst_layer = [NodeRef.parse(d).block_layer(G.n_layers) for d in G.destinations]
         by_layer: dict[int, list[int]] = {}
         for i, r in enumerate(removals):
-            by_layer.setdefault(min(dst_layer[d] for _, d in r), []).append(i)
+            by_layer.setdefault(min((dst_layer[d] for _, d in r), default=G.n_layers), []).append(i)
+        position_edges = position_edges or {}
+        positional = bool(positions) or bool(position_edges)
         chunk = 1 if positional else chunk or self.circuits_per_pass
 
         def without(idx: list[int]) -> torch.Tensor:
@@ -128,52 +174,54 @@ class Effects:
         chunks = {layer: [todo[c:c + chunk] for c in range(0, len(todo), chunk)] for layer, todo in by_layer.items()}
         plans = {} if positional else {tuple(idx): e.compile(without(idx)) for cs in chunks.values() for idx in cs}
         plain = None if position_edges else e.compile(mask[None].to(dev))
-        bases = {}  # batch -> (its position masks of the circuit's edges, the circuit's plan)
-        out = np.zeros((len(removals), len(self.data)), dtype=np.float64)
-        jobs = [(s, layer) for s in range(self.n_batches) for layer in sorted(chunks)]  # a batch's layers in order
-        state = None
-        for s, layer in tqdm(jobs, desc=desc or "patched runs", leave=False, disable=not self.progress or len(jobs) < 2):
-            a, b = self._spans()[s]
-            part, abl, clean_logits = self._batch(s, a, b)
+        bases: dict = {}  # batch -> (its position masks of the circuit's edges, the circuit's plan)
+        state: list = [None]  # the batch's last prefix state, carried on to its next layer
+
+        def run(job, part, abl):
+            idx, s, layer, first = job
             clean, last = part.clean.to(dev), part.last.to(dev)
             if s not in bases:
                 at = {edge: part.position_mask(list(names)).to(dev) for edge, names in position_edges.items()}
                 bases[s] = at, plain if plain is not None else e.compile(mask[None].to(dev), at, *clean.shape)
-                state = None
+                state[0] = None
             at, base = bases[s]
-            # the circuit's run paused at this layer: the batch's previous pause carried on from where it stopped
-            state = e.patched_run(clean, abl, base, start=state, stop_layer=layer)
-            kept_at = ~part.position_mask(list(positions)).to(dev) if positions else None  # where removed edges stay
-            for idx in chunks[layer]:
-                if positional:
-                    removed = set(removals[idx[0]])
-                    pos = {edge: pm for edge, pm in at.items() if edge not in removed}
-                    pos.update({edge: kept_at for edge in removed} if positions else {})
-                    trial = e.compile(without(idx), pos or None, *clean.shape)
-                else:
-                    trial = plans[tuple(idx)]
-                logits = e.patched_run(clean, abl, trial, logit_positions=last, start=state)
-                out[idx, a:b] = self._values(logits, part, clean_logits.expand(len(idx), -1, -1)).numpy()
-        return self.reduce(out)
+            if first:  # the batch's first chunk at this layer
+                state[0] = self._prefix(s, part, abl, layer, mask, plain, state[0]) if plain is not None else \
+                    e.pause(clean, abl, base, layer, start=state[0])
+            if positional:
+                kept_at = ~part.position_mask(list(positions)).to(dev) if positions else None  # where removed edges stay
+                removed = set(removals[idx[0]])
+                pos = {edge: pm for edge, pm in at.items() if edge not in removed}
+                pos.update({edge: kept_at for edge in removed} if positions else {})
+                trial = e.compile(without(idx), pos or None, *clean.shape)
+            else:
+                trial = plans[tuple(idx)]
+            return e.patched_run(clean, abl, trial, logit_positions=last, start=state[0])
 
-    def _values_recomputing_changed(self, runs: NodeRuns, mask: torch.Tensor, removals: list, desc: str | None) -> np.ndarray:
+        # a batch's layers in order, so each pause carries on from the last
+        jobs = [(idx, s, layer, k == 0) for s in range(self.n_batches) for layer in sorted(chunks)
+                for k, idx in enumerate(chunks[layer])]
+        return self._run_batches(jobs, run, len(removals), desc)
+
+    def _values_by_nodes(self, mask: torch.Tensor, removals: list, desc: str | None) -> np.ndarray:
         """:meth:`values_without` by :class:`~circuitgraph.engine.node_runs.NodeRuns`: per batch, the circuit's
         run once, then each removal recomputes only the nodes it changes (a removal that changes nothing
         reaching the logits keeps the circuit's own values).  On a CPU, one circuit at a time: the 378
         removals of a 300-edge SmolLM2-135M circuit over 16 IOI rows took 0.38x as long as resumed runs
         (``benchmarks/bench_explore.py``)."""
         e, dev = self.engine, self.model.device
+        runs = NodeRuns(e, mask)
         own = self.circuit_values(self._from_mask(mask))
-        out = np.zeros((len(removals), len(self.data)), dtype=np.float64)
         plan = e.compile(mask[None].to(dev))
-        jobs = [(s, i) for s in range(self.n_batches) for i in range(len(removals))]
-        deltas = None
-        for s, i in tqdm(jobs, desc=desc or "patched runs", leave=False, disable=not self.progress or len(jobs) < 2):
-            a, b = self._spans()[s]
-            part, abl, clean_logits = self._batch(s, a, b)
-            clean, last = part.clean.to(dev), part.last.to(dev)
-            if i == 0:
-                deltas = e.patched_run(clean, abl, plan, stop_layer=self.graph.n_layers).flat
-            logits = runs.logits(clean, abl, last, deltas, removals[i])
-            out[i, a:b] = own[a:b] if logits is None else self._values(logits[None], part, clean_logits[None]).numpy()[0]
-        return self.reduce(out)
+        deltas: list = [None]
+
+        def run(job, part, abl):
+            (i,), s = job
+            clean = part.clean.to(dev)
+            if i == 0:  # the batch's first removal: the circuit's own run, every delta
+                deltas[0] = e.pause(clean, abl, plan, self.graph.n_layers).flat
+            logits = runs.logits(clean, abl, part.last.to(dev), deltas[0], removals[i])
+            return None if logits is None else logits[None]
+
+        jobs = [([i], s) for s in range(self.n_batches) for i in range(len(removals))]
+        return self._run_batches(jobs, run, len(removals), desc, fallback=own)

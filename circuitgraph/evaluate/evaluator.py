@@ -69,6 +69,7 @@ class Evaluator(Batches, Baselines, Scoring, Effects):
             self.batch_size = batch_size
         self._mean = self._mean_outputs(reference if reference is not None else data) if ablation == "mean" else None
         self._cache: dict[int, tuple] = {}
+        self._clean_prefixes: dict[int, list] = {}  # per batch: the clean run's prefix states (ACDC, path patching)
         self._circuit_memo: OrderedDict = OrderedDict()  # circuit_values of the last few circuits
         cached = self.pass_mb(len(data), circuits=0)  # every batch's ablated run
         # kept beside one pass of the circuits
