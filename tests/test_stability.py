@@ -213,18 +213,38 @@ def test_cli_bootstrap_stable_circuit_and_band(ioi, capsys):
 
 @pytest.mark.parametrize("extra,needle", [
     (["--bootstrap", "0"], "expected a positive integer"),
-    (["--bootstrap", "3", "--by-template"], "--by-template: the rows name no template"),
+    (["--bootstrap", "3", "--by-template", "--data", "untemplated"], 'no "template" field'),
     (["--by-template"], "--by-template needs --bootstrap"),
     (["--stability-threshold", "0.5"], "--stability-threshold needs --bootstrap"),
     (["--bootstrap", "3", "--stability-threshold", "1.5"], "fraction of the resamples in (0, 1]"),
     (["--bootstrap", "3", "--format", "mib"], "--format mib"),
 ])
 def test_cli_bootstrap_refusals(ioi, capsys, extra, needle):
+    rows = [json.loads(line) for line in (ioi / "ioi.jsonl").read_text().splitlines()]
+    (ioi / "untemplated.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "template"}) + "\n"
+                                                   for r in rows))
+    extra = [str(ioi / "untemplated.jsonl") if x == "untemplated" else x for x in extra]
     argv = ["discover", "--model", "toy-ioi", "--data", str(ioi / "ioi.jsonl"), "--method", "eap", "-o", str(ioi / "r.json")]
     rc, _, err = _run(capsys, *argv, *extra, "--top-n", "10")
     assert rc == 2 and "Traceback" not in err
     last = err.strip().splitlines()[-1]
     assert needle in last, last
+
+
+def test_cli_bootstrap_by_template_resamples_whole_templates(ioi, capsys, monkeypatch):
+    """make-data rows name their template; --by-template draws templates (a template's rows come together)."""
+    from circuitgraph.discovery import stability
+
+    rows = [json.loads(line) for line in (ioi / "ioi.jsonl").read_text().splitlines()]
+    templates = [r["template"] for r in rows]
+    assert len(set(templates)) >= 2 and all("[A]" in t and "[B]" in t for t in templates)
+    draws = []
+    resample = stability.resample_rows
+    monkeypatch.setattr(stability, "resample_rows", lambda *a, **k: draws.append(k.get("groups") or a[3]) or resample(*a, **k))
+    rc, out, err = _run(capsys, "discover", "--model", "toy-ioi", "--data", str(ioi / "ioi.jsonl"), "--method", "eap",
+                        "--top-n", "15", "--bootstrap", "4", "--by-template", "--json", "-o", str(ioi / "bt.json"))
+    assert rc == 0, err
+    assert draws == [templates] and json.loads(out)["bootstrap"]["resample"] == "groups"
 
 
 def test_cli_holdout(ioi, tmp_path, capsys):

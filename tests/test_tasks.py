@@ -78,7 +78,8 @@ def check_format(tok, examples, n):
     """The dataset contract (docs/contract.md) every task shares."""
     assert len(examples) == n
     for ex in examples:
-        assert set(ex) == {"clean", "corrupted", "answer", "wrong", "positions"}
+        assert set(ex) - {"template"} == {"clean", "corrupted", "answer", "wrong", "positions"}
+        assert isinstance(ex.get("template", ""), str)  # the template a row was filled from, when it names one
         clean, corrupted = ids(tok, ex["clean"]), ids(tok, ex["corrupted"])
         assert len(clean) == len(corrupted)
         assert ex["positions"]["END"] == len(clean) - 1

@@ -14,7 +14,7 @@ def add_bootstrap_args(p) -> None:
                         "with this run's selection rule and size, and give every edge its inclusion frequency, the mean "
                         "pairwise Jaccard of the resampled circuits and, with --curve, a 95%% band on each curve point")
     p.add_argument("--by-template", action="store_true",
-                   help="resample whole templates instead of rows (needs rows that name their template)")
+                   help="resample whole templates instead of rows (rows name theirs in a \"template\" field, as make-data writes it)")
     p.add_argument("--stability-threshold", type=_fraction, nargs="?", const=STABLE_FRACTION, default=None, metavar="PI",
                    help=f"with --bootstrap: write the stability-selected circuit, the units kept in at least PI of the "
                         f"resamples (default {STABLE_FRACTION:g}), instead of this run's selection")
@@ -33,15 +33,12 @@ def _fraction(text: str) -> float:
 
 
 def check_bootstrap_args(args) -> None:
-    """Refusals that need no model: flags that only mean something with --bootstrap, and --by-template."""
+    """Refusals that need no model: flags that only mean something with --bootstrap."""
     if args.bootstrap is None:
         for flag, given in (("--by-template", args.by_template), ("--stability-threshold", args.stability_threshold is not None)):
             if given:
                 raise CLIError(f"{flag} needs --bootstrap B")
         return
-    if args.by_template:
-        raise CLIError("--by-template: the rows name no template (a dataset row holds clean, corrupted, answer, wrong and "
-                       "positions only), so whole templates cannot be resampled; drop --by-template to resample rows")
     if args.format == "mib":
         raise CLIError("--bootstrap: MIB's circuit JSON (--format mib) has no field for inclusion frequencies; use --format spec")
 
@@ -50,9 +47,15 @@ def run_bootstrap(args, ev, rule, mask, how: str, curve: bool):
     """``(stability, mask, how)``: the resamples' frequencies and, with --stability-threshold, the stable circuit."""
     from circuitgraph.discovery.stability import bootstrap
 
+    groups = None
+    if args.by_template:
+        groups = ev.data.templates()
+        if len(set(groups)) < 2:
+            raise CLIError(f"--by-template: every row names the same template ({groups[0]!r}); resampling templates needs "
+                           f"at least two, or drop --by-template to resample rows")
     stab = bootstrap(ev, args.method, rule, args.bootstrap, seed=args.seed, curve=curve, progress=not args.json,
                      steps=args.steps, tau=args.tau, ig_points=args.ig_points, keep_deltas=args.keep_deltas,
-                     by_position=args.by_position)
+                     by_position=args.by_position, groups=groups)
     if args.stability_threshold is None:
         return stab, mask, how
     pi = args.stability_threshold

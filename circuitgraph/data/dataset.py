@@ -88,6 +88,19 @@ class TaskData:
         ex = self.examples[i] if i < len(self.examples) else None
         return (ex._where if ex is not None and ex._where else None) or f"{self.source} example {i + 1}"
 
+    def templates(self) -> list[str]:
+        """Each row's ``template`` (an extra field ``make-data`` writes: the template it filled), for resampling
+        whole templates; a row without one is refused, naming it."""
+        out = []
+        for i in range(len(self)):
+            ex = self.examples[i] if i < len(self.examples) else None
+            label = (ex.model_extra or {}).get("template") if ex is not None else None
+            if not isinstance(label, (str, int)) or isinstance(label, bool):
+                raise DataError(f"{self.where(i)}: no \"template\" field (a string naming the template the row was filled from, "
+                                f"as make-data writes it); resampling by template needs it on every row")
+            out.append(str(label))
+        return out
+
     def check_positions(self, names, user: str = "the circuit") -> None:
         """Every example must name each position in ``names``; the error names the first that does not
         (an example without it would silently be patched nowhere).  ``rest`` is every row's own."""

@@ -117,8 +117,9 @@ def fill(template: str, values: dict[str, str]) -> tuple[str, dict[str, list[int
 
 
 def make_example(tokenizer, clean: str, corrupted: str, answer, wrong,
-                 positions: dict[str, int], expect: dict[str, int] | None = None) -> dict:
-    """Check lengths (and the token ids ``expect`` names at positions), then build the dict."""
+                 positions: dict[str, int], expect: dict[str, int] | None = None, template: str | None = None) -> dict:
+    """Check lengths (and the token ids ``expect`` names at positions), then build the dict; ``template``
+    names the template the row was filled from (``discover --bootstrap --by-template`` resamples by it)."""
     ids, cids = encode(tokenizer, clean), encode(tokenizer, corrupted)
     if len(ids) != len(cids):
         raise TaskError(f"clean and corrupted tokenize to {len(ids)} and {len(cids)} tokens for this tokenizer "
@@ -130,7 +131,8 @@ def make_example(tokenizer, clean: str, corrupted: str, answer, wrong,
         if ids[positions[name]] != tid:
             raise TaskError(f"position {name}={positions[name]} of {clean!r} is not the expected token "
                             f"for this tokenizer ({tokenizer_name(tokenizer)}); the word merges with its neighbours")
-    return {"clean": clean, "corrupted": corrupted, "answer": answer, "wrong": wrong, "positions": positions}
+    row = {"clean": clean, "corrupted": corrupted, "answer": answer, "wrong": wrong, "positions": positions}
+    return row if template is None else {**row, "template": template}
 
 
 def rng_for(seed: int) -> random.Random:

@@ -117,5 +117,5 @@ def generate(tokenizer, n: int, seed: int = 0, corruption: str = "abc", names=No
         io_id = require_single(tokenizer, " " + io, "answer")
         s_id = require_single(tokenizer, " " + s, "wrong")
         out.append(make_example(tokenizer, clean, corrupted, " " + io, " " + s, pos,
-                                expect={"IO": io_id, "S1": s_id, "S2": s_id}))
+                                expect={"IO": io_id, "S1": s_id, "S2": s_id}, template=t))
     return out
