@@ -1,8 +1,9 @@
 """The patching engine: a model in per-head form, run plainly or with edges patched.
 
-See :mod:`circuitgraph.engine.plan` for how circuits compile and
-:mod:`circuitgraph.engine.patched_run` for the patched pass; every run goes through the one
-block in :mod:`circuitgraph.engine.kernel`.
+See :mod:`circuitgraph.engine.plan` for how circuits compile,
+:mod:`circuitgraph.engine.patched_run` for the patched pass and :mod:`circuitgraph.engine.node_runs` for
+runs that compute only a sparse circuit's nodes; every run is made of the one block in
+:mod:`circuitgraph.engine.kernel` (node runs call its per-node pieces).
 """
 
 from __future__ import annotations

@@ -3,7 +3,9 @@
 The plain run, the patched run, the probed (attribution) run and paused/resumed runs differ only
 in what each head port and MLP reads; :meth:`Kernel.block` takes those inputs and does the rest
 (attention with rotary, sliding windows, soft-capping and q/k norms; post-norms; the MLP), so a
-model feature is implemented here or nowhere.
+model feature is implemented here or nowhere.  Node runs (:mod:`circuitgraph.engine.node_runs`)
+call the same pieces (:meth:`Kernel.port_qkv`, :meth:`Kernel.attend`, :meth:`Kernel.head_outputs`,
+:meth:`Kernel.mlp_out`) one node at a time.
 """
 
 from __future__ import annotations
