@@ -10,9 +10,9 @@ Removing edges from a circuit changes the inputs of the removed edges' destinati
 the circuit's nodes downstream of them, and nothing else: every other node's delta (patched minus
 ablated output) is the circuit's own.  So a removal run starts from the deltas of the circuit's run
 and recomputes, layer by layer, only the nodes that descend from a removed edge and still reach the
-logits.  A node
-read (through the circuit) only at the logit positions is needed there alone: an MLP is computed at
-those positions only, a head's queries may be stale elsewhere (each query position attends alone).
+logits.  A node read (through the circuit) only at the logit positions is needed there alone: an MLP
+is computed at those positions only, a head's queries may be stale elsewhere (each query position
+attends alone).
 
 A removal run of a sparse circuit computes a few heads and MLPs where a resumed run computes every
 layer after the first changed one (node and edge effects of a 300-edge SmolLM2-135M circuit: see
