@@ -84,6 +84,46 @@ def signal():
     return m, tokenize([Example(**r) for r in signal_rows(m, 6, seed=5)], m.tokenizer)
 
 
+def naive_acdc_by_position(ev, tau):
+    """ACDC over edge x span units exactly as described: every unit, one patched run of the whole
+    position-restricted circuit per trial."""
+    from circuitgraph.discovery.acdc import damage
+    from circuitgraph.spec.circuit_spec import ResolvedCircuit
+
+    G, spans = ev.graph, ["S", "END", "rest"]
+    keep = G.legal[..., None].repeat(1, 1, len(spans))
+
+    def value(k):
+        edges = {(s, d): (None if k[s, d].all() else [spans[j] for j in range(len(spans)) if k[s, d, j]])
+                 for s, d in torch.nonzero(k.any(-1)).tolist()}
+        return ev.metric_values([ResolvedCircuit(G, edges)]).mean()
+
+    cur = value(keep)
+    for d in reversed(range(len(G.destinations))):
+        for s in reversed(range(int(G.n_upstream[d]))):
+            for j in range(len(spans)):
+                if keep[s, d, j]:
+                    trial = keep.clone()
+                    trial[s, d, j] = False
+                    v = value(trial)
+                    if damage(ev.metric_name, cur, v) < tau:
+                        keep, cur = trial, v
+    return keep
+
+
+@pytest.mark.parametrize("tau", [0.005, 0.05])
+def test_acdc_by_position_equals_naive_reference(signal, tau):
+    m, data = signal
+    ev = Evaluator(m, data, metric="logit_diff", batch_size=4, progress=False)
+    found = discover(ev, "acdc", tau=tau, by_position=True, progress=False)
+    slow = naive_acdc_by_position(ev, tau)
+    assert found.spans == ["S", "END", "rest"] and torch.equal(found.in_circuit, slow)
+    kept = int(slow.sum())
+    assert 0 < kept < int(m.graph.legal.sum()) * 3  # a real decision
+    partial = slow.any(-1) & ~slow.all(-1)
+    assert bool(partial.any())  # some edge kept at some of its positions only
+
+
 def test_positional_eap_ig_is_the_finite_difference_per_span(signal):
     """EAP-IG by position: the mean over IG points of the central difference of M when the edge's noising
     delta is added at the span's tokens only, through TransformerLens hooks."""
@@ -214,8 +254,6 @@ def test_refusals(tiny):
     with pytest.raises(DataError, match="positions 'A' and 'B' are the same token"):
         attribute(Evaluator(m, TaskData(data.clean, data.corrupted, data.lengths, data.answers, data.wrongs, clash),
                             progress=False), "eap", progress=False, by_position=True)
-    with pytest.raises(ValueError, match="ACDC"):
-        discover(Evaluator(m, data, progress=False), "acdc", by_position=True, progress=False)
     with pytest.raises(DataError, match="'rest' is reserved"):
         tokenize([Example(clean="a b", corrupted="b a", answer="a", wrong="b", positions={"rest": 0})], make_tokenizer())
 
@@ -260,7 +298,18 @@ def test_cli_discover_by_position(ioi_file, tmp_path, capsys):
     assert points[-1]["faithfulness"] == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("extra,needle", [(["--method", "acdc"], "ACDC"), (["--method", "eap", "--greedy"], "--greedy"),
+def test_cli_acdc_by_position_writes_edges_at_their_positions(ioi_file, tmp_path, capsys):
+    from circuitgraph.cli.commands import main
+
+    capsys.readouterr()
+    assert main(["discover", "--model", "toy-ioi", "--data", str(ioi_file), "--by-position", "--method", "acdc",
+                 "--tau", "0.001", "--json", "-o", str(tmp_path / "c.json")]) == 0
+    summary, spec = json.loads(capsys.readouterr().out), json.loads((tmp_path / "c.json").read_text())
+    assert summary["selection"].startswith("ACDC") and spec["edges"]
+    assert any(e.get("positions") for e in spec["edges"])  # some edge kept at some positions only
+
+
+@pytest.mark.parametrize("extra,needle", [(["--method", "eap", "--greedy"], "--greedy"),
                                           (["--method", "eap", "--format", "mib"], "--format mib"),
                                           (["--method", "eap", "--top-n", "100000"], "edge x position units")])
 def test_cli_by_position_refusals(ioi_file, tmp_path, capsys, extra, needle):

@@ -117,8 +117,7 @@ def cmd_discover(args) -> int:
 
     if args.threshold is not None and args.top_n is not None:
         raise CLIError("give --threshold or --top-n, not both")
-    for bad, why in ((args.method == "acdc", "ACDC keeps or removes whole edges; use --method eap, eap-ig, eap-ig-activations or exact"),
-                     (args.greedy, "--greedy grows whole edges; select by --top-n or --threshold"),
+    for bad, why in ((args.greedy, "--greedy grows whole edges; select by --top-n or --threshold"),
                      (args.format == "mib", "MIB's circuit JSON (--format mib) has no positions; use --format spec")):
         if args.by_position and bad:
             raise CLIError(f"--by-position: {why}")

@@ -11,7 +11,7 @@ import time
 
 from circuitgraph.evaluate import distributed as dist
 from circuitgraph.evaluate.evaluator import Evaluator
-from circuitgraph.discovery.acdc import acdc, exact_scores
+from circuitgraph.discovery.acdc import acdc, acdc_by_position, exact_scores
 from circuitgraph.discovery.eap import IG_POINTS, KEEP_DELTAS, attribute, ig_alphas
 from circuitgraph.discovery.curves import MIB_FRACTIONS, FaithfulnessCurve, faithfulness_curve, roc_auc
 from circuitgraph.discovery.edge_scores import EdgeScores, prune_dangling, spans_of
@@ -27,14 +27,11 @@ def discover(ev: Evaluator, method: str, *, steps: int = 5, tau: float = 0.01, p
     (see :func:`~circuitgraph.discovery.eap.ig_alphas`) and ``keep_deltas`` trades EAP's memory for time
     (see :func:`~circuitgraph.discovery.eap.attribute`).  Under ``torch.distributed`` the ranks share
     the examples and all return the same scores; only rank 0 shows progress.  ``by_position`` scores edge x
-    span units (see :class:`EdgeScores`); ACDC, which decides membership edge by edge, has no such form."""
+    span units (see :class:`EdgeScores`; ACDC then keeps or removes each unit)."""
     t = time.perf_counter()
     progress = progress and (not ev.distributed or dist.is_main())
-    if method == "acdc" and by_position:
-        raise ValueError("ACDC keeps or removes whole edges and has no by-position form; use --method eap, eap-ig, "
-                         "eap-ig-activations or exact with --by-position")
     if method == "acdc":
-        out = acdc(ev, tau, progress=progress)
+        out = acdc_by_position(ev, tau, progress=progress) if by_position else acdc(ev, tau, progress=progress)
     elif method == "exact":
         out = exact_scores(ev, progress=progress, by_position=by_position)
     elif method in ("eap", "eap-ig", "eap-ig-activations"):
@@ -47,5 +44,5 @@ def discover(ev: Evaluator, method: str, *, steps: int = 5, tau: float = 0.01, p
 
 
 __all__ = ["DEFAULT_LEVEL", "IG_POINTS", "KEEP_DELTAS", "METHODS", "MIB_FRACTIONS", "EdgeScores", "FaithfulnessCurve", "Selection",
-           "SelectionError", "STABLE_FRACTION", "Stability", "acdc", "attribute", "bootstrap", "discover", "exact_scores", "faithfulness_curve", "ig_alphas",
+           "SelectionError", "STABLE_FRACTION", "Stability", "acdc", "acdc_by_position", "attribute", "bootstrap", "discover", "exact_scores", "faithfulness_curve", "ig_alphas",
            "prune_dangling", "roc_auc", "smallest_faithful", "spans_of"]

@@ -1,4 +1,5 @@
-"""ACDC (Conmy et al. 2023) and the exact per-edge scorer, on the exact edge-patching engine.
+"""ACDC (Conmy et al. 2023), also over edge x position units, and the exact per-edge scorer, on the exact
+edge-patching engine.
 
 ACDC visits destinations from the logits backwards and, within each, sources from the latest;
 it removes an edge when removing it (from the current circuit) worsens the metric by less than
@@ -99,6 +100,56 @@ def acdc(ev: Evaluator, tau: float, batch: int | None = None, progress: bool = T
     return EdgeScores(G, scores, "acdc", {"tau": tau, "metric": metric, "n_trials": n_trials,
                                          "skipped_dead": n_dead, "ablation": ev.ablation_kind},
                       in_circuit=current)
+
+
+def acdc_by_position(ev: Evaluator, tau: float, progress: bool = True, max_units: int | None = None) -> EdgeScores:
+    """ACDC over edge x span units (spans: the dataset's named positions and ``rest``, every other token):
+    the same visiting order (destinations from the logits back, sources from the latest), each edge's spans
+    in turn, a unit removed when ablating the edge at that span's tokens (from the current circuit)
+    worsens the metric by less than ``tau``.  One trial at a time, each resumed at the destination's layer
+    from the clean run; an edge into a node whose every outgoing unit is gone is removed without a run.
+    ``max_units`` stops after visiting that many units (the rest stay in)."""
+    G, metric = ev.graph, ev.metric_name
+    spans = spans_of(ev.data)
+    keep = G.legal[..., None].repeat(1, 1, len(spans))  # [sources, destinations, spans]
+    n_trials = 0
+
+    def mean_metric(removal: list, at: list[str] | None) -> float:
+        """Mean metric of the current circuit without ``removal`` at the spans ``at`` (everywhere: None)."""
+        nonlocal n_trials
+        n_trials += 1
+        whole = keep.all(-1)
+        partial = {(s, d): [spans[j] for j in torch.nonzero(keep[s, d]).flatten().tolist()]
+                   for s, d in torch.nonzero(keep.any(-1) & ~whole).tolist()}
+        return float(ev.values_without(whole, [removal], positions=at, position_edges=partial).mean())
+
+    cur = mean_metric([], None)
+    scores = torch.zeros(keep.shape, dtype=torch.float64)
+    node_source = {n: i for i, n in enumerate(G.sources)}
+    n_dead, visited = 0, 0
+    bar = tqdm(total=G.n_edges * len(spans), desc=f"ACDC by position tau={tau:g}", leave=False, disable=not progress)
+    for d in reversed(range(len(G.destinations))):
+        node = NodeRef.parse(G.destinations[d]).name
+        units = [(s, j) for s in reversed(range(int(G.n_upstream[d]))) for j in range(len(spans)) if keep[s, d, j]]
+        if max_units is not None:
+            units = units[:max(0, max_units - visited)]
+        visited += len(units)
+        if node != "logits" and tau > 0 and not keep[node_source[node]].any():
+            for s, j in units:  # nothing reads this node: its inputs cannot matter
+                keep[s, d, j] = False
+            n_dead += len(units)
+            bar.update(len(units))
+            continue
+        for s, j in units:
+            value = mean_metric([(s, d)], [spans[j]])
+            scores[s, d, j] = dmg = damage(metric, cur, value)
+            if dmg < tau:
+                keep[s, d, j] = False
+                cur = value
+            bar.update(1)
+    bar.close()
+    return EdgeScores(G, scores, "acdc", {"tau": tau, "metric": metric, "n_trials": n_trials, "skipped_dead": n_dead,
+                                         "ablation": ev.ablation_kind}, in_circuit=keep, spans=spans)
 
 
 def exact_scores(ev: Evaluator, batch: int | None = None, progress: bool = True, by_position: bool = False) -> EdgeScores:

@@ -13,7 +13,6 @@ from circuitgraph.engine.node_runs import NodeRuns
 from circuitgraph.errors import CircuitWarning
 from circuitgraph.evaluate.baselines import bootstrap_se, normalised
 from circuitgraph.evaluate.scoring import NODE_RUNS_AT_MOST
-from circuitgraph.graph.nodes import NodeRef
 from circuitgraph.spec.circuit_spec import CircuitSpec, ResolvedCircuit
 
 
@@ -125,7 +124,7 @@ class Effects:
         ``fallback``'s values stand), summed over ranks."""
         out = np.zeros((n, len(self.data)), dtype=np.float64)
         spans = self._spans()
-        for job in tqdm(jobs, desc=desc or "patched runs", leave=False, disable=not self.progress or len(jobs) < 2):
+        for job in (tqdm(jobs, desc=desc or "patched runs", leave=False, disable=not self.progress) if len(jobs) > 1 else jobs):
             rows, s = job[0], job[1]
             a, b = spans[s]
             part, abl, clean_logits = self._batch(s, a, b)
@@ -137,12 +136,13 @@ class Effects:
         return self.reduce(out)
 
     def _prefix(self, s: int, part, abl, layer: int, mask: torch.Tensor, plan, previous):
-        """Batch ``s``'s prefix state at ``layer`` of the circuit ``mask`` (compiled: ``plan``): read off the
-        batch's clean run, cached, while the circuit holds every edge into earlier layers (ACDC, exact
-        effects, path patching); else the circuit's run paused there, carried on from ``previous``."""
+        """Batch ``s``'s prefix state at ``layer`` of the circuit ``mask`` (``plan()``: compiled for the batch,
+        with any edges it holds at some positions only): read off the batch's clean run, cached, while
+        ``mask`` holds every edge into earlier layers (at every position: ACDC, exact effects, path
+        patching); else the circuit's run paused there, carried on from ``previous``."""
         G, dev = self.graph, self.model.device
         before = G.head_dest(layer, 0, "q") if layer < G.n_layers else G.logits_dest
-        if plan is not None and torch.equal(mask[:, :before].cpu(), G.legal[:, :before]):
+        if torch.equal(mask[:, :before].cpu(), G.legal[:, :before]):
             states = self._clean_prefixes.get(s)
             if states is None:
                 _, outs = self.engine.run(part.clean.to(dev), record=True)
@@ -150,16 +150,16 @@ class Effects:
                 if self._cache_ok:
                     self._clean_prefixes[s] = states
             return states[layer]
-        return self.engine.pause(part.clean.to(dev), abl, plan, layer, start=previous)
+        return self.engine.pause(part.clean.to(dev), abl, plan(), layer, start=previous)
 
     def _values_resumed(self, mask: torch.Tensor, removals: list, chunk: int | None, desc: str | None,
                         positions: list[str] | None = None, position_edges: dict | None = None) -> np.ndarray:
         """:meth:`values_without` by patched runs resumed from the circuit's own run paused at each removal's first layer."""
         G, e, dev = self.graph, self.engine, self.model.device
-        dst_layer = [NodeRef.parse(d).block_layer(G.n_layers) for d in G.destinations]
+        per_layer = 3 * G.n_heads + 1  # destinations of a layer: its head ports and its MLP (the logits: n_layers)
         by_layer: dict[int, list[int]] = {}
         for i, r in enumerate(removals):
-            by_layer.setdefault(min((dst_layer[d] for _, d in r), default=G.n_layers), []).append(i)
+            by_layer.setdefault(min((d // per_layer for _, d in r), default=G.n_layers), []).append(i)
         position_edges = position_edges or {}
         positional = bool(positions) or bool(position_edges)
         chunk = 1 if positional else chunk or self.circuits_per_pass
@@ -173,26 +173,31 @@ class Effects:
 
         chunks = {layer: [todo[c:c + chunk] for c in range(0, len(todo), chunk)] for layer, todo in by_layer.items()}
         plans = {} if positional else {tuple(idx): e.compile(without(idx)) for cs in chunks.values() for idx in cs}
-        plain = None if position_edges else e.compile(mask[None].to(dev))
-        bases: dict = {}  # batch -> (its position masks of the circuit's edges, the circuit's plan)
+        bases: dict = {}  # batch -> [its position masks of the circuit's edges, the circuit's plan once a pause needs it]
         state: list = [None]  # the batch's last prefix state, carried on to its next layer
+
+        def circuit_plan(s: int, shape) -> object:
+            """The circuit's own plan for batch ``s`` (the same for every batch without edges at positions)."""
+            if bases[s][1] is None:
+                same = next((b[1] for b in bases.values() if b[1] is not None), None) if not position_edges else None
+                bases[s][1] = same or e.compile(mask[None].to(dev), bases[s][0] or None, *shape)
+            return bases[s][1]
 
         def run(job, part, abl):
             idx, s, layer, first = job
             clean, last = part.clean.to(dev), part.last.to(dev)
             if s not in bases:
-                at = {edge: part.position_mask(list(names)).to(dev) for edge, names in position_edges.items()}
-                bases[s] = at, plain if plain is not None else e.compile(mask[None].to(dev), at, *clean.shape)
+                bases[s] = [{edge: part.position_mask(list(names)).to(dev) for edge, names in position_edges.items()}, None]
                 state[0] = None
-            at, base = bases[s]
+            at = bases[s][0]
             if first:  # the batch's first chunk at this layer
-                state[0] = self._prefix(s, part, abl, layer, mask, plain, state[0]) if plain is not None else \
-                    e.pause(clean, abl, base, layer, start=state[0])
+                state[0] = self._prefix(s, part, abl, layer, mask, lambda: circuit_plan(s, clean.shape), state[0])
             if positional:
                 kept_at = ~part.position_mask(list(positions)).to(dev) if positions else None  # where removed edges stay
                 removed = set(removals[idx[0]])
                 pos = {edge: pm for edge, pm in at.items() if edge not in removed}
-                pos.update({edge: kept_at for edge in removed} if positions else {})
+                # a removed edge stays where it was and is not removed (an edge of the circuit at positions: at those)
+                pos.update({edge: kept_at & at[edge] if edge in at else kept_at for edge in removed} if positions else {})
                 trial = e.compile(without(idx), pos or None, *clean.shape)
             else:
                 trial = plans[tuple(idx)]
