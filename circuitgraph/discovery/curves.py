@@ -178,8 +178,8 @@ class CurvePair:
         fig, ax = plt.subplots(figsize=(5.5, 3.8))
         fmt = lambda v: "undefined" if v is None else f"{v:.3f}"
         mib = self.signed.rules == "mib"
-        self.signed.plot(ax=ax, label=f"signed ranking" + (f" (CPR {fmt(self.cpr)})" if mib else ""))
-        self.absolute.plot(ax=ax, label=f"|score| ranking (" + ("" if mib else f"CPR {fmt(self.cpr)}, ") + f"CMD {fmt(self.cmd)})")
+        self.signed.plot(ax=ax, label="signed ranking" + (f" (CPR {fmt(self.cpr)})" if mib else ""))
+        self.absolute.plot(ax=ax, label="|score| ranking (" + ("" if mib else f"CPR {fmt(self.cpr)}, ") + f"CMD {fmt(self.cmd)})")
         if (band := self.meta.get("bootstrap_band")) and self.absolute.band_low is not None:
             ax.plot([], [], color="grey", lw=0.8, ls=":", label=f"{100 * band['level']:g}% band over {band['n_resamples']} bootstrap resamples")
             ax.legend(fontsize=8)
