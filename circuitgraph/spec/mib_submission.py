@@ -27,7 +27,6 @@ file says the sign it holds in a top-level ``metadata`` object (MIB's loaders ig
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
