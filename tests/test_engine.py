@@ -74,14 +74,14 @@ def test_one_token_prompts_stacked_and_alone_match_by_hand(family):
 def test_one_circuit_mixes_match_by_hand(family, mix, monkeypatch):
     """A single circuit takes its own path (a sparse or dense mix, on a CPU chunk by chunk); each
     destination gets its own density so ports on both bases and every mix size occur."""
-    from circuitgraph.engine import patched_run, plan
+    from circuitgraph.engine import one_circuit
 
-    monkeypatch.setattr(plan, "SPARSE_BELOW", 1.1 if mix.startswith("sparse") else 0.0)
+    monkeypatch.setattr(one_circuit, "SPARSE_BELOW", 1.1 if mix.startswith("sparse") else 0.0)
     if mix == "sparse, in chunks":  # two token rows per chunk
-        monkeypatch.setattr(patched_run, "CPU_CHUNK_BYTES", 1)
-        monkeypatch.setattr(patched_run, "MIN_CHUNK_TOKENS", 2)
+        monkeypatch.setattr(one_circuit, "CPU_CHUNK_BYTES", 1)
+        monkeypatch.setattr(one_circuit, "MIN_CHUNK_TOKENS", 2)
     if mix.startswith("sparse"):  # a sparse product one token row at a time
-        monkeypatch.setattr(patched_run, "SPARSE_OPERAND_BYTES", 1)
+        monkeypatch.setattr(one_circuit, "SPARSE_OPERAND_BYTES", 1)
     m = tiny_model(family, seed=4)
     reused = m.engine.workspace
     monkeypatch.setattr(m.engine, "workspace", lambda *a: reused(*a).fill_(float("nan")))  # stale buffers must not leak
@@ -122,6 +122,34 @@ def test_one_circuit_mixes_match_by_hand(family, mix, monkeypatch):
     assert (at_last - ref[:, -1]).abs().max() < TOL
     e.release_workspace()
     assert not e._workspace
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("density", [0.05, 0.5, 0.95])
+def test_one_circuit_executor_equals_the_stacked_reference(family, density):
+    """One circuit runs on the one-circuit executor; the stacked reference (its plan without the
+    one-circuit products) gives the same logits, from the embedding, resumed and paused."""
+    from circuitgraph.engine.patched_run import PatchedRun
+    from circuitgraph.engine.plan import compile_plan
+
+    m = tiny_model(family, seed=6, double=True)
+    e, G = m.engine, m.graph
+    clean, corrupt = tokens(5)
+    g = torch.Generator().manual_seed(int(density * 100))
+    mask = (torch.rand(1, len(G.sources), len(G.destinations), generator=g) < density) & G.legal
+    with torch.no_grad():
+        abl = e.make_ablation(e.run(corrupt, record=True)[1], "corrupted")
+        fast_plan, reference_plan = e.compile(mask), compile_plan(e, mask)
+        assert any(bp.mix is not None for bp in fast_plan.blocks) and all(bp.mix is None for bp in reference_plan.blocks)
+        fast = e.patched_run(clean, abl, fast_plan)
+        reference = PatchedRun(e, clean, abl, reference_plan).run()
+        assert (fast - reference).abs().max() < 1e-10
+        last = torch.full((clean.shape[0],), clean.shape[1] - 1)
+        paused = e.pause(clean, abl, fast_plan, 1)
+        reference_pause = PatchedRun(e, clean, abl, reference_plan, None, None, 1).run()
+        assert (paused.flat - reference_pause.flat).abs().max() < 1e-10
+        resumed = e.patched_run(clean, abl, fast_plan, logit_positions=last, start=paused)
+        assert (resumed - PatchedRun(e, clean, abl, reference_plan, last, reference_pause).run()).abs().max() < 1e-10
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "neox"])

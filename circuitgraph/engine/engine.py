@@ -15,6 +15,7 @@ import torch
 from circuitgraph.engine.ablation import Ablation, PrefixState, clean_states, make_ablation
 from circuitgraph.engine.hooks import Tap, names_matching, neuron_hooks
 from circuitgraph.engine.kernel import Kernel
+from circuitgraph.engine.one_circuit import OneCircuitRun, compile_one_circuit
 from circuitgraph.engine.patched_run import PatchedRun
 from circuitgraph.engine.plan import Plan, SourceBlock, compile_plan
 from circuitgraph.graph import Graph
@@ -120,8 +121,9 @@ class PatchEngine:
 
     def compile(self, masks: torch.Tensor, position_masks: dict[tuple[int, int], torch.Tensor] | None = None,
                 batch: int | None = None, length: int | None = None) -> Plan:
-        """Compile circuits (bool ``[C, n_sources, n_destinations]``) into a :class:`Plan`."""
-        return compile_plan(self, masks, position_masks, batch, length)
+        """Compile circuits (bool ``[C, n_sources, n_destinations]``) into a :class:`Plan` (one circuit: with the
+        one-circuit executor's products, :func:`~circuitgraph.engine.one_circuit.compile_one_circuit`)."""
+        return compile_one_circuit(compile_plan(self, masks, position_masks, batch, length))
 
     def patched_run(self, tokens: torch.Tensor, ablation: Ablation, plan: Plan,
                     logit_positions: torch.Tensor | None = None, start: PrefixState | None = None,
@@ -134,11 +136,16 @@ class PatchEngine:
         """
         if stop_layer is not None:
             return self.pause(tokens, ablation, plan, stop_layer, start)
-        return PatchedRun(self, tokens, ablation, plan, logit_positions, start).run()
+        return _executor(plan)(self, tokens, ablation, plan, logit_positions, start).run()
 
     def pause(self, tokens: torch.Tensor, ablation: Ablation, plan: Plan, layer: int,
               start: PrefixState | None = None) -> PrefixState:
         """The patched run of one circuit stopped at the start of ``layer`` (``n_layers``: after the last
         one, every source's delta), carried on from ``start`` when given: what runs that differ from
         the circuit only from that layer on resume from."""
-        return PatchedRun(self, tokens, ablation, plan, None, start, layer).run()
+        return _executor(plan)(self, tokens, ablation, plan, None, start, layer).run()
+
+
+def _executor(plan: Plan) -> type[PatchedRun]:
+    """The run that executes ``plan``: :class:`OneCircuitRun` for one circuit, the stacked reference otherwise."""
+    return OneCircuitRun if plan.n_circuits == 1 else PatchedRun

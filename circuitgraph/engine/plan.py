@@ -9,13 +9,8 @@ rows later blocks need, so a circuit costs work proportional to the smaller of i
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-import warnings
 
 import torch
-
-# A one-circuit block mixes its deltas with a sparse product below this fraction of non-zero
-# coefficients (measured on CPU: 2x faster than a dense product at 10%, 2.5x slower at 30%).
-SPARSE_BELOW = 0.15
 
 
 @dataclass
@@ -43,7 +38,8 @@ class BlockPlan:
     coef: torch.Tensor | None  # [C, K, n_custom], or [K, n_custom, B, P] when positional
     up: torch.Tensor | None  # [n_custom, C] float: 1 where the base is R
     positional: bool = False
-    # one circuit (not positional): the whole input as one product, bases included.  The run keeps the
+    # filled by the one-circuit executor's compile step (circuitgraph.engine.one_circuit), for one circuit
+    # not restricted to positions: the whole input as one product, bases included.  The run keeps the
     # bases named in ``bases`` in the rows just before the buffer's first (rows -len(bases)..-1); ``mix``
     # [n_custom, rows read] (dense, or CSR when sparse) multiplies buffer rows ``mix_rows`` (None: the
     # bases' rows, then the prefix)
@@ -69,8 +65,8 @@ class Plan:
     n_rows: int = 0
     buffer_sources: torch.Tensor | None = None  # global source index of each buffer row
     # one circuit, not position-restricted, whose dense mixes outweigh its sparse ones: a CPU run stores its
-    # delta buffer token-major (see PatchedRun._mix_rows; measured 10% faster per run at 50% of edges, 10%
-    # slower at 10% or 90%)
+    # delta buffer token-major (set by one_circuit.compile_one_circuit; see OneCircuitRun._mix_rows; measured
+    # 10% faster per run at 50% of edges, 10% slower at 10% or 90%)
     token_major: bool = False
 
 
@@ -150,59 +146,5 @@ def compile_plan(engine, masks: torch.Tensor, position_masks: dict[tuple[int, in
                 full = coef.new_zeros(coef.shape[0], prefix, coef.shape[2])
                 full[:, pos] = coef
             coef = full
-        one = {}
-        if C == 1 and not positional:  # by kind (q, k, v), then head: a whole kind projects with its weights' view
-            order = torch.argsort((custom % 3) * len(custom) + custom // 3)
-            custom, up = custom[order], up[order]
-            coef = None if coef is None else coef[:, :, order]
-            if coef is not None:
-                one = _one_circuit_mix(coef[0].T, up[:, 0] > 0.5, prefix, gather)
-        plan.blocks.append(BlockPlan(from_a, from_r, custom, prefix, gather, coef, up, positional, **one))
-    if C == 1:
-        for heads, mlp in zip(plan.blocks[0:-1:2], plan.blocks[1::2]):
-            _fuse_mlp_partial(heads, mlp)
-        work = {False: 0, True: 0}  # multiply-adds per token / D of the sparse and the dense whole-prefix mixes
-        for bp in plan.blocks:
-            if bp.mix is not None and bp.mix_rows is None:
-                work[bp.mix.layout != torch.sparse_csr] += bp.mix.shape[0] * bp.mix.shape[1]
-        plan.token_major = work[True] > work[False] and not any(bp.positional for bp in plan.blocks)
+        plan.blocks.append(BlockPlan(from_a, from_r, custom, prefix, gather, coef, up, positional))
     return plan
-
-
-def _one_circuit_mix(coef: torch.Tensor, on_r: torch.Tensor, prefix: int, gather: torch.Tensor | None) -> dict:
-    """One circuit's block as a single product: coefficients ``coef`` [n, rows read] extended by a
-    column per base in use (1 for the ports on it), so bases are added by the same product that mixes
-    the deltas; sparse (CSR over the whole prefix) below :data:`SPARSE_BELOW` non-zero."""
-    bases = tuple(name for name, on in (("A", ~on_r), ("R", on_r)) if bool(on.any()))
-    cols = torch.stack([(~on_r if b == "A" else on_r).to(coef.dtype) for b in bases], 1)
-    full = coef if gather is None else coef.new_zeros(len(coef), prefix).index_copy_(1, gather.to(coef.device), coef)
-    if coef.dtype in (torch.float32, torch.float64) and float((full != 0).float().mean()) < SPARSE_BELOW:
-        with warnings.catch_warnings():  # "sparse CSR support is in beta": the product used here is tested
-            warnings.simplefilter("ignore")
-            return dict(mix=torch.cat([cols, full], 1).to_sparse_csr(), bases=bases)
-    mix = torch.cat([cols, coef], 1)
-    if gather is None:
-        return dict(mix=mix, bases=bases)
-    return dict(mix=mix, mix_rows=torch.cat([torch.arange(-len(bases), 0), gather]).to(coef.device), bases=bases)
-
-
-def _fuse_mlp_partial(heads: BlockPlan, mlp: BlockPlan):
-    """Let the heads' product also sum the MLP's terms over the rows the heads read (one more output
-    row, while those rows are in cache), so the MLP reads only its own layer's head rows again."""
-    if heads.mix is None or heads.mix_rows is not None or mlp.mix is None:
-        return
-    c = mlp.coef[0, :, 0]  # the MLP's coefficients over its rows read
-    full = c if mlp.gather is None else c.new_zeros(mlp.prefix).index_copy_(0, mlp.gather.to(c.device), c)
-    split = heads.prefix
-    if not bool(full[:split].any()):
-        return
-    sparse = heads.mix.layout == torch.sparse_csr
-    mix = heads.mix.to_dense() if sparse else heads.mix
-    row = torch.cat([mix.new_zeros(len(heads.bases)), full[:split]])
-    mix = torch.cat([mix, row[None]])
-    if sparse:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            mix = mix.to_sparse_csr()
-    heads.mix, heads.partial = mix, True
-    mlp.mix, mlp.mix_rows, mlp.from_partial, mlp.start = full[split:][None].contiguous(), None, True, split
