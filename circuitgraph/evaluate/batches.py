@@ -109,6 +109,23 @@ class Batches:
         it = list(it)
         return tqdm(it, desc=desc, leave=False, disable=not self.progress or len(it) < 2)
 
+    def _run_batches(self, jobs: list, run, n: int, desc: str | None, fallback: np.ndarray | None = None) -> np.ndarray:
+        """The one run loop (scores, effects, resumed and node runs): per-example metric ``[n, N]`` from ``jobs`` of ``(rows of the result, batch, ...)``
+        in order, ``run(job, part, ablation)`` giving their logits ``[len(rows), B, vocab]`` (or ``None``:
+        ``fallback``'s values stand), summed over ranks."""
+        out = np.zeros((n, len(self.data)), dtype=np.float64)
+        spans = self._spans()
+        for job in (tqdm(jobs, desc=desc or "patched runs", leave=False, disable=not self.progress) if len(jobs) > 1 else jobs):
+            rows, s = job[0], job[1]
+            a, b = spans[s]
+            part, abl, clean_logits = self._batch(s, a, b)
+            logits = run(job, part, abl)
+            if logits is None:
+                out[rows, a:b] = fallback[a:b]
+            else:
+                out[rows, a:b] = self._values(logits, part, clean_logits.expand(len(rows), -1, -1)).numpy()
+        return self.reduce(out)
+
     @torch.no_grad()
     def _batch(self, i: int, a: int, b: int):
         """(data slice, ablation, clean last-position logits) of one mini-batch."""

@@ -7,12 +7,10 @@ import warnings
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from circuitgraph.engine.node_runs import NodeRuns
 from circuitgraph.errors import CircuitWarning
 from circuitgraph.evaluate.baselines import bootstrap_se, normalised
-from circuitgraph.evaluate.scoring import NODE_RUNS_AT_MOST
 from circuitgraph.spec.circuit_spec import CircuitSpec, ResolvedCircuit
 
 
@@ -96,44 +94,26 @@ class Effects:
             vals = self.values_without(mask, [removals[i] for i in unique], chunk, desc, positions, position_edges)
             row = {i: j for j, i in enumerate(unique)}
             return vals[[row[i] for i in same]]
-        here = [] if positions or position_edges else self._by_nodes(mask, removals)
+        here, runs = ([], None) if positions or position_edges else self._by_nodes(mask, removals)
         out = np.zeros((len(removals), len(self.data)), dtype=np.float64)
         if here:
-            out[here] = self._values_by_nodes(mask, [removals[i] for i in here], desc)
+            out[here] = self._values_by_nodes(runs, mask, [removals[i] for i in here], desc)
         rest = [i for i in range(len(removals)) if i not in set(here)]
         if rest:
             out[rest] = self._values_resumed(mask, [removals[i] for i in rest], chunk, desc, positions, position_edges)
         return out
 
-    def _by_nodes(self, mask: torch.Tensor, removals: list) -> list[int]:
-        """The removals to run by :class:`NodeRuns` (see :meth:`values_without`): those cheaper so, when
-        they together save more than the circuit's own run costs."""
-        if (self.model.device.type != "cpu" or not NodeRuns.applies(self.engine) or len(removals) < 2
-                or int(mask.sum()) > NODE_RUNS_AT_MOST * self.graph.n_edges):  # one removal never repays the circuit's run
-            return []
-        runs = NodeRuns(self.engine, mask)
+    def _by_nodes(self, mask: torch.Tensor, removals: list) -> tuple[list[int], NodeRuns | None]:
+        """The removals to run by :class:`NodeRuns` (see :meth:`values_without`), with the circuit's runs:
+        those cheaper so, when they together save more than the circuit's own run costs."""
+        runs = self._node_runs_of(mask) if len(removals) > 1 else None  # one removal never repays the circuit's run
+        if runs is None:
+            return [], None
         B, P = min(self.batch_size, len(self.data)), self.data.clean.shape[1]
         costs = [runs.costs(r, B * P, P) for r in removals]
         chosen = [i for i, (here, resumed) in enumerate(costs) if here <= resumed]
         saved = sum(costs[i][1] - costs[i][0] for i in chosen)
-        return chosen if saved > runs.costs(None, B * P, P)[1] else []
-
-    def _run_batches(self, jobs: list, run, n: int, desc: str | None, fallback: np.ndarray | None = None) -> np.ndarray:
-        """The run loop: per-example metric ``[n, N]`` from ``jobs`` of ``(rows of the result, batch, ...)``
-        in order, ``run(job, part, ablation)`` giving their logits ``[len(rows), B, vocab]`` (or ``None``:
-        ``fallback``'s values stand), summed over ranks."""
-        out = np.zeros((n, len(self.data)), dtype=np.float64)
-        spans = self._spans()
-        for job in (tqdm(jobs, desc=desc or "patched runs", leave=False, disable=not self.progress) if len(jobs) > 1 else jobs):
-            rows, s = job[0], job[1]
-            a, b = spans[s]
-            part, abl, clean_logits = self._batch(s, a, b)
-            logits = run(job, part, abl)
-            if logits is None:
-                out[rows, a:b] = fallback[a:b]
-            else:
-                out[rows, a:b] = self._values(logits, part, clean_logits.expand(len(rows), -1, -1)).numpy()
-        return self.reduce(out)
+        return (chosen, runs) if saved > runs.costs(None, B * P, P)[1] else ([], None)
 
     def _prefix(self, s: int, part, abl, layer: int, mask: torch.Tensor, plan, previous):
         """Batch ``s``'s prefix state at ``layer`` of the circuit ``mask`` (``plan()``: compiled for the batch,
@@ -173,23 +153,23 @@ class Effects:
 
         chunks = {layer: [todo[c:c + chunk] for c in range(0, len(todo), chunk)] for layer, todo in by_layer.items()}
         plans = {} if positional else {tuple(idx): e.compile(without(idx)) for cs in chunks.values() for idx in cs}
-        bases: dict = {}  # batch -> [its position masks of the circuit's edges, the circuit's plan once a pause needs it]
+        bases: dict = {}  # batch -> its position masks of the circuit's edges
+        circuit_plans: dict = {}  # the circuit's own plan, compiled once a pause needs it: per batch with edges at positions
         state: list = [None]  # the batch's last prefix state, carried on to its next layer
 
-        def circuit_plan(s: int, shape) -> object:
-            """The circuit's own plan for batch ``s`` (the same for every batch without edges at positions)."""
-            if bases[s][1] is None:
-                same = next((b[1] for b in bases.values() if b[1] is not None), None) if not position_edges else None
-                bases[s][1] = same or e.compile(mask[None].to(dev), bases[s][0] or None, *shape)
-            return bases[s][1]
+        def circuit_plan(s: int, shape):
+            key = s if position_edges else None
+            if key not in circuit_plans:
+                circuit_plans[key] = e.compile(mask[None].to(dev), bases[s] or None, *shape)
+            return circuit_plans[key]
 
         def run(job, part, abl):
             idx, s, layer, first = job
             clean, last = part.clean.to(dev), part.last.to(dev)
             if s not in bases:
-                bases[s] = [{edge: part.position_mask(list(names)).to(dev) for edge, names in position_edges.items()}, None]
+                bases[s] = {edge: part.position_mask(list(names)).to(dev) for edge, names in position_edges.items()}
                 state[0] = None
-            at = bases[s][0]
+            at = bases[s]
             if first:  # the batch's first chunk at this layer
                 state[0] = self._prefix(s, part, abl, layer, mask, lambda: circuit_plan(s, clean.shape), state[0])
             if positional:
@@ -208,14 +188,13 @@ class Effects:
                 for k, idx in enumerate(chunks[layer])]
         return self._run_batches(jobs, run, len(removals), desc)
 
-    def _values_by_nodes(self, mask: torch.Tensor, removals: list, desc: str | None) -> np.ndarray:
+    def _values_by_nodes(self, runs: NodeRuns, mask: torch.Tensor, removals: list, desc: str | None) -> np.ndarray:
         """:meth:`values_without` by :class:`~circuitgraph.engine.node_runs.NodeRuns`: per batch, the circuit's
         run once, then each removal recomputes only the nodes it changes (a removal that changes nothing
         reaching the logits keeps the circuit's own values).  On a CPU, one circuit at a time: the 378
         removals of a 300-edge SmolLM2-135M circuit over 16 IOI rows took 0.38x as long as resumed runs
         (``benchmarks/bench_explore.py``)."""
         e, dev = self.engine, self.model.device
-        runs = NodeRuns(e, mask)
         own = self.circuit_values(self._from_mask(mask))
         plan = e.compile(mask[None].to(dev))
         deltas: list = [None]

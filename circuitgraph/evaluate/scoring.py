@@ -10,7 +10,6 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from circuitgraph.data.dataset import REST, TaskData
 from circuitgraph.engine import Ablation
@@ -84,14 +83,9 @@ class Scoring:
             out[plain] = self.mask_values(self.graph.legal[None] & ~masks if complement else masks, chunk, desc)
         positional = [i for i, c in enumerate(circuits) if c.position_names]
         if positional:
-            part_out = np.zeros((len(positional), len(self.data)))
-            for j, i in enumerate(tqdm(positional, desc=desc or "patched runs", leave=False,
-                                       disable=not self.progress or len(positional) < 2)):
-                for s, (a, b) in enumerate(self._spans()):
-                    part, abl, clean_logits = self._batch(s, a, b)
-                    logits = self._patched(part, abl, circuits[i], complement)
-                    part_out[j, a:b] = self._values(logits, part, clean_logits[None]).numpy()[0]
-            out[positional] = self.reduce(part_out)
+            jobs = [([j], s) for j in range(len(positional)) for s in range(self.n_batches)]
+            run = lambda job, part, abl: self._patched(part, abl, circuits[positional[job[0][0]]], complement)
+            out[positional] = self._run_batches(jobs, run, len(positional), desc)
         return out
 
     @torch.no_grad()
@@ -100,35 +94,36 @@ class Scoring:
         edge masks (fast for many large circuits, e.g. "everything but these edges").  Sparse circuits run
         node by node where that is cheaper (:meth:`_node_runs`), the others ``chunk`` stacked per pass."""
         chunk = chunk or self.circuits_per_pass
-        out = np.zeros((masks.shape[0], len(self.data)), dtype=np.float64)
-        spans = self._spans()
         by_nodes = self._node_runs(masks)
         rest = [i for i in range(masks.shape[0]) if i not in by_nodes]
-        jobs = [([i], s) for i in by_nodes for s in range(len(spans))]
-        jobs += [(rest[c:c + chunk], s) for c in range(0, len(rest), chunk) for s in range(len(spans))]
+        jobs = [([i], s) for i in by_nodes for s in range(self.n_batches)]
+        jobs += [(rest[c:c + chunk], s) for c in range(0, len(rest), chunk) for s in range(self.n_batches)]
         dev = self.model.device
-        for idx, s in tqdm(jobs, desc=desc or "patched runs", leave=False, disable=not self.progress or len(jobs) < 2):
-            a, b = spans[s]
-            part, abl, clean_logits = self._batch(s, a, b)
+
+        def run(job, part, abl):
+            idx = job[0]
             clean, last = part.clean.to(dev), part.last.to(dev)
             if idx[0] in by_nodes:
-                logits = by_nodes[idx[0]].logits(clean, abl, last)[None]
-            else:
-                logits = self.engine.patched_run(clean, abl, self.engine.compile(masks[idx].to(dev)), logit_positions=last)
-            out[idx, a:b] = self._values(logits, part, clean_logits.expand(len(idx), -1, -1)).numpy()
-        return self.reduce(out)
+                return by_nodes[idx[0]].logits(clean, abl, last)[None]
+            return self.engine.patched_run(clean, abl, self.engine.compile(masks[idx].to(dev)), logit_positions=last)
+
+        return self._run_batches(jobs, run, masks.shape[0], desc)
+
+    def _node_runs_of(self, mask: torch.Tensor) -> NodeRuns | None:
+        """The circuit's :class:`NodeRuns` where runs by nodes may pay (:mod:`circuitgraph.engine.node_runs`):
+        on a CPU (elsewhere many small operations cost more than their arithmetic), for a model without
+        post-attention norms, a circuit of at most :data:`NODE_RUNS_AT_MOST` of the edges; else None."""
+        if (self.model.device.type != "cpu" or not NodeRuns.applies(self.engine)
+                or int(mask.sum()) > NODE_RUNS_AT_MOST * self.graph.n_edges):
+            return None
+        return NodeRuns(self.engine, mask)
 
     def _node_runs(self, masks: torch.Tensor) -> dict[int, NodeRuns]:
-        """The circuits of ``masks`` that cost fewer multiply-adds computing only their nodes
-        (:mod:`circuitgraph.engine.node_runs`) than in a patched run: on a CPU, for a model without
-        post-attention norms, circuits of at most :data:`NODE_RUNS_AT_MOST` of the edges whose nodes
-        reaching the logits are few (elsewhere many small operations cost more than their arithmetic)."""
-        if self.model.device.type != "cpu" or not NodeRuns.applies(self.engine):
-            return {}
+        """The circuits of ``masks`` that cost fewer multiply-adds computing only their nodes than in a
+        patched run (:meth:`_node_runs_of`, :meth:`NodeRuns.cheaper`)."""
         B, P = min(self.batch_size, len(self.data)), self.data.clean.shape[1]
-        limit = NODE_RUNS_AT_MOST * self.graph.n_edges
-        runs = {i: NodeRuns(self.engine, m) for i, m in enumerate(masks) if int(m.sum()) <= limit}
-        return {i: r for i, r in runs.items() if r.cheaper(None, B * P, P)}
+        runs = {i: self._node_runs_of(m) for i, m in enumerate(masks)}
+        return {i: r for i, r in runs.items() if r is not None and r.cheaper(None, B * P, P)}
 
     def circuit_values(self, circuit: ResolvedCircuit, complement: bool = False) -> np.ndarray:
         """Per-example metric ``[N]`` of one circuit (or its complement), as :meth:`metric_values` gives it.
